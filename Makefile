@@ -1,0 +1,52 @@
+# The two README commands: `make demo` and `make test`. Both install what they need.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Reinstall when the dependency list changes.
+VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: help venv tools cluster cluster-down lint test demo demo-down
+
+help:
+	@echo "make demo          start the local control plane, install the CRD, apply the examples"
+	@echo "make test          lint, type-check and run every test (starts what it needs)"
+	@echo "make cluster       start the local control plane (.cluster/kubeconfig)"
+	@echo "make cluster-down  stop it"
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[operator,dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# Build (once, cached by version) the control plane and the pinned kubectl and helm.
+tools:
+	hack/build-control-plane.sh >/dev/null
+
+cluster: tools
+	hack/cluster.sh up
+
+cluster-down:
+	hack/cluster.sh down
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/hadolint Dockerfile
+
+test: venv tools lint
+	$(BIN)/pytest
+
+demo: venv cluster
+	hack/demo.sh
+
+demo-down: cluster-down
