@@ -84,16 +84,17 @@ build_etcd() {
       -o "$bin/etcd.tmp" go.etcd.io/etcd/server/v3 && mv "$bin/etcd.tmp" "$bin/etcd")
 }
 
-go_install() { # name module@version
+go_install() { # name module@version [extra ldflags]
   [[ -x "$bin/$1" ]] && return
   log "building $1 from $2"
-  GOBIN="$bin" go install -trimpath -ldflags "-s -w" "$2"
+  GOBIN="$bin" go install -trimpath -ldflags "-s -w ${3:-}" "$2"
 }
 
 build_etcd
 go_install kwok "sigs.k8s.io/kwok/cmd/kwok@${KWOK_VERSION}"
 go_install kwokctl "sigs.k8s.io/kwok/cmd/kwokctl@${KWOK_VERSION}"
-go_install helm "helm.sh/helm/v4/cmd/helm@${HELM_VERSION}"
+go_install helm "helm.sh/helm/v4/cmd/helm@${HELM_VERSION}" \
+  "-X helm.sh/helm/v4/internal/version.version=${HELM_VERSION}"
 build_kubernetes
 all_present || { echo "error: control plane build incomplete in $bin" >&2; exit 1; }
 echo "$bin"

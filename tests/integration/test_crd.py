@@ -315,7 +315,7 @@ INVALID: list[tuple[str, Callable[[Spec], None], str]] = [
     (
         "env-duplicate-names",
         put("spec.language.env", [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]),
-        'spec.language.env[1]: Duplicate value: map[string]interface {}{"name":"A"}',
+        'spec.language.env[1]: Duplicate value: {"name":"A"}',
     ),
     (
         "resource-quantity-malformed",
