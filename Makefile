@@ -19,10 +19,11 @@ help:
 
 venv: $(VENV_STAMP)
 
-$(VENV_STAMP): pyproject.toml
+$(VENV_STAMP): pyproject.toml hack/system-deps.sh
+	hack/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[operator,dev]'
+	$(BIN)/pip install --quiet -e '.[operator,runtime,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

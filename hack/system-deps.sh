@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Debian packages the project needs on a development or CI machine: the RDMA user-space
+# libraries Mooncake links against (also needed for tcp), and Prometheus for the
+# dashboard tests. Installs only what is missing.
+set -euo pipefail
+need=()
+for pkg in libibverbs1 librdmacm1 libnuma1 prometheus; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+((${#need[@]} == 0)) && exit 0
+echo "[system-deps] installing ${need[*]}" >&2
+sudo=()
+[[ $(id -u) -eq 0 ]] || sudo=(sudo)
+"${sudo[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >&2

@@ -1,0 +1,32 @@
+"""Transfer failures: one exception type with a bounded set of reasons (metric labels)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class FailureReason(StrEnum):
+    """Why a transfer failed. Bounded: each value is a `reason` label of
+    `deepstack_transfer_failures_total`."""
+
+    TIMEOUT = "timeout"
+    PEER_LOST = "peer_lost"
+    CONNECT_FAILED = "connect_failed"
+    UNKNOWN_ROOM = "unknown_room"
+    DUPLICATE_ROOM = "duplicate_room"
+    BAD_REQUEST = "bad_request"
+    LAYOUT_MISMATCH = "layout_mismatch"
+    OVERSIZE = "oversize"
+    POOL_EXHAUSTED = "pool_exhausted"
+    TOO_MANY_ROUNDS = "too_many_rounds"
+    TRANSFER_ERROR = "transfer_error"
+    ABORTED = "aborted"
+
+
+class TransferError(Exception):
+    """A transfer that did not complete. Its blocks have been freed when this is raised."""
+
+    def __init__(self, reason: FailureReason, message: str) -> None:
+        super().__init__(f"{reason.value}: {message}")
+        self.reason = reason
+        self.message = message

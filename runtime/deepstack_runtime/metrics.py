@@ -1,0 +1,106 @@
+"""Transfer and buffer metrics (prometheus-client, own registry, base units).
+
+Who records what, so that sums across pods mean something:
+- bytes, resumed bytes: the side that writes (encode);
+- resumptions, duration (hello to last byte): the side that waits (language);
+- failures, in-flight requests, buffer blocks: each side for itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from deepstack_runtime.errors import FailureReason
+
+PAYLOAD_LABELS = ("embedding", "deepstack", "aux")
+# fill ids, positions and per-block records are all bookkeeping: "aux".
+PAYLOAD_LABEL_OF = {
+    "embedding": "embedding",
+    "deepstack": "deepstack",
+    "fill_ids": "aux",
+    "positions": "aux",
+    "aux": "aux",
+}
+DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChunkStats:
+    """One chunk written by the encode side."""
+
+    bytes_by_payload: Mapping[str, int] = field(default_factory=dict)
+    resumed: bool = False
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_payload.values())
+
+
+class TransferMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.bytes = Counter(
+            "deepstack_transfer_bytes",
+            "Bytes written to peers, by payload.",
+            ["payload"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "deepstack_transfer_duration_seconds",
+            "Time from handshake to the last byte received, per request (language side).",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.resumptions = Counter(
+            "deepstack_transfer_resumptions",
+            "Resume requests: sequences longer than the receiver's allocation.",
+            registry=r,
+        )
+        self.resumed_bytes = Counter(
+            "deepstack_transfer_resumed_bytes",
+            "Bytes written in resumed rounds (after the first round of a request).",
+            registry=r,
+        )
+        self.failures = Counter(
+            "deepstack_transfer_failures",
+            "Transfers that did not complete, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.blocks = Gauge(
+            "deepstack_buffer_blocks",
+            "Buffer blocks by state.",
+            ["state"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "deepstack_transfer_inflight_requests",
+            "Transfers in progress.",
+            registry=r,
+        )
+        # Every series exists from the start, at zero.
+        for payload in PAYLOAD_LABELS:
+            self.bytes.labels(payload=payload)
+        for reason in FailureReason:
+            self.failures.labels(reason=reason.value)
+        for state in ("used", "free"):
+            self.blocks.labels(state=state)
+
+    def record_chunk(self, stats: ChunkStats) -> None:
+        for payload, nbytes in stats.bytes_by_payload.items():
+            self.bytes.labels(payload=PAYLOAD_LABEL_OF[payload]).inc(nbytes)
+        if stats.resumed:
+            self.resumed_bytes.inc(stats.total_bytes)
+
+    def record_failure(self, reason: FailureReason) -> None:
+        self.failures.labels(reason=reason.value).inc()
+
+    def set_blocks(self, used: int, free: int) -> None:
+        self.blocks.labels(state="used").set(used)
+        self.blocks.labels(state="free").set(free)

@@ -1,0 +1,1 @@
+"""Moving buffer blocks between pools: one Transport interface, Mooncake beside it."""

@@ -1,0 +1,105 @@
+"""The bootstrap/control channel between a receiver (language) and a sender (encode).
+
+Newline-delimited JSON over one TCP connection per room:
+
+    receiver -> sender  hello   {room, session, layout, regions, blocks}
+    sender -> receiver  written {offset, tokens, total}        after the bytes are in place
+    receiver -> sender  resume  {offset, blocks}               when total > received
+    receiver -> sender  done                                   sender frees its blocks
+    either way          error   {reason, message}
+
+A closed connection means the peer is gone: both sides free their blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from typing import Any
+
+from deepstack_runtime.errors import FailureReason, TransferError
+
+MAX_MESSAGE_BYTES = 4 << 20
+ROOM_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+Message = dict[str, Any]
+
+
+def check_room(room: object) -> str:
+    if not isinstance(room, str) or not ROOM_PATTERN.match(room):
+        raise TransferError(
+            FailureReason.BAD_REQUEST,
+            f"invalid room id {room!r}: 1-128 characters of [A-Za-z0-9._:-], "
+            "starting with a letter or digit",
+        )
+    return room
+
+
+async def send(writer: asyncio.StreamWriter, op: str, **fields: Any) -> None:
+    writer.write(json.dumps({"op": op, **fields}, separators=(",", ":")).encode() + b"\n")
+    await writer.drain()
+
+
+async def receive(reader: asyncio.StreamReader, timeout: float, waiting_for: str) -> Message:
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except TimeoutError:
+        raise TransferError(
+            FailureReason.TIMEOUT, f"no {waiting_for} from the peer within {timeout:g}s"
+        ) from None
+    except (ConnectionError, ValueError) as e:  # ValueError: line over the limit
+        raise TransferError(FailureReason.PEER_LOST, f"control connection failed: {e}") from e
+    if not line:
+        raise TransferError(
+            FailureReason.PEER_LOST,
+            f"the peer closed the connection while we waited for {waiting_for}",
+        )
+    try:
+        msg = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TransferError(FailureReason.BAD_REQUEST, f"malformed control message: {e}") from e
+    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+        raise TransferError(FailureReason.BAD_REQUEST, "control message without an op")
+    if msg["op"] == "error":
+        reason = _reason(msg.get("reason"))
+        raise TransferError(reason, f"peer reported: {msg.get('message', '')}")
+    return msg
+
+
+def _reason(value: object) -> FailureReason:
+    try:
+        return FailureReason(str(value))
+    except ValueError:
+        return FailureReason.ABORTED
+
+
+def int_list(msg: Message, key: str, *, limit: int) -> list[int]:
+    value = msg.get(key)
+    if (
+        not isinstance(value, list)
+        or not value
+        or len(value) > limit
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        or len(set(value)) != len(value)
+    ):
+        raise TransferError(
+            FailureReason.BAD_REQUEST, f"{key} must be 1..{limit} distinct non-negative integers"
+        )
+    return value
+
+
+def int_field(msg: Message, key: str) -> int:
+    value = msg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TransferError(FailureReason.BAD_REQUEST, f"{key} must be a non-negative integer")
+    return value
+
+
+async def send_error_quietly(writer: asyncio.StreamWriter, error: TransferError) -> None:
+    """Tell the peer why, if it is still there."""
+    with contextlib.suppress(OSError, TimeoutError, RuntimeError):
+        await asyncio.wait_for(
+            send(writer, "error", reason=error.reason.value, message=error.message), 1.0
+        )

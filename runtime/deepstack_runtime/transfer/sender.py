@@ -1,0 +1,254 @@
+"""The encode side: holds encoded items in its pool until a receiver asks for them, then
+writes them into the receiver's blocks, in as many rounds as the receiver needs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from deepstack_runtime.allocator import BlockAllocator
+from deepstack_runtime.buffers import BufferLayout, MultimodalDataBuffers, MultimodalItem
+from deepstack_runtime.errors import FailureReason, TransferError
+from deepstack_runtime.metrics import ChunkStats, TransferMetrics
+from deepstack_runtime.transfer import protocol
+from deepstack_runtime.transfer.base import Transport
+from deepstack_runtime.transfer.plan import RegionInfo, plan_chunk
+from deepstack_runtime.transfer.settings import TransferSettings
+
+# Called after a chunk's bytes are in the receiver's memory, before it is told: (room, round).
+ChunkObserver = Callable[[str, int], None]
+
+
+@dataclass
+class _Room:
+    blocks: list[int]
+    num_tokens: int
+    claimed: bool = False
+    expiry: asyncio.TimerHandle | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+class EmbeddingSender:
+    def __init__(
+        self,
+        buffers: MultimodalDataBuffers,
+        transport: Transport,
+        settings: TransferSettings,
+        metrics: TransferMetrics | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        on_chunk_written: ChunkObserver | None = None,
+    ) -> None:
+        self.buffers = buffers
+        self.layout = buffers.layout
+        self.transport = transport
+        self.settings = settings
+        self.metrics = metrics or TransferMetrics()
+        self.allocator = BlockAllocator(self.layout.num_blocks, on_change=self.metrics.set_blocks)
+        self._host, self._port = host, port
+        self._rooms: dict[str, _Room] = {}
+        self._room_added = asyncio.Condition()
+        self._server: asyncio.Server | None = None
+        self._on_chunk_written = on_chunk_written
+        self._regions = {
+            r.payload: RegionInfo(r.base_ptr, r.block_bytes, r.token_bytes)
+            for r in buffers.regions()
+        }
+
+    async def start(self) -> None:
+        for region in self.buffers.regions():
+            self.transport.register(region.base_ptr, region.nbytes)
+        self._server = await asyncio.start_server(
+            self._serve, self._host, self._port, limit=protocol.MAX_MESSAGE_BYTES
+        )
+        self._port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for room in list(self._rooms):
+            self._drop(room)
+
+    @property
+    def address(self) -> str:
+        """Where receivers connect (the bootstrap endpoint)."""
+        return f"{self._host}:{self._port}"
+
+    @property
+    def rooms(self) -> int:
+        return len(self._rooms)
+
+    async def submit(self, room: str, item: MultimodalItem) -> None:
+        """Hold `item` for the receiver of `room`. Raises TransferError (and keeps nothing)
+        for a bad or duplicate room or an item the pool cannot hold."""
+        protocol.check_room(room)
+        if room in self._rooms:
+            raise TransferError(FailureReason.DUPLICATE_ROOM, f"room {room} is already submitted")
+        if item.num_tokens < 1:
+            raise TransferError(FailureReason.BAD_REQUEST, "an item must have at least one token")
+        blocks = self.allocator.alloc(self.layout.blocks_for(item.num_tokens))
+        try:
+            self.buffers.scatter(blocks, item, checksum=self.settings.checksum)
+        except Exception:
+            self.allocator.free(blocks)
+            raise
+        entry = _Room(blocks, item.num_tokens)
+        # Nobody came for it: free the blocks.
+        entry.expiry = asyncio.get_running_loop().call_later(
+            self.settings.transfer_timeout, self._expire, room
+        )
+        self._rooms[room] = entry
+        async with self._room_added:
+            self._room_added.notify_all()
+
+    def _expire(self, room: str) -> None:
+        entry = self._rooms.get(room)
+        if entry is not None and not entry.claimed:
+            self._drop(room)
+            self.metrics.record_failure(FailureReason.TIMEOUT)
+
+    def _drop(self, room: str) -> None:
+        entry = self._rooms.pop(room, None)
+        if entry is not None:
+            if entry.expiry is not None:
+                entry.expiry.cancel()
+            self.allocator.free(entry.blocks)
+
+    async def _wait_for_room(self, room: str) -> _Room:
+        async def present() -> _Room:
+            async with self._room_added:
+                await self._room_added.wait_for(lambda: room in self._rooms)
+            return self._rooms[room]
+
+        try:
+            return await asyncio.wait_for(present(), self.settings.handshake_timeout)
+        except TimeoutError:
+            raise TransferError(
+                FailureReason.UNKNOWN_ROOM,
+                f"room {room} was not submitted to this encoder within "
+                f"{self.settings.handshake_timeout:g}s",
+            ) from None
+
+    # --- one receiver connection ------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        room: str | None = None
+        claimed = False
+        self.metrics.inflight.inc()
+        try:
+            hello = await protocol.receive(reader, self.settings.handshake_timeout, "hello")
+            if hello["op"] != "hello":
+                raise TransferError(FailureReason.BAD_REQUEST, f"expected hello, got {hello['op']}")
+            room = protocol.check_room(hello.get("room"))
+            session, dst_regions = self._check_hello(hello)
+            entry = await self._wait_for_room(room)
+            if entry.claimed:
+                raise TransferError(
+                    FailureReason.DUPLICATE_ROOM, f"room {room} already has a receiver"
+                )
+            entry.claimed = claimed = True
+            if entry.expiry is not None:
+                entry.expiry.cancel()
+            await asyncio.wait_for(
+                self._send_rounds(room, entry, hello, session, dst_regions, reader, writer),
+                self.settings.transfer_timeout,
+            )
+        except TimeoutError:
+            error = TransferError(
+                FailureReason.TIMEOUT,
+                f"room {room}: not finished within {self.settings.transfer_timeout:g}s",
+            )
+            self.metrics.record_failure(error.reason)
+            await protocol.send_error_quietly(writer, error)
+        except TransferError as error:
+            self.metrics.record_failure(error.reason)
+            await protocol.send_error_quietly(writer, error)
+        finally:
+            if claimed and room is not None:
+                self._drop(room)
+            self.metrics.inflight.dec()
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    def _check_hello(self, hello: protocol.Message) -> tuple[str, dict[str, RegionInfo]]:
+        session = hello.get("session")
+        if not isinstance(session, str) or not session:
+            raise TransferError(FailureReason.BAD_REQUEST, "hello without a session id")
+        try:
+            theirs = BufferLayout(**hello["layout"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise TransferError(FailureReason.BAD_REQUEST, f"hello with a bad layout: {e}") from e
+        if not self.layout.compatible(theirs):
+            raise TransferError(
+                FailureReason.LAYOUT_MISMATCH,
+                f"receiver layout {theirs} does not match this encoder's {self.layout}",
+            )
+        try:
+            regions = {
+                name: RegionInfo(int(r["base_ptr"]), int(r["block_bytes"]), int(r["token_bytes"]))
+                for name, r in hello["regions"].items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise TransferError(FailureReason.BAD_REQUEST, f"hello with bad regions: {e}") from e
+        if set(regions) != set(self._regions):
+            raise TransferError(FailureReason.LAYOUT_MISMATCH, "receiver payloads differ")
+        return session, regions
+
+    async def _send_rounds(
+        self,
+        room: str,
+        entry: _Room,
+        hello: protocol.Message,
+        session: str,
+        dst_regions: dict[str, RegionInfo],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        b = self.layout.block_tokens
+        total = entry.num_tokens
+        dst_blocks = protocol.int_list(hello, "blocks", limit=1 << 20)
+        offset = 0
+        round_no = 0
+        while True:
+            tokens = min(total - offset, len(dst_blocks) * b)
+            src = entry.blocks[offset // b : offset // b + self.layout.blocks_for(tokens)]
+            dst = dst_blocks[: len(src)]
+            entries = plan_chunk(self._regions, dst_regions, src, dst, tokens, b)
+            await asyncio.to_thread(self.transport.write, session, entries)
+            by_payload: dict[str, int] = {}
+            for e in entries:
+                by_payload[e.payload] = by_payload.get(e.payload, 0) + e.nbytes
+            self.metrics.record_chunk(ChunkStats(by_payload, resumed=round_no > 0))
+            if self._on_chunk_written is not None:
+                self._on_chunk_written(room, round_no)
+            await protocol.send(writer, "written", offset=offset, tokens=tokens, total=total)
+            offset += tokens
+            reply = await protocol.receive(
+                reader,
+                self.settings.resume_timeout if offset < total else self.settings.handshake_timeout,
+                "resume" if offset < total else "done",
+            )
+            if reply["op"] == "done" and offset == total:
+                return
+            if reply["op"] != "resume" or offset >= total:
+                raise TransferError(
+                    FailureReason.BAD_REQUEST, f"unexpected {reply['op']} at {offset}/{total}"
+                )
+            round_no += 1
+            if round_no > self.settings.max_rounds:
+                raise TransferError(
+                    FailureReason.TOO_MANY_ROUNDS,
+                    f"more than {self.settings.max_rounds} resume rounds",
+                )
+            if protocol.int_field(reply, "offset") != offset:
+                raise TransferError(
+                    FailureReason.BAD_REQUEST,
+                    f"resume from {reply['offset']} but {offset} tokens were sent",
+                )
+            dst_blocks = protocol.int_list(reply, "blocks", limit=1 << 20)

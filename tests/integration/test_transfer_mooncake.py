@@ -1,0 +1,291 @@
+"""Real Mooncake over tcp on 127.0.0.1 between two OS processes: bit-identical round trips
+(resumption included), exact byte accounting, and faults that leave no block behind."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from deepstack_runtime.buffers import DTYPES, BufferLayout, MultimodalItem
+from deepstack_runtime.transfer.settings import TransferSettings
+from tests.support.cluster import wait_for
+from tests.support.metrics import sample
+from tests.support.transfer_peers import DIE_EXIT_CODE, Peer, decode_item, encode_item
+
+BLOCK = 16
+DEFAULT_TOKENS = 64  # 4 blocks
+HIDDEN = 64
+POOL = 64
+LENGTHS = {
+    "1": 1,
+    "block-1": BLOCK - 1,
+    "block": BLOCK,
+    "block+1": BLOCK + 1,
+    "1x-default": DEFAULT_TOKENS,
+    "2.5x-default": int(2.5 * DEFAULT_TOKENS),
+    "7x-default": 7 * DEFAULT_TOKENS,
+}
+SETTINGS = TransferSettings(
+    default_tokens=DEFAULT_TOKENS,
+    handshake_timeout=5,
+    transfer_timeout=30,
+    resume_timeout=10,
+    max_rounds=8,
+    checksum=True,
+)
+
+
+def layout(k: int, dtype: str, blocks: int = POOL, hidden: int = HIDDEN) -> BufferLayout:
+    return BufferLayout(blocks, BLOCK, hidden, k, dtype)
+
+
+def random_item(tokens: int, k: int, dtype: str, seed: int, hidden: int = HIDDEN) -> MultimodalItem:
+    g = torch.Generator().manual_seed(seed)
+    return MultimodalItem(
+        embeddings=torch.randn(tokens, hidden, generator=g).to(DTYPES[dtype]),
+        deepstack=torch.randn(tokens, k, hidden, generator=g).to(DTYPES[dtype]) if k else None,
+        fill_ids=torch.randint(0, 1 << 40, (tokens,), generator=g),
+        positions=torch.randint(0, 1 << 20, (tokens, 3), generator=g),
+    )
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Compare floats bit for bit (NaN-safe, -0.0 distinct)."""
+    return t.view({4: torch.int32, 2: torch.int16, 8: torch.int64}[t.element_size()])
+
+
+def assert_identical(got: MultimodalItem, want: MultimodalItem) -> None:
+    assert torch.equal(bits(got.embeddings), bits(want.embeddings))
+    if want.deepstack is None:
+        assert got.deepstack is None
+    else:
+        assert got.deepstack is not None
+        assert torch.equal(bits(got.deepstack), bits(want.deepstack))
+    assert torch.equal(got.fill_ids, want.fill_ids)
+    assert torch.equal(got.positions, want.positions)
+
+
+def payload_bytes(tokens: int, k: int, dtype: str) -> dict[str, int]:
+    """What moving `tokens` tokens must cost, exactly: rows of the tokens, plus the 32-byte
+    aux record of every block they occupy (fill ids and positions count as aux)."""
+    es = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    blocks = -(-tokens // BLOCK)
+    return {
+        "embedding": tokens * HIDDEN * es,
+        "deepstack": tokens * k * HIDDEN * es,
+        "aux": tokens * 8 + tokens * 3 * 8 + blocks * 4 * 8,
+    }
+
+
+def transfer(sender: Peer, receiver: Peer, room: str, item: MultimodalItem) -> tuple[Any, ...]:
+    pending = receiver.send("receive", room, sender.address)
+    assert sender.call("submit", room, encode_item(item)) == ("ok", None)
+    return receiver.result(pending)
+
+
+def no_blocks_held(peer: Peer) -> None:
+    def idle() -> dict[str, Any] | None:
+        state = peer.state()
+        return state if state["used"] == 0 and state["rooms"] == 0 else None
+
+    wait_for(idle, timeout=20, what="every block free")
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(0, "float32"), (3, "float32"), (3, "bfloat16"), (0, "bfloat16")],
+    ids=lambda p: f"K{p[0]}-{p[1]}",
+)
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Peer, Peer, int, str]]:
+    k, dtype = request.param
+    with (
+        Peer("sender", layout(k, dtype), SETTINGS) as sender,
+        Peer("receiver", layout(k, dtype), SETTINGS) as receiver,
+    ):
+        yield sender, receiver, k, dtype
+
+
+@pytest.mark.parametrize("length", LENGTHS.values(), ids=LENGTHS.keys())
+def test_round_trip_is_bit_identical_and_accounted(
+    pair: tuple[Peer, Peer, int, str], length: int
+) -> None:
+    sender, receiver, k, dtype = pair
+    before_s, before_r = sender.state(), receiver.state()
+    item = random_item(length, k, dtype, seed=length)
+
+    status, data = transfer(sender, receiver, f"room-{k}-{dtype}-{length}", item)
+
+    assert status == "ok", data
+    assert_identical(decode_item(data), item)
+    after_s, after_r = sender.state(), receiver.state()
+    # Bytes: exactly the rows of the sequence, each sent once, resumed rounds included.
+    want = payload_bytes(length, k, dtype)
+    for payload, nbytes in want.items():
+        moved = sample(after_s["metrics"], "deepstack_transfer_bytes_total", payload=payload)
+        moved -= sample(before_s["metrics"], "deepstack_transfer_bytes_total", payload=payload)
+        assert moved == nbytes, payload
+    rounds = -(-length // DEFAULT_TOKENS)  # with all-at-once resumption: 1 or 2
+    resumed = sample(after_r["metrics"], "deepstack_transfer_resumptions_total") - sample(
+        before_r["metrics"], "deepstack_transfer_resumptions_total"
+    )
+    assert resumed == (1 if rounds > 1 else 0)
+    resumed_bytes = sample(after_s["metrics"], "deepstack_transfer_resumed_bytes_total") - sample(
+        before_s["metrics"], "deepstack_transfer_resumed_bytes_total"
+    )
+    first_round = payload_bytes(min(length, DEFAULT_TOKENS), k, dtype)
+    assert resumed_bytes == sum(want.values()) - sum(first_round.values())
+    # One transfer call per round, however many blocks.
+    assert after_s["calls"] - before_s["calls"] == min(rounds, 2)
+    # Nothing held afterwards, on either side.
+    assert after_r["used"] == 0
+    no_blocks_held(sender)
+    count = sample(after_r["metrics"], "deepstack_transfer_duration_seconds_count")
+    assert count == sample(before_r["metrics"], "deepstack_transfer_duration_seconds_count") + 1
+
+
+def test_metric_series_exist_at_zero_from_start() -> None:
+    with Peer("receiver", layout(3, "float32"), SETTINGS) as receiver:
+        text = receiver.state()["metrics"]
+    for payload in ("embedding", "deepstack", "aux"):
+        assert sample(text, "deepstack_transfer_bytes_total", payload=payload) == 0
+    assert sample(text, "deepstack_transfer_failures_total", reason="peer_lost") == 0
+    assert sample(text, "deepstack_transfer_resumptions_total") == 0
+    assert sample(text, "deepstack_transfer_resumed_bytes_total") == 0
+    assert sample(text, "deepstack_transfer_inflight_requests") == 0
+    assert sample(text, "deepstack_buffer_blocks", state="free") == POOL
+    assert sample(text, "deepstack_buffer_blocks", state="used") == 0
+
+
+# --- faults ------------------------------------------------------------------------------
+
+FAST = TransferSettings(
+    default_tokens=DEFAULT_TOKENS,
+    handshake_timeout=1,
+    transfer_timeout=3,
+    resume_timeout=2,
+    checksum=True,
+)
+
+
+def failures(peer: Peer, reason: str) -> float:
+    return sample(peer.state()["metrics"], "deepstack_transfer_failures_total", reason=reason)
+
+
+def test_receiver_killed_mid_transfer_frees_sender_blocks() -> None:
+    with (
+        Peer("sender", layout(3, "float32"), FAST) as sender,
+        Peer("receiver", layout(3, "float32"), FAST, die=True) as receiver,
+    ):
+        item = random_item(int(2.5 * DEFAULT_TOKENS), 3, "float32", seed=1)
+        receiver.send("receive", "doomed", sender.address)
+        assert sender.call("submit", "doomed", encode_item(item)) == ("ok", None)
+        receiver.process.join(20)
+        assert receiver.process.exitcode == DIE_EXIT_CODE  # died after the first chunk
+        no_blocks_held(sender)
+        assert failures(sender, "peer_lost") == 1
+
+
+def test_sender_killed_mid_transfer_frees_receiver_blocks() -> None:
+    with (
+        Peer("sender", layout(3, "float32"), FAST, die=True) as sender,
+        Peer("receiver", layout(3, "float32"), FAST) as receiver,
+    ):
+        item = random_item(int(2.5 * DEFAULT_TOKENS), 3, "float32", seed=2)
+        pending = receiver.send("receive", "doomed", sender.address)
+        sender.send("submit", "doomed", encode_item(item))
+        status, reason, message = receiver.result(pending)
+        assert (status, reason) == ("error", "peer_lost"), message
+        assert "closed the connection" in message
+        sender.process.join(20)
+        assert sender.process.exitcode == DIE_EXIT_CODE
+        assert receiver.state()["used"] == 0
+        assert failures(receiver, "peer_lost") == 1
+
+
+def test_handshake_for_a_room_never_submitted_times_out() -> None:
+    with (
+        Peer("sender", layout(3, "float32"), FAST) as sender,
+        Peer("receiver", layout(3, "float32"), FAST) as receiver,
+    ):
+        started = time.monotonic()
+        status, reason, message = receiver.call("receive", "nobody-sends-this", sender.address)
+        assert (status, reason) == ("error", "unknown_room")
+        assert "was not submitted to this encoder within 1s" in message
+        assert time.monotonic() - started < 10
+        assert receiver.state()["used"] == 0
+        assert failures(sender, "unknown_room") == 1
+
+
+def test_unreachable_encoder_is_a_clear_error() -> None:
+    with Peer("receiver", layout(3, "float32"), FAST) as receiver:
+        status, reason, message = receiver.call("receive", "r1", "127.0.0.1:1")
+        assert (status, reason) == ("error", "connect_failed")
+        assert "cannot reach encoder 127.0.0.1:1" in message
+        assert receiver.state()["used"] == 0
+
+
+def test_submitted_room_without_receiver_expires_and_frees() -> None:
+    with Peer("sender", layout(3, "float32"), FAST) as sender:
+        item = random_item(40, 3, "float32", seed=3)
+        assert sender.call("submit", "orphan", encode_item(item)) == ("ok", None)
+        assert sender.state()["used"] == 3
+        no_blocks_held(sender)
+        assert failures(sender, "timeout") == 1
+
+
+def test_request_beyond_the_whole_receiver_pool_fails_cleanly() -> None:
+    small = layout(3, "float32", blocks=8)  # 128 tokens
+    with (
+        Peer("sender", layout(3, "float32"), FAST) as sender,
+        Peer("receiver", small, FAST) as receiver,
+    ):
+        item = random_item(200, 3, "float32", seed=4)
+        status, reason, message = transfer(sender, receiver, "huge", item)
+        assert (status, reason) == ("error", "oversize")
+        assert "200 tokens need 13 blocks; the whole pool has 8" in message
+        assert receiver.state()["used"] == 0
+        no_blocks_held(sender)
+        # The sender was told why and counted it too.
+        assert failures(sender, "oversize") == 1
+
+
+def test_submit_beyond_the_whole_sender_pool_is_refused() -> None:
+    with Peer("sender", layout(3, "float32", blocks=8), FAST) as sender:
+        item = random_item(200, 3, "float32", seed=5)
+        status, reason, message = sender.call("submit", "huge", encode_item(item))
+        assert (status, reason) == ("error", "oversize")
+        assert "13 blocks requested but the whole pool has 8" in message
+        assert sender.state()["used"] == 0
+
+
+def test_bad_and_duplicate_rooms_are_refused() -> None:
+    with Peer("sender", layout(0, "float32"), FAST) as sender:
+        item = encode_item(random_item(5, 0, "float32", seed=6))
+        status, reason, message = sender.call("submit", "bad room!", item)
+        assert (status, reason) == ("error", "bad_request")
+        assert "invalid room id 'bad room!'" in message
+        assert sender.call("submit", "r1", item) == ("ok", None)
+        status, reason, message = sender.call("submit", "r1", item)
+        assert (status, reason) == ("error", "duplicate_room")
+        assert sender.state()["used"] == 1
+
+
+def test_layout_mismatch_is_refused_before_any_byte_moves() -> None:
+    with (
+        Peer("sender", layout(3, "float32"), FAST) as sender,
+        Peer("receiver", layout(3, "float32", hidden=32), FAST) as receiver,
+    ):
+        item = random_item(20, 3, "float32", seed=7)
+        status, reason, message = transfer(sender, receiver, "mismatch", item)
+        assert (status, reason) == ("error", "layout_mismatch")
+        assert "does not match" in message
+        assert (
+            sample(sender.state()["metrics"], "deepstack_transfer_bytes_total", payload="embedding")
+            == 0
+        )
+        no_blocks_held(sender)
+        assert receiver.state()["used"] == 0

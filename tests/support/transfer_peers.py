@@ -1,0 +1,164 @@
+"""Transfer endpoints in their own OS processes, driven from a test over a pipe.
+
+Each peer process runs one EmbeddingSender or EmbeddingReceiver on a real Mooncake
+TransferEngine (tcp, 127.0.0.1) and executes commands concurrently:
+    ("submit", room, item)      sender
+    ("receive", room, address)  receiver -> item
+    ("state",)                  -> {"used", "free", "rooms", "metrics": exposition text}
+A peer can be told to die (os._exit) right after its first chunk, to inject faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+import multiprocessing as mp
+import os
+from dataclasses import asdict
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from deepstack_runtime.buffers import BufferLayout, MultimodalItem
+from deepstack_runtime.errors import TransferError
+from deepstack_runtime.transfer.settings import TransferSettings
+
+DIE_EXIT_CODE = 17
+
+
+def encode_item(item: MultimodalItem) -> bytes:
+    buf = io.BytesIO()
+    torch.save(asdict(item), buf)
+    return buf.getvalue()
+
+
+def decode_item(data: bytes) -> MultimodalItem:
+    return MultimodalItem(**torch.load(io.BytesIO(data), weights_only=True))
+
+
+def _peer_main(
+    role: str, layout: BufferLayout, settings: TransferSettings, conn: Connection, die: bool
+) -> None:
+    asyncio.run(_peer(role, layout, settings, conn, die))
+
+
+async def _peer(
+    role: str, layout: BufferLayout, settings: TransferSettings, conn: Connection, die: bool
+) -> None:
+    from prometheus_client import generate_latest
+
+    from deepstack_runtime.buffers import MultimodalDataBuffers
+    from deepstack_runtime.transfer.mooncake import MooncakeTransport
+    from deepstack_runtime.transfer.receiver import EmbeddingReceiver
+    from deepstack_runtime.transfer.sender import EmbeddingSender
+
+    def die_now(room: str, round_no: int) -> None:
+        os._exit(DIE_EXIT_CODE)
+
+    hook = die_now if die else None
+    transport = MooncakeTransport("127.0.0.1", "tcp")
+    buffers = MultimodalDataBuffers(layout)
+    node: EmbeddingSender | EmbeddingReceiver
+    if role == "sender":
+        node = EmbeddingSender(buffers, transport, settings, on_chunk_written=hook)
+        await node.start()
+        conn.send(("ready", node.address))
+    else:
+        node = EmbeddingReceiver(buffers, transport, settings, on_chunk_received=hook)
+        node.start()
+        conn.send(("ready", transport.session_id))
+
+    async def run(cmd_id: int, cmd: tuple[Any, ...]) -> None:
+        try:
+            if cmd[0] == "submit":
+                assert isinstance(node, EmbeddingSender)
+                await node.submit(cmd[1], decode_item(cmd[2]))
+                result: tuple[Any, ...] = ("ok", None)
+            elif cmd[0] == "receive":
+                assert isinstance(node, EmbeddingReceiver)
+                result = ("ok", encode_item(await node.receive(cmd[1], cmd[2])))
+            elif cmd[0] == "state":
+                state = {
+                    "used": node.allocator.used_blocks,
+                    "free": node.allocator.free_blocks,
+                    "rooms": node.rooms if isinstance(node, EmbeddingSender) else 0,
+                    "calls": transport.calls,
+                    "metrics": generate_latest(node.metrics.registry).decode(),
+                }
+                result = ("ok", state)
+            else:
+                result = ("error", "bad_command", repr(cmd[0]))
+        except TransferError as e:
+            result = ("error", e.reason.value, e.message)
+        conn.send((cmd_id, result))
+
+    tasks: set[asyncio.Task[None]] = set()
+    while True:
+        cmd_id, cmd = await asyncio.to_thread(conn.recv)
+        if cmd[0] == "stop":
+            break
+        task = asyncio.create_task(run(cmd_id, cmd))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if isinstance(node, EmbeddingSender):
+        await node.stop()
+    transport.close()
+
+
+class Peer:
+    """A peer process. Use as a context manager: the process is always stopped."""
+
+    def __init__(
+        self, role: str, layout: BufferLayout, settings: TransferSettings, *, die: bool = False
+    ) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_peer_main, args=(role, layout, settings, child, die), daemon=True
+        )
+        self._ids = itertools.count()
+        self._pending: dict[int, tuple[Any, ...]] = {}
+        self.address = ""
+
+    def __enter__(self) -> Peer:
+        self.process.start()
+        if not self._conn.poll(60):
+            raise AssertionError("peer did not start within 60s")
+        tag, self.address = self._conn.recv()
+        assert tag == "ready"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.is_alive():
+            with contextlib.suppress(OSError):
+                self._conn.send((-1, ("stop",)))
+            self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(10)
+
+    def send(self, *cmd: Any) -> int:
+        cmd_id = next(self._ids)
+        self._conn.send((cmd_id, cmd))
+        return cmd_id
+
+    def result(self, cmd_id: int, timeout: float = 60) -> tuple[Any, ...]:
+        """Wait (with a deadline) for the answer to command `cmd_id`."""
+        while cmd_id not in self._pending:
+            if not self._conn.poll(timeout):
+                raise AssertionError(f"no answer to command {cmd_id} within {timeout}s")
+            got_id, result = self._conn.recv()
+            self._pending[got_id] = result
+        return self._pending.pop(cmd_id)
+
+    def call(self, *cmd: Any, timeout: float = 60) -> tuple[Any, ...]:
+        return self.result(self.send(*cmd), timeout)
+
+    def state(self) -> dict[str, Any]:
+        status, state = self.call("state")
+        assert status == "ok"
+        assert isinstance(state, dict)
+        return state

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepstack_runtime.buffers import AuxField, BufferLayout, MultimodalDataBuffers, MultimodalItem
+
+
+def item(
+    tokens: int, k: int, hidden: int = 8, dtype: torch.dtype = torch.float32
+) -> MultimodalItem:
+    g = torch.Generator().manual_seed(tokens)
+    return MultimodalItem(
+        embeddings=torch.randn(tokens, hidden, generator=g).to(dtype),
+        deepstack=torch.randn(tokens, k, hidden, generator=g).to(dtype) if k else None,
+        fill_ids=torch.arange(tokens),
+        positions=torch.arange(tokens * 3).view(tokens, 3),
+    )
+
+
+@pytest.mark.parametrize("k", [0, 3])
+@pytest.mark.parametrize("blocks", [[0, 1, 2], [5, 1, 3], [2, 3, 7]])
+def test_scatter_then_gather_is_identity(k: int, blocks: list[int]) -> None:
+    buffers = MultimodalDataBuffers(BufferLayout(8, 4, 8, k, "float32"))
+    original = item(10, k)
+    buffers.scatter(blocks, original, checksum=True)
+    back = buffers.gather(blocks, 10)
+    assert torch.equal(back.embeddings, original.embeddings)
+    assert torch.equal(back.positions, original.positions)
+    if k:
+        assert back.deepstack is not None
+        assert original.deepstack is not None
+        assert torch.equal(back.deepstack, original.deepstack)
+    else:
+        assert back.deepstack is None
+    aux = buffers.aux[blocks[2]]
+    assert aux[AuxField.TOKEN_OFFSET] == 8
+    assert aux[AuxField.NUM_TOKENS] == 2
+    assert aux[AuxField.TOTAL_TOKENS] == 10
+    assert aux[AuxField.CHECKSUM] == buffers.block_checksum(blocks[2])
+
+
+def test_no_deepstack_costs_nothing() -> None:
+    with_k = MultimodalDataBuffers(BufferLayout(16, 4, 8, 3, "bfloat16"))
+    without = MultimodalDataBuffers(BufferLayout(16, 4, 8, 0, "bfloat16"))
+    assert without.deepstack is None
+    assert "deepstack" not in {r.payload for r in without.regions()}
+    assert with_k.nbytes - without.nbytes == 16 * 4 * 3 * 8 * 2
+
+
+def test_checksum_ignores_stale_rows_past_the_end() -> None:
+    buffers = MultimodalDataBuffers(BufferLayout(2, 4, 8, 0, "float32"))
+    buffers.embeddings.fill_(7.0)  # stale data from an earlier request
+    buffers.scatter([0], item(2, 0), checksum=True)
+    clean = MultimodalDataBuffers(BufferLayout(2, 4, 8, 0, "float32"))
+    clean.scatter([0], item(2, 0), checksum=True)
+    assert buffers.aux[0, AuxField.CHECKSUM] == clean.aux[0, AuxField.CHECKSUM]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (item(10, 2), r"deepstack must be \[10, 3, 8\]"),
+        (item(10, 3, hidden=4), r"embeddings must be \[10, 8\]"),
+        (item(10, 3, dtype=torch.float16), "embeddings must be"),
+    ],
+)
+def test_scatter_refuses_items_of_another_shape(bad: MultimodalItem, message: str) -> None:
+    buffers = MultimodalDataBuffers(BufferLayout(8, 4, 8, 3, "float32"))
+    with pytest.raises(ValueError, match=message):
+        buffers.scatter([0, 1, 2], bad)
+
+
+def test_layout_validation() -> None:
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        BufferLayout(1, 1, 1, 0, "int8")
+    assert BufferLayout(4, 16, 8, 3, "float32").compatible(BufferLayout(64, 16, 8, 3, "float32"))
+    assert not BufferLayout(4, 16, 8, 3, "float32").compatible(BufferLayout(4, 8, 8, 3, "float32"))
