@@ -76,16 +76,17 @@ def _reason(value: object) -> FailureReason:
 
 
 def int_list(msg: Message, key: str, *, limit: int) -> list[int]:
+    """1..limit distinct integers in [0, limit): block ids of a pool of `limit` blocks."""
     value = msg.get(key)
     if (
         not isinstance(value, list)
         or not value
         or len(value) > limit
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < limit for v in value)
         or len(set(value)) != len(value)
     ):
         raise TransferError(
-            FailureReason.BAD_REQUEST, f"{key} must be 1..{limit} distinct non-negative integers"
+            FailureReason.BAD_REQUEST, f"{key} must be 1..{limit} distinct integers in [0, {limit})"
         )
     return value
 

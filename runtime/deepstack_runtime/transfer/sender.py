@@ -26,6 +26,7 @@ ChunkObserver = Callable[[str, int], None]
 class _Room:
     blocks: list[int]
     num_tokens: int
+    finished: asyncio.Future[None]
     claimed: bool = False
     expiry: asyncio.TimerHandle | None = None
     submitted_at: float = field(default_factory=time.monotonic)
@@ -72,7 +73,7 @@ class EmbeddingSender:
             self._server.close()
             await self._server.wait_closed()
         for room in list(self._rooms):
-            self._drop(room)
+            self._drop(room, TransferError(FailureReason.ABORTED, "the encoder is stopping"))
 
     @property
     def address(self) -> str:
@@ -83,9 +84,10 @@ class EmbeddingSender:
     def rooms(self) -> int:
         return len(self._rooms)
 
-    async def submit(self, room: str, item: MultimodalItem) -> None:
+    async def submit(self, room: str, item: MultimodalItem) -> asyncio.Future[None]:
         """Hold `item` for the receiver of `room`. Raises TransferError (and keeps nothing)
-        for a bad or duplicate room or an item the pool cannot hold."""
+        for a bad or duplicate room or an item the pool cannot hold. The returned future
+        completes when the receiver has the whole item, or fails with TransferError."""
         protocol.check_room(room)
         if room in self._rooms:
             raise TransferError(FailureReason.DUPLICATE_ROOM, f"room {room} is already submitted")
@@ -97,27 +99,39 @@ class EmbeddingSender:
         except Exception:
             self.allocator.free(blocks)
             raise
-        entry = _Room(blocks, item.num_tokens)
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+        # Callers may ignore the outcome; never warn about an unretrieved exception.
+        finished.add_done_callback(lambda f: f.cancelled() or f.exception())
+        entry = _Room(blocks, item.num_tokens, finished)
         # Nobody came for it: free the blocks.
-        entry.expiry = asyncio.get_running_loop().call_later(
-            self.settings.transfer_timeout, self._expire, room
-        )
+        entry.expiry = loop.call_later(self.settings.transfer_timeout, self._expire, room)
         self._rooms[room] = entry
         async with self._room_added:
             self._room_added.notify_all()
+        return finished
 
     def _expire(self, room: str) -> None:
         entry = self._rooms.get(room)
         if entry is not None and not entry.claimed:
-            self._drop(room)
-            self.metrics.record_failure(FailureReason.TIMEOUT)
+            error = TransferError(
+                FailureReason.TIMEOUT,
+                f"room {room}: no receiver came within {self.settings.transfer_timeout:g}s",
+            )
+            self._drop(room, error)
+            self.metrics.record_failure(error.reason)
 
-    def _drop(self, room: str) -> None:
+    def _drop(self, room: str, error: TransferError | None) -> None:
         entry = self._rooms.pop(room, None)
         if entry is not None:
             if entry.expiry is not None:
                 entry.expiry.cancel()
             self.allocator.free(entry.blocks)
+            if not entry.finished.done():
+                if error is None:
+                    entry.finished.set_result(None)
+                else:
+                    entry.finished.set_exception(error)
 
     async def _wait_for_room(self, room: str) -> _Room:
         async def present() -> _Room:
@@ -139,13 +153,14 @@ class EmbeddingSender:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         room: str | None = None
         claimed = False
+        failure: TransferError | None = None
         self.metrics.inflight.inc()
         try:
             hello = await protocol.receive(reader, self.settings.handshake_timeout, "hello")
             if hello["op"] != "hello":
                 raise TransferError(FailureReason.BAD_REQUEST, f"expected hello, got {hello['op']}")
             room = protocol.check_room(hello.get("room"))
-            session, dst_regions = self._check_hello(hello)
+            session, dst_regions, theirs = self._check_hello(hello)
             entry = await self._wait_for_room(room)
             if entry.claimed:
                 raise TransferError(
@@ -155,28 +170,31 @@ class EmbeddingSender:
             if entry.expiry is not None:
                 entry.expiry.cancel()
             await asyncio.wait_for(
-                self._send_rounds(room, entry, hello, session, dst_regions, reader, writer),
+                self._send_rounds(room, entry, hello, session, dst_regions, theirs, reader, writer),
                 self.settings.transfer_timeout,
             )
         except TimeoutError:
-            error = TransferError(
+            failure = TransferError(
                 FailureReason.TIMEOUT,
                 f"room {room}: not finished within {self.settings.transfer_timeout:g}s",
             )
-            self.metrics.record_failure(error.reason)
-            await protocol.send_error_quietly(writer, error)
         except TransferError as error:
-            self.metrics.record_failure(error.reason)
-            await protocol.send_error_quietly(writer, error)
+            failure = error
         finally:
+            if failure is not None:
+                self.metrics.record_failure(failure.reason)
+                if failure.reason is not FailureReason.PEER_LOST:
+                    await protocol.send_error_quietly(writer, failure)
             if claimed and room is not None:
-                self._drop(room)
+                self._drop(room, failure)
             self.metrics.inflight.dec()
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    def _check_hello(self, hello: protocol.Message) -> tuple[str, dict[str, RegionInfo]]:
+    def _check_hello(
+        self, hello: protocol.Message
+    ) -> tuple[str, dict[str, RegionInfo], BufferLayout]:
         session = hello.get("session")
         if not isinstance(session, str) or not session:
             raise TransferError(FailureReason.BAD_REQUEST, "hello without a session id")
@@ -198,7 +216,7 @@ class EmbeddingSender:
             raise TransferError(FailureReason.BAD_REQUEST, f"hello with bad regions: {e}") from e
         if set(regions) != set(self._regions):
             raise TransferError(FailureReason.LAYOUT_MISMATCH, "receiver payloads differ")
-        return session, regions
+        return session, regions, theirs
 
     async def _send_rounds(
         self,
@@ -207,12 +225,13 @@ class EmbeddingSender:
         hello: protocol.Message,
         session: str,
         dst_regions: dict[str, RegionInfo],
+        theirs: BufferLayout,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
         b = self.layout.block_tokens
         total = entry.num_tokens
-        dst_blocks = protocol.int_list(hello, "blocks", limit=1 << 20)
+        dst_blocks = protocol.int_list(hello, "blocks", limit=theirs.num_blocks)
         offset = 0
         round_no = 0
         while True:
@@ -251,4 +270,4 @@ class EmbeddingSender:
                     FailureReason.BAD_REQUEST,
                     f"resume from {reply['offset']} but {offset} tokens were sent",
                 )
-            dst_blocks = protocol.int_list(reply, "blocks", limit=1 << 20)
+            dst_blocks = protocol.int_list(reply, "blocks", limit=theirs.num_blocks)
