@@ -9,13 +9,14 @@ BIN := $(VENV)/bin
 # Reinstall when the dependency list changes.
 VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: help venv tools cluster cluster-down lint test demo demo-down
+.PHONY: help venv tools cluster cluster-down lint test demo demo-down bench
 
 help:
 	@echo "make demo          start the local control plane, install the CRD, apply the examples"
 	@echo "make test          lint, type-check and run every test (starts what it needs)"
 	@echo "make cluster       start the local control plane (.cluster/kubeconfig)"
 	@echo "make cluster-down  stop it"
+	@echo "make bench         run the benchmarks (JSON lines)"
 
 venv: $(VENV_STAMP)
 
@@ -51,3 +52,6 @@ demo: venv cluster
 	hack/demo.sh
 
 demo-down: cluster-down
+
+bench: venv
+	$(BIN)/python benchmarks/transfer.py --json

@@ -1,14 +1,20 @@
 """Preallocated, block-based storage for what the encode side sends the language side.
 
-One tensor per payload, block-major, so that a run of consecutive blocks is one contiguous
-piece of memory (one transfer entry) and every token's rows, DeepStack included, sit in
-the block that holds the token:
+One byte arena, registered once with the transfer engine. A block is a small header (the
+aux record) followed by `block_tokens` token records; a token record holds everything
+about one visual token, its DeepStack rows included:
 
-    embeddings  [num_blocks, block_tokens, hidden]
-    deepstack   [num_blocks, block_tokens, K, hidden]      (absent when K == 0)
-    fill_ids    [num_blocks, block_tokens]                 int64
-    positions   [num_blocks, block_tokens, 3]              int64, M-RoPE (t, h, w)
-    aux         [num_blocks, AUX_FIELDS]                   int64, see AuxField
+    block   = | aux header (64 B) | token 0 | token 1 | ... | token B-1 |
+    token   = | fill id (int64) | M-RoPE position t,h,w (3 x int64) | embedding (hidden)
+              | DeepStack feature 0..K-1 (K x hidden) | padding to 16 B |
+
+So the first t tokens of a run of consecutive blocks are one contiguous byte range: a
+chunk of a sequence moves as one transfer entry with exactly its own bytes, and a chunk
+always carries the DeepStack rows of its own tokens. Typed views give per-payload access:
+
+    embeddings [num_blocks, block_tokens, hidden]        deepstack [.., K, hidden] (None if K=0)
+    fill_ids   [num_blocks, block_tokens] int64          positions [.., 3] int64
+    aux        [num_blocks, AUX_FIELDS] int64
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ DTYPES: dict[str, torch.dtype] = {
 # Same-width integer views, for exact checksums of floating-point payloads.
 _INT_VIEW = {4: torch.int32, 2: torch.int16}
 
+HEADER_BYTES = 64
+_META_BYTES = 32  # fill id + 3 positions
+_ALIGN = 16
+
 
 class AuxField(IntEnum):
     TOKEN_OFFSET = 0  # index in the sequence of the block's first token
@@ -36,7 +46,6 @@ class AuxField(IntEnum):
 
 
 AUX_FIELDS = len(AuxField)
-PAYLOADS = ("embedding", "deepstack", "fill_ids", "positions", "aux")
 
 
 @dataclass(frozen=True)
@@ -57,11 +66,44 @@ class BufferLayout:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
+    @property
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=DTYPES[self.dtype]).element_size()
+
+    @property
+    def embedding_bytes(self) -> int:
+        """Bytes of one token's embedding row."""
+        return self.hidden_size * self.element_size
+
+    @property
+    def token_bytes(self) -> int:
+        raw = _META_BYTES + self.embedding_bytes * (1 + self.num_deepstack)
+        return -(-raw // _ALIGN) * _ALIGN
+
+    @property
+    def block_bytes(self) -> int:
+        return HEADER_BYTES + self.block_tokens * self.token_bytes
+
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_tokens)
 
+    def chunk_bytes(self, tokens: int) -> int:
+        """Bytes that move for `tokens` tokens starting at a block boundary."""
+        return self.blocks_for(tokens) * HEADER_BYTES + tokens * self.token_bytes
+
+    def payload_bytes(self, tokens: int) -> dict[str, int]:
+        """`chunk_bytes(tokens)` split by payload (metric labels): the rows of embeddings
+        and DeepStack features; everything else (ids, positions, headers, padding) is aux."""
+        embedding = tokens * self.embedding_bytes
+        deepstack = embedding * self.num_deepstack
+        return {
+            "embedding": embedding,
+            "deepstack": deepstack,
+            "aux": self.chunk_bytes(tokens) - embedding - deepstack,
+        }
+
     def compatible(self, other: BufferLayout) -> bool:
-        """Pools may differ in size; rows must not."""
+        """Pools may differ in size; blocks must not."""
         return (self.block_tokens, self.hidden_size, self.num_deepstack, self.dtype) == (
             other.block_tokens,
             other.hidden_size,
@@ -84,17 +126,6 @@ class MultimodalItem:
         return int(self.embeddings.shape[0])
 
 
-@dataclass(frozen=True)
-class Region:
-    """One payload's storage: where it starts and how many bytes a block and a token take."""
-
-    payload: str
-    base_ptr: int
-    block_bytes: int
-    token_bytes: int  # 0 for per-block payloads (aux)
-    nbytes: int
-
-
 class MultimodalDataBuffers:
     def __init__(self, layout: BufferLayout, device: str | torch.device = "cpu") -> None:
         self.layout = layout
@@ -105,34 +136,27 @@ class MultimodalDataBuffers:
             layout.num_deepstack,
         )
         dtype = DTYPES[layout.dtype]
-        self.embeddings = torch.zeros((n, b, h), dtype=dtype, device=device)
-        # K == 0 allocates nothing and adds no transfer entry.
-        self.deepstack = torch.zeros((n, b, k, h), dtype=dtype, device=device) if k else None
-        self.fill_ids = torch.zeros((n, b), dtype=torch.int64, device=device)
-        self.positions = torch.zeros((n, b, 3), dtype=torch.int64, device=device)
-        self.aux = torch.zeros((n, AUX_FIELDS), dtype=torch.int64, device=device)
+        eb = layout.embedding_bytes
+        self.arena = torch.zeros((n, layout.block_bytes), dtype=torch.uint8, device=device)
+        tokens = self.arena[:, HEADER_BYTES:].view(n, b, layout.token_bytes)
+        self.aux = self.arena[:, : AUX_FIELDS * 8].view(torch.int64)
+        self.fill_ids = tokens[:, :, 0:8].view(torch.int64)[:, :, 0]
+        self.positions = tokens[:, :, 8:_META_BYTES].view(torch.int64)
+        self.embeddings = tokens[:, :, _META_BYTES : _META_BYTES + eb].view(dtype)
+        # K == 0 leaves no room in the record and adds nothing to a transfer.
+        self.deepstack = (
+            tokens[:, :, _META_BYTES + eb : _META_BYTES + eb * (1 + k)].view(dtype).view(n, b, k, h)
+            if k
+            else None
+        )
 
-    # --- memory regions (registered once with the transfer engine) ---------------------
-
-    def regions(self) -> list[Region]:
-        out = [
-            self._region("embedding", self.embeddings, per_token=True),
-            self._region("fill_ids", self.fill_ids, per_token=True),
-            self._region("positions", self.positions, per_token=True),
-            self._region("aux", self.aux, per_token=False),
-        ]
-        if self.deepstack is not None:
-            out.insert(1, self._region("deepstack", self.deepstack, per_token=True))
-        return out
-
-    def _region(self, payload: str, t: torch.Tensor, *, per_token: bool) -> Region:
-        block_bytes = t[0].numel() * t.element_size()
-        token_bytes = block_bytes // self.layout.block_tokens if per_token else 0
-        return Region(payload, t.data_ptr(), block_bytes, token_bytes, t.numel() * t.element_size())
+    @property
+    def base_ptr(self) -> int:
+        return int(self.arena.data_ptr())
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.regions())
+        return self.arena.numel()
 
     # --- scatter / gather --------------------------------------------------------------
 
@@ -146,18 +170,9 @@ class MultimodalDataBuffers:
             raise ValueError(
                 f"{t} tokens need {self.layout.blocks_for(t)} blocks, got {len(blocks)}"
             )
+        for dst, src in self._pieces(blocks, t, item):
+            dst.copy_(src)
         b = self.layout.block_tokens
-        for run_start, first, count in _runs(blocks):
-            lo, hi = first * b, min(t, (first + count) * b)
-            n = hi - lo
-            sl = slice(run_start, run_start + count)
-            self.embeddings[sl].view(-1, self.layout.hidden_size)[:n].copy_(item.embeddings[lo:hi])
-            if self.deepstack is not None and item.deepstack is not None:
-                self.deepstack[sl].view(-1, *self.deepstack.shape[2:])[:n].copy_(
-                    item.deepstack[lo:hi]
-                )
-            self.fill_ids[sl].view(-1)[:n].copy_(item.fill_ids[lo:hi])
-            self.positions[sl].view(-1, 3)[:n].copy_(item.positions[lo:hi])
         for i, block in enumerate(blocks):
             n = min(b, t - i * b)
             aux = self.aux[block]
@@ -166,36 +181,67 @@ class MultimodalDataBuffers:
             aux[AuxField.TOTAL_TOKENS] = t
             aux[AuxField.CHECKSUM] = self.block_checksum(block, n) if checksum else 0
 
-    def gather(self, blocks: Sequence[int], num_tokens: int) -> MultimodalItem:
-        """Copy the first `num_tokens` tokens held by `blocks` (in order) into new tensors."""
+    def gather(
+        self, blocks: Sequence[int], num_tokens: int, out: MultimodalItem | None = None
+    ) -> MultimodalItem:
+        """Copy the first `num_tokens` tokens held by `blocks` (in order) into `out`, or
+        into new tensors. Passing the consumer's own memory (for example the rows of the
+        prompt's input embeddings) saves an allocation and a copy."""
         if len(blocks) < self.layout.blocks_for(num_tokens):
             raise ValueError(f"{num_tokens} tokens do not fit in {len(blocks)} blocks")
+        if out is None:
+            out = self.empty_item(num_tokens)
+        else:
+            self._check_item(out)
+            if out.num_tokens != num_tokens:
+                raise ValueError(f"out holds {out.num_tokens} tokens, not {num_tokens}")
+        for stored, result in self._pieces(blocks, num_tokens, out):
+            result.copy_(stored)
+        return out
+
+    def empty_item(self, num_tokens: int) -> MultimodalItem:
+        """Uninitialised tensors of the right shapes for `num_tokens` tokens."""
         h, k = self.layout.hidden_size, self.layout.num_deepstack
-        dtype = self.embeddings.dtype
-        device = self.embeddings.device
-        out = MultimodalItem(
+        dtype, device = self.embeddings.dtype, self.embeddings.device
+        return MultimodalItem(
             embeddings=torch.empty((num_tokens, h), dtype=dtype, device=device),
             deepstack=torch.empty((num_tokens, k, h), dtype=dtype, device=device) if k else None,
             fill_ids=torch.empty((num_tokens,), dtype=torch.int64, device=device),
             positions=torch.empty((num_tokens, 3), dtype=torch.int64, device=device),
         )
+
+    def _pieces(
+        self, blocks: Sequence[int], t: int, item: MultimodalItem
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(view into blocks, view into item) pairs covering the t tokens: one pair per
+        payload per run of whole consecutive blocks, plus one per payload for a partial
+        last block."""
         b = self.layout.block_tokens
-        for run_start, first, count in _runs(blocks[: self.layout.blocks_for(num_tokens)]):
-            lo, hi = first * b, min(num_tokens, (first + count) * b)
-            n = hi - lo
-            sl = slice(run_start, run_start + count)
-            out.embeddings[lo:hi].copy_(self.embeddings[sl].view(-1, h)[:n])
-            if out.deepstack is not None and self.deepstack is not None:
-                out.deepstack[lo:hi].copy_(self.deepstack[sl].view(-1, k, h)[:n])
-            out.fill_ids[lo:hi].copy_(self.fill_ids[sl].view(-1)[:n])
-            out.positions[lo:hi].copy_(self.positions[sl].view(-1, 3)[:n])
-        return out
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        stored = [self.embeddings, self.fill_ids, self.positions]
+        given = [item.embeddings, item.fill_ids, item.positions]
+        if self.deepstack is not None and item.deepstack is not None:
+            stored.append(self.deepstack)
+            given.append(item.deepstack)
+        for first, index, count in _runs(blocks[: self.layout.blocks_for(t)]):
+            lo = index * b
+            full = min(count, (t - lo) // b)
+            if full:
+                for s, g in zip(stored, given, strict=True):
+                    rows = g[lo : lo + full * b]
+                    pairs.append((s[first : first + full], rows.view(full, b, *rows.shape[1:])))
+            if full < count:  # the sequence ends inside this run's last block
+                tail_lo = lo + full * b
+                n = t - tail_lo
+                for s, g in zip(stored, given, strict=True):
+                    pairs.append((s[first + full, :n], g[tail_lo : tail_lo + n]))
+        return pairs
 
     def block_checksum(self, block: int, num_tokens: int | None = None) -> int:
         """Exact integer sum of the bits of the block's first `num_tokens` embedding and
         DeepStack rows (default: as many as its aux record says)."""
         n = int(self.aux[block, AuxField.NUM_TOKENS]) if num_tokens is None else num_tokens
-        view = _INT_VIEW[self.embeddings.element_size()]
+        view = _INT_VIEW[self.layout.element_size]
         total = int(self.embeddings[block, :n].view(view).sum(dtype=torch.int64))
         if self.deepstack is not None:
             total += int(self.deepstack[block, :n].view(view).sum(dtype=torch.int64))
@@ -214,6 +260,10 @@ class MultimodalDataBuffers:
             raise ValueError("this pool carries no DeepStack features (num_deepstack=0)")
         if item.fill_ids.shape != (t,) or item.positions.shape != (t, 3):
             raise ValueError(f"fill_ids must be [{t}] and positions [{t}, 3]")
+        for name in ("embeddings", "deepstack", "fill_ids", "positions"):
+            tensor = getattr(item, name)
+            if tensor is not None and not tensor.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
 
 
 def _runs(blocks: Sequence[int]) -> list[tuple[int, int, int]]:

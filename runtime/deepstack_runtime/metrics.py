@@ -15,15 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from deepstack_runtime.errors import FailureReason
 
+# aux: fill ids, positions, block headers and padding (see BufferLayout.payload_bytes).
 PAYLOAD_LABELS = ("embedding", "deepstack", "aux")
-# fill ids, positions and per-block records are all bookkeeping: "aux".
-PAYLOAD_LABEL_OF = {
-    "embedding": "embedding",
-    "deepstack": "deepstack",
-    "fill_ids": "aux",
-    "positions": "aux",
-    "aux": "aux",
-}
 DURATION_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
@@ -94,7 +87,7 @@ class TransferMetrics:
 
     def record_chunk(self, stats: ChunkStats) -> None:
         for payload, nbytes in stats.bytes_by_payload.items():
-            self.bytes.labels(payload=PAYLOAD_LABEL_OF[payload]).inc(nbytes)
+            self.bytes.labels(payload=payload).inc(nbytes)
         if stats.resumed:
             self.resumed_bytes.inc(stats.total_bytes)
 

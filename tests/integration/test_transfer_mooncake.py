@@ -70,14 +70,17 @@ def assert_identical(got: MultimodalItem, want: MultimodalItem) -> None:
 
 
 def payload_bytes(tokens: int, k: int, dtype: str) -> dict[str, int]:
-    """What moving `tokens` tokens must cost, exactly: rows of the tokens, plus the 32-byte
-    aux record of every block they occupy (fill ids and positions count as aux)."""
+    """What moving `tokens` tokens must cost, exactly: their embedding and DeepStack rows;
+    as aux, their fill id and positions (32 bytes, padded with the rows to 16 bytes) and
+    the 64-byte header of every block they occupy."""
     es = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    rows = HIDDEN * es * (1 + k)
+    record = -(-(32 + rows) // 16) * 16
     blocks = -(-tokens // BLOCK)
     return {
         "embedding": tokens * HIDDEN * es,
         "deepstack": tokens * k * HIDDEN * es,
-        "aux": tokens * 8 + tokens * 3 * 8 + blocks * 4 * 8,
+        "aux": tokens * (record - rows) + blocks * 64,
     }
 
 

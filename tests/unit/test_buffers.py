@@ -44,8 +44,31 @@ def test_no_deepstack_costs_nothing() -> None:
     with_k = MultimodalDataBuffers(BufferLayout(16, 4, 8, 3, "bfloat16"))
     without = MultimodalDataBuffers(BufferLayout(16, 4, 8, 0, "bfloat16"))
     assert without.deepstack is None
-    assert "deepstack" not in {r.payload for r in without.regions()}
+    assert without.layout.payload_bytes(5)["deepstack"] == 0
     assert with_k.nbytes - without.nbytes == 16 * 4 * 3 * 8 * 2
+
+
+def test_payload_bytes_add_up_to_what_moves() -> None:
+    layout = BufferLayout(16, 4, 8, 3, "bfloat16")
+    for tokens in (1, 3, 4, 5, 17):
+        parts = layout.payload_bytes(tokens)
+        assert sum(parts.values()) == layout.chunk_bytes(tokens)
+        assert parts["embedding"] == tokens * 8 * 2
+        assert parts["deepstack"] == tokens * 3 * 8 * 2
+
+
+def test_views_share_the_arena() -> None:
+    buffers = MultimodalDataBuffers(BufferLayout(4, 2, 8, 2, "float32"))
+    buffers.embeddings[1, 1].fill_(1.0)
+    assert buffers.deepstack is not None
+    buffers.deepstack[1, 1].fill_(2.0)
+    buffers.fill_ids[1, 1] = 7
+    assert buffers.arena[0].sum() == 0
+    assert buffers.arena[2:].sum() == 0
+    assert buffers.aux[1].sum() == 0  # the header is untouched
+    again = buffers.gather([1], 2)
+    assert again.fill_ids.tolist() == [0, 7]
+    assert again.embeddings[1].tolist() == [1.0] * 8
 
 
 def test_checksum_ignores_stale_rows_past_the_end() -> None:

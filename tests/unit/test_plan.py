@@ -20,39 +20,40 @@ def test_coalesce(src: list[int], dst: list[int], runs: list[Run]) -> None:
     assert coalesce(src, dst) == runs
 
 
-SRC = {
-    "embedding": RegionInfo(base_ptr=1000, block_bytes=64, token_bytes=16),
-    "aux": RegionInfo(base_ptr=5000, block_bytes=32, token_bytes=0),
-}
-DST = {
-    "embedding": RegionInfo(base_ptr=9000, block_bytes=64, token_bytes=16),
-    "aux": RegionInfo(base_ptr=7000, block_bytes=32, token_bytes=0),
-}
+# Blocks of 4 tokens: a 64-byte header then 4 records of 16 bytes.
+SRC = RegionInfo(base_ptr=1000, block_bytes=128, header_bytes=64, token_bytes=16)
+DST = RegionInfo(base_ptr=9000, block_bytes=128, header_bytes=64, token_bytes=16)
 
 
-def test_contiguous_blocks_are_one_entry_per_payload_with_exact_bytes() -> None:
-    # 10 tokens in blocks of 4: 4 + 4 + 2, the last block partial.
-    entries = plan_chunk(SRC, DST, [2, 3, 4], [0, 1, 2], tokens=10, block_tokens=4)
-    assert entries == [
-        WriteEntry("embedding", 1000 + 2 * 64, 9000, 10 * 16),
-        WriteEntry("aux", 5000 + 2 * 32, 7000, 3 * 32),
-    ]
-
-
-def test_fragmented_destination_splits_runs() -> None:
-    entries = plan_chunk(SRC, DST, [0, 1, 2], [5, 6, 0], tokens=9, block_tokens=4)
-    assert [(e.payload, e.dst_ptr, e.nbytes) for e in entries] == [
-        ("embedding", 9000 + 5 * 64, 8 * 16),
-        ("aux", 7000 + 5 * 32, 2 * 32),
-        ("embedding", 9000, 1 * 16),
-        ("aux", 7000, 32),
-    ]
+@pytest.mark.parametrize(
+    ("src_blocks", "dst_blocks", "tokens", "entries"),
+    [
+        # One token: its block's header and one record.
+        ([0], [0], 1, [WriteEntry(1000, 9000, 64 + 16)]),
+        # A full block.
+        ([1], [2], 4, [WriteEntry(1000 + 128, 9000 + 256, 128)]),
+        # 10 tokens, 3 consecutive blocks, the last partial: one entry, exact bytes.
+        ([2, 3, 4], [0, 1, 2], 10, [WriteEntry(1000 + 256, 9000, 2 * 128 + 64 + 2 * 16)]),
+        # A fragmented destination splits the run.
+        (
+            [0, 1, 2],
+            [5, 6, 0],
+            9,
+            [WriteEntry(1000, 9000 + 5 * 128, 256), WriteEntry(1000 + 256, 9000, 64 + 16)],
+        ),
+    ],
+)
+def test_plan_chunk(
+    src_blocks: list[int], dst_blocks: list[int], tokens: int, entries: list[WriteEntry]
+) -> None:
+    assert plan_chunk(SRC, DST, src_blocks, dst_blocks, tokens, 4) == entries
 
 
 def test_entry_count_does_not_grow_with_blocks() -> None:
     n = 1000
-    entries = plan_chunk(SRC, DST, list(range(n)), list(range(n, 2 * n)), n * 4, 4)
-    assert len(entries) == len(SRC)
+    entries = plan_chunk(SRC, DST, list(range(n)), list(range(n, 2 * n)), n * 4 - 1, 4)
+    assert len(entries) == 1
+    assert entries[0].nbytes == n * 64 + (n * 4 - 1) * 16
 
 
 @pytest.mark.parametrize(
@@ -72,6 +73,5 @@ def test_inconsistent_chunks_are_refused(
 
 
 def test_mismatched_block_sizes_are_refused() -> None:
-    dst = {**DST, "embedding": RegionInfo(9000, 128, 32)}
     with pytest.raises(ValueError, match="block sizes differ"):
-        plan_chunk(SRC, dst, [0], [0], 4, 4)
+        plan_chunk(SRC, RegionInfo(9000, 256, 64, 48), [0], [0], 4, 4)

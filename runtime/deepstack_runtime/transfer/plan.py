@@ -1,29 +1,36 @@
 """Pure planning of the writes that move one chunk of a sequence between two pools.
 
 A chunk is a run of tokens that starts at a block boundary. Source block i holds the same
-tokens as destination block i. Pairs of blocks that are consecutive on both sides merge
-into one entry per payload, so the number of entries depends on fragmentation, never on
-the number of blocks.
+tokens as destination block i. Blocks consecutive on both sides merge into one entry, so
+the number of entries depends on fragmentation, never on the number of blocks; an entry
+covers exactly the block headers and token records of its tokens (see buffers.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from deepstack_runtime.buffers import HEADER_BYTES, MultimodalDataBuffers
 
 
 @dataclass(frozen=True)
 class RegionInfo:
-    """Where a payload lives in one pool (what the receiver tells the sender)."""
+    """A pool's arena, as the receiver describes it to the sender."""
 
     base_ptr: int
     block_bytes: int
-    token_bytes: int  # 0 for per-block payloads (aux)
+    header_bytes: int
+    token_bytes: int
+
+
+def region_of(buffers: MultimodalDataBuffers) -> RegionInfo:
+    layout = buffers.layout
+    return RegionInfo(buffers.base_ptr, layout.block_bytes, HEADER_BYTES, layout.token_bytes)
 
 
 @dataclass(frozen=True)
 class WriteEntry:
-    payload: str
     src_ptr: int
     dst_ptr: int
     nbytes: int
@@ -59,33 +66,32 @@ def coalesce(src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> list[Run]:
 
 
 def plan_chunk(
-    src: Mapping[str, RegionInfo],
-    dst: Mapping[str, RegionInfo],
+    src: RegionInfo,
+    dst: RegionInfo,
     src_blocks: Sequence[int],
     dst_blocks: Sequence[int],
     tokens: int,
     block_tokens: int,
 ) -> list[WriteEntry]:
     """Entries that copy `tokens` tokens (all blocks full but maybe the last) from
-    `src_blocks` to `dst_blocks`, for every payload both sides have."""
+    `src_blocks` to `dst_blocks`."""
     if tokens < 1 or -(-tokens // block_tokens) != len(src_blocks):
         raise ValueError(f"{tokens} tokens do not fill {len(src_blocks)} blocks of {block_tokens}")
-    if set(src) != set(dst):
-        raise ValueError(f"payloads differ: {sorted(src)} vs {sorted(dst)}")
+    shape = (src.block_bytes, src.header_bytes, src.token_bytes)
+    if shape != (dst.block_bytes, dst.header_bytes, dst.token_bytes):
+        raise ValueError("block sizes differ between the two pools")
     entries: list[WriteEntry] = []
     for run in coalesce(src_blocks, dst_blocks):
         run_tokens = min(tokens - run.index * block_tokens, run.count * block_tokens)
-        for payload, s in src.items():
-            d = dst[payload]
-            if (s.block_bytes, s.token_bytes) != (d.block_bytes, d.token_bytes):
-                raise ValueError(f"{payload}: block sizes differ between the two pools")
-            nbytes = run_tokens * s.token_bytes if s.token_bytes else run.count * s.block_bytes
-            entries.append(
-                WriteEntry(
-                    payload,
-                    s.base_ptr + run.src_block * s.block_bytes,
-                    d.base_ptr + run.dst_block * d.block_bytes,
-                    nbytes,
-                )
+        last_tokens = run_tokens - (run.count - 1) * block_tokens
+        nbytes = (
+            (run.count - 1) * src.block_bytes + src.header_bytes + last_tokens * src.token_bytes
+        )
+        entries.append(
+            WriteEntry(
+                src.base_ptr + run.src_block * src.block_bytes,
+                dst.base_ptr + run.dst_block * dst.block_bytes,
+                nbytes,
             )
+        )
     return entries

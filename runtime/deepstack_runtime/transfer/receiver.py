@@ -15,6 +15,7 @@ from deepstack_runtime.errors import FailureReason, TransferError
 from deepstack_runtime.metrics import TransferMetrics
 from deepstack_runtime.transfer import protocol
 from deepstack_runtime.transfer.base import Transport
+from deepstack_runtime.transfer.plan import region_of
 from deepstack_runtime.transfer.settings import TransferSettings
 
 # Called when a chunk has arrived, before the receiver answers: (room, round).
@@ -47,12 +48,15 @@ class EmbeddingReceiver:
             )
 
     def start(self) -> None:
-        for region in self.buffers.regions():
-            self.transport.register(region.base_ptr, region.nbytes)
+        self.transport.register(self.buffers.base_ptr, self.buffers.nbytes)
 
-    async def receive(self, room: str, sender_address: str) -> MultimodalItem:
-        """Receive the item of `room` from the encoder at `sender_address` ("host:port").
-        Raises TransferError; every block it took is free again when it returns or raises."""
+    async def receive(
+        self, room: str, sender_address: str, out: MultimodalItem | None = None
+    ) -> MultimodalItem:
+        """Receive the item of `room` from the encoder at `sender_address` ("host:port"),
+        into `out` if given (it must hold exactly the sequence's tokens: the language side
+        knows the count from the image grid). Raises TransferError; every block it took is
+        free again when it returns or raises."""
         protocol.check_room(room)
         started = time.monotonic()
         held: list[int] = []
@@ -62,7 +66,7 @@ class EmbeddingReceiver:
             async with asyncio.timeout(self.settings.transfer_timeout):
                 held += await self._alloc(self._default_blocks)
                 reader, writer = await self._connect(sender_address)
-                item = await self._receive_rounds(room, held, reader, writer)
+                item = await self._receive_rounds(room, held, reader, writer, out)
             self.metrics.duration.observe(time.monotonic() - started)
             return item
         except TimeoutError:
@@ -131,6 +135,7 @@ class EmbeddingReceiver:
         held: list[int],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        out: MultimodalItem | None,
     ) -> MultimodalItem:
         await protocol.send(
             writer,
@@ -138,14 +143,7 @@ class EmbeddingReceiver:
             room=room,
             session=self.transport.session_id,
             layout=dataclasses.asdict(self.layout),
-            regions={
-                r.payload: {
-                    "base_ptr": r.base_ptr,
-                    "block_bytes": r.block_bytes,
-                    "token_bytes": r.token_bytes,
-                }
-                for r in self.buffers.regions()
-            },
+            region=dataclasses.asdict(region_of(self.buffers)),
             blocks=held,
         )
         received = 0
@@ -159,6 +157,11 @@ class EmbeddingReceiver:
                     FailureReason.BAD_REQUEST, f"unexpected {msg} at offset {received}"
                 )
             tokens, total = protocol.int_field(msg, "tokens"), protocol.int_field(msg, "total")
+            if out is not None and out.num_tokens != total:
+                raise TransferError(
+                    FailureReason.BAD_REQUEST,
+                    f"room {room}: the encoder sends {total} tokens, {out.num_tokens} expected",
+                )
             if (
                 tokens < 1
                 or received + tokens > total
@@ -171,7 +174,7 @@ class EmbeddingReceiver:
                 self._on_chunk_received(room, round_no)
             received += tokens
             if received == total:
-                item = self.buffers.gather(held, total)
+                item = self.buffers.gather(held, total, out)
                 if self.settings.checksum:
                     self._verify(held, total)
                 await protocol.send(writer, "done")

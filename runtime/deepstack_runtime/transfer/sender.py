@@ -15,7 +15,7 @@ from deepstack_runtime.errors import FailureReason, TransferError
 from deepstack_runtime.metrics import ChunkStats, TransferMetrics
 from deepstack_runtime.transfer import protocol
 from deepstack_runtime.transfer.base import Transport
-from deepstack_runtime.transfer.plan import RegionInfo, plan_chunk
+from deepstack_runtime.transfer.plan import RegionInfo, plan_chunk, region_of
 from deepstack_runtime.transfer.settings import TransferSettings
 
 # Called after a chunk's bytes are in the receiver's memory, before it is told: (room, round).
@@ -55,14 +55,10 @@ class EmbeddingSender:
         self._room_added = asyncio.Condition()
         self._server: asyncio.Server | None = None
         self._on_chunk_written = on_chunk_written
-        self._regions = {
-            r.payload: RegionInfo(r.base_ptr, r.block_bytes, r.token_bytes)
-            for r in buffers.regions()
-        }
+        self._region = region_of(buffers)
 
     async def start(self) -> None:
-        for region in self.buffers.regions():
-            self.transport.register(region.base_ptr, region.nbytes)
+        self.transport.register(self.buffers.base_ptr, self.buffers.nbytes)
         self._server = await asyncio.start_server(
             self._serve, self._host, self._port, limit=protocol.MAX_MESSAGE_BYTES
         )
@@ -160,7 +156,7 @@ class EmbeddingSender:
             if hello["op"] != "hello":
                 raise TransferError(FailureReason.BAD_REQUEST, f"expected hello, got {hello['op']}")
             room = protocol.check_room(hello.get("room"))
-            session, dst_regions, theirs = self._check_hello(hello)
+            session, dst_region, theirs = self._check_hello(hello)
             entry = await self._wait_for_room(room)
             if entry.claimed:
                 raise TransferError(
@@ -170,7 +166,7 @@ class EmbeddingSender:
             if entry.expiry is not None:
                 entry.expiry.cancel()
             await asyncio.wait_for(
-                self._send_rounds(room, entry, hello, session, dst_regions, theirs, reader, writer),
+                self._send_rounds(room, entry, hello, session, dst_region, theirs, reader, writer),
                 self.settings.transfer_timeout,
             )
         except TimeoutError:
@@ -192,9 +188,7 @@ class EmbeddingSender:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    def _check_hello(
-        self, hello: protocol.Message
-    ) -> tuple[str, dict[str, RegionInfo], BufferLayout]:
+    def _check_hello(self, hello: protocol.Message) -> tuple[str, RegionInfo, BufferLayout]:
         session = hello.get("session")
         if not isinstance(session, str) or not session:
             raise TransferError(FailureReason.BAD_REQUEST, "hello without a session id")
@@ -208,15 +202,25 @@ class EmbeddingSender:
                 f"receiver layout {theirs} does not match this encoder's {self.layout}",
             )
         try:
-            regions = {
-                name: RegionInfo(int(r["base_ptr"]), int(r["block_bytes"]), int(r["token_bytes"]))
-                for name, r in hello["regions"].items()
-            }
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise TransferError(FailureReason.BAD_REQUEST, f"hello with bad regions: {e}") from e
-        if set(regions) != set(self._regions):
-            raise TransferError(FailureReason.LAYOUT_MISMATCH, "receiver payloads differ")
-        return session, regions, theirs
+            r = hello["region"]
+            region = RegionInfo(
+                int(r["base_ptr"]),
+                int(r["block_bytes"]),
+                int(r["header_bytes"]),
+                int(r["token_bytes"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise TransferError(FailureReason.BAD_REQUEST, f"hello with a bad region: {e}") from e
+        mine = self._region
+        if (region.block_bytes, region.header_bytes, region.token_bytes) != (
+            mine.block_bytes,
+            mine.header_bytes,
+            mine.token_bytes,
+        ):
+            raise TransferError(
+                FailureReason.LAYOUT_MISMATCH, "the receiver's blocks are sized differently"
+            )
+        return session, region, theirs
 
     async def _send_rounds(
         self,
@@ -224,7 +228,7 @@ class EmbeddingSender:
         entry: _Room,
         hello: protocol.Message,
         session: str,
-        dst_regions: dict[str, RegionInfo],
+        dst_region: RegionInfo,
         theirs: BufferLayout,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
@@ -238,11 +242,9 @@ class EmbeddingSender:
             tokens = min(total - offset, len(dst_blocks) * b)
             src = entry.blocks[offset // b : offset // b + self.layout.blocks_for(tokens)]
             dst = dst_blocks[: len(src)]
-            entries = plan_chunk(self._regions, dst_regions, src, dst, tokens, b)
+            entries = plan_chunk(self._region, dst_region, src, dst, tokens, b)
             await asyncio.to_thread(self.transport.write, session, entries)
-            by_payload: dict[str, int] = {}
-            for e in entries:
-                by_payload[e.payload] = by_payload.get(e.payload, 0) + e.nbytes
+            by_payload = self.layout.payload_bytes(tokens)
             self.metrics.record_chunk(ChunkStats(by_payload, resumed=round_no > 0))
             if self._on_chunk_written is not None:
                 self._on_chunk_written(room, round_no)
