@@ -161,41 +161,58 @@ class MultimodalDataBuffers:
     # --- scatter / gather --------------------------------------------------------------
 
     def scatter(
-        self, blocks: Sequence[int], item: MultimodalItem, *, checksum: bool = False
+        self,
+        blocks: Sequence[int],
+        item: MultimodalItem,
+        *,
+        start: int = 0,
+        count: int | None = None,
+        checksum: bool = False,
     ) -> None:
-        """Copy `item` into `blocks` (in order) and fill each block's aux record."""
-        t = item.num_tokens
-        self._check_item(item)
+        """Copy tokens [start, start + count) of `item` (default: all of it) into `blocks`,
+        in order, and fill each block's aux record. `start` is a block boundary."""
+        self.check_item(item)
+        t = item.num_tokens - start if count is None else count
+        b = self.layout.block_tokens
+        if start % b or t < 1 or start + t > item.num_tokens:
+            raise ValueError(f"tokens [{start}, {start + t}) are not a chunk of the item")
         if len(blocks) != self.layout.blocks_for(t):
             raise ValueError(
                 f"{t} tokens need {self.layout.blocks_for(t)} blocks, got {len(blocks)}"
             )
-        for dst, src in self._pieces(blocks, t, item):
+        for dst, src in self._pieces(blocks, start, t, item):
             dst.copy_(src)
-        b = self.layout.block_tokens
         for i, block in enumerate(blocks):
             n = min(b, t - i * b)
             aux = self.aux[block]
-            aux[AuxField.TOKEN_OFFSET] = i * b
+            aux[AuxField.TOKEN_OFFSET] = start + i * b
             aux[AuxField.NUM_TOKENS] = n
-            aux[AuxField.TOTAL_TOKENS] = t
+            aux[AuxField.TOTAL_TOKENS] = item.num_tokens
             aux[AuxField.CHECKSUM] = self.block_checksum(block, n) if checksum else 0
 
     def gather(
-        self, blocks: Sequence[int], num_tokens: int, out: MultimodalItem | None = None
+        self,
+        blocks: Sequence[int],
+        num_tokens: int,
+        out: MultimodalItem | None = None,
+        *,
+        start: int = 0,
     ) -> MultimodalItem:
-        """Copy the first `num_tokens` tokens held by `blocks` (in order) into `out`, or
-        into new tensors. Passing the consumer's own memory (for example the rows of the
-        prompt's input embeddings) saves an allocation and a copy."""
+        """Copy the first `num_tokens` tokens held by `blocks` (in order) into rows
+        [start, start + num_tokens) of `out`, or into new tensors. Passing the consumer's
+        own memory (for example the rows of the prompt's input embeddings) saves an
+        allocation and a copy."""
         if len(blocks) < self.layout.blocks_for(num_tokens):
             raise ValueError(f"{num_tokens} tokens do not fit in {len(blocks)} blocks")
         if out is None:
+            if start:
+                raise ValueError("gathering from a start offset needs `out`")
             out = self.empty_item(num_tokens)
         else:
-            self._check_item(out)
-            if out.num_tokens != num_tokens:
-                raise ValueError(f"out holds {out.num_tokens} tokens, not {num_tokens}")
-        for stored, result in self._pieces(blocks, num_tokens, out):
+            self.check_item(out)
+            if start + num_tokens > out.num_tokens:
+                raise ValueError(f"out holds {out.num_tokens} tokens, not {start + num_tokens}")
+        for stored, result in self._pieces(blocks, start, num_tokens, out):
             result.copy_(stored)
         return out
 
@@ -211,11 +228,11 @@ class MultimodalDataBuffers:
         )
 
     def _pieces(
-        self, blocks: Sequence[int], t: int, item: MultimodalItem
+        self, blocks: Sequence[int], start: int, t: int, item: MultimodalItem
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(view into blocks, view into item) pairs covering the t tokens: one pair per
-        payload per run of whole consecutive blocks, plus one per payload for a partial
-        last block."""
+        """(view into blocks, view into item) pairs covering t tokens, item rows from
+        `start`: one pair per payload per run of whole consecutive blocks, plus one per
+        payload for a partial last block."""
         b = self.layout.block_tokens
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         stored = [self.embeddings, self.fill_ids, self.positions]
@@ -228,13 +245,13 @@ class MultimodalDataBuffers:
             full = min(count, (t - lo) // b)
             if full:
                 for s, g in zip(stored, given, strict=True):
-                    rows = g[lo : lo + full * b]
+                    rows = g[start + lo : start + lo + full * b]
                     pairs.append((s[first : first + full], rows.view(full, b, *rows.shape[1:])))
             if full < count:  # the sequence ends inside this run's last block
                 tail_lo = lo + full * b
                 n = t - tail_lo
                 for s, g in zip(stored, given, strict=True):
-                    pairs.append((s[first + full, :n], g[tail_lo : tail_lo + n]))
+                    pairs.append((s[first + full, :n], g[start + tail_lo : start + tail_lo + n]))
         return pairs
 
     def block_checksum(self, block: int, num_tokens: int | None = None) -> int:
@@ -247,7 +264,7 @@ class MultimodalDataBuffers:
             total += int(self.deepstack[block, :n].view(view).sum(dtype=torch.int64))
         return total
 
-    def _check_item(self, item: MultimodalItem) -> None:
+    def check_item(self, item: MultimodalItem) -> None:
         t, h, k = item.num_tokens, self.layout.hidden_size, self.layout.num_deepstack
         if item.embeddings.shape != (t, h) or item.embeddings.dtype != self.embeddings.dtype:
             raise ValueError(

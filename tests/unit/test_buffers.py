@@ -99,3 +99,21 @@ def test_layout_validation() -> None:
         BufferLayout(1, 1, 1, 0, "int8")
     assert BufferLayout(4, 16, 8, 3, "float32").compatible(BufferLayout(64, 16, 8, 3, "float32"))
     assert not BufferLayout(4, 16, 8, 3, "float32").compatible(BufferLayout(4, 8, 8, 3, "float32"))
+
+
+def test_chunks_of_an_item_scatter_and_gather_at_their_offsets() -> None:
+    buffers = MultimodalDataBuffers(BufferLayout(8, 4, 8, 3, "float32"))
+    original = item(10, 3)
+    buffers.scatter([6, 7], original, start=0, count=8)
+    buffers.scatter([2], original, start=8)
+    assert buffers.aux[2, AuxField.TOKEN_OFFSET] == 8
+    assert buffers.aux[2, AuxField.TOTAL_TOKENS] == 10
+    out = buffers.empty_item(10)
+    buffers.gather([2], 2, out, start=8)
+    buffers.gather([6, 7], 8, out, start=0)
+    assert torch.equal(out.embeddings, original.embeddings)
+    assert out.deepstack is not None
+    assert original.deepstack is not None
+    assert torch.equal(out.deepstack, original.deepstack)
+    with pytest.raises(ValueError, match="not a chunk"):
+        buffers.scatter([0], original, start=3, count=2)
