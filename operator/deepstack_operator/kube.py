@@ -1,0 +1,165 @@
+"""All Kubernetes API I/O of the reconciler (synchronous; the reconciler runs in threads).
+
+Writes go through server-side apply under one field manager. Before a write, a dry-run
+apply shows what the server would store; if that equals the live object, nothing is
+written, so a no-op reconcile leaves every resourceVersion as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import threading
+import uuid
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
+
+from deepstack_operator import names
+
+Manifest = dict[str, Any]
+
+# Kinds the operator may own, in the order children are pruned.
+OWNED_KINDS: tuple[tuple[str, str], ...] = (
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("policy/v1", "PodDisruptionBudget"),
+    ("apps/v1", "Deployment"),
+    ("apps/v1", "StatefulSet"),
+    ("v1", "Service"),
+    ("v1", "ConfigMap"),
+)
+# Fields that differ between two reads of the same object without a change of intent.
+_VOLATILE_METADATA = (
+    "managedFields",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "uid",
+    "selfLink",
+)
+
+
+def comparable(obj: Manifest) -> Manifest:
+    """The parts of an object a reconcile may change."""
+    meta = {k: v for k, v in obj.get("metadata", {}).items() if k not in _VOLATILE_METADATA}
+    return {k: v for k, v in obj.items() if k not in ("status", "metadata")} | {"metadata": meta}
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api_client = api_client
+        self.dynamic = DynamicClient(api_client)  # type: ignore[no-untyped-call]
+        self.core = client.CoreV1Api(api_client)
+        self.events = client.EventsV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self._resources: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def resource(self, api_version: str, kind: str) -> Any:
+        with self._lock:
+            key = (api_version, kind)
+            if key not in self._resources:
+                self._resources[key] = self.dynamic.resources.get(
+                    api_version=api_version, kind=kind
+                )
+            return self._resources[key]
+
+    def has_kind(self, api_version: str, kind: str) -> bool:
+        try:
+            self.resource(api_version, kind)
+            return True
+        except ResourceNotFoundError:
+            return False
+
+    # --- reads ----------------------------------------------------------------------
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Manifest | None:
+        try:
+            obj = self.resource(api_version, kind).get(name=name, namespace=namespace)
+        except NotFoundError:
+            return None
+        result: Manifest = obj.to_dict()
+        return result
+
+    def get_cr(self, namespace: str, name: str) -> Manifest | None:
+        return self.get(names.API_VERSION, names.KIND, namespace, name)
+
+    def list_owned(
+        self, api_version: str, kind: str, namespace: str, cr_name: str
+    ) -> list[Manifest]:
+        objs = self.resource(api_version, kind).get(
+            namespace=namespace, label_selector=names.owned_selector(cr_name)
+        )
+        return [item.to_dict() for item in objs.items]
+
+    def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Existence only; for Secrets the content is fetched but never kept or logged."""
+        return self.get(api_version, kind, namespace, name) is not None
+
+    # --- writes ---------------------------------------------------------------------
+
+    def apply(self, manifest: Manifest, *, dry_run: bool = False) -> Manifest:
+        resource = self.resource(manifest["apiVersion"], manifest["kind"])
+        kwargs: dict[str, Any] = {"field_manager": names.FIELD_MANAGER, "force_conflicts": True}
+        if dry_run:
+            kwargs["dry_run"] = "All"
+        obj = resource.server_side_apply(
+            body=manifest, namespace=manifest["metadata"]["namespace"], **kwargs
+        )
+        result: Manifest = obj.to_dict()
+        return result
+
+    def apply_if_changed(self, manifest: Manifest) -> str | None:
+        """Apply `manifest` unless the server already holds exactly that.
+        Returns "created", "updated", or None when nothing was written."""
+        meta = manifest["metadata"]
+        live = self.get(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+        if live is not None:
+            would_be = self.apply(manifest, dry_run=True)
+            if comparable(would_be) == comparable(live):
+                return None
+        self.apply(manifest)
+        return "created" if live is None else "updated"
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        with contextlib.suppress(NotFoundError):
+            self.resource(api_version, kind).delete(
+                name=name, namespace=namespace, body={"propagationPolicy": "Background"}
+            )
+
+    def patch_status(self, namespace: str, name: str, status: Manifest) -> None:
+        """Merge-patch the status subresource (the spec is never touched)."""
+        self.custom.patch_namespaced_custom_object_status(
+            names.GROUP, names.VERSION, namespace, names.PLURAL, name, {"status": status}
+        )
+
+    def post_event(self, cr: Manifest, event_type: str, reason: str, message: str) -> None:
+        """An events.k8s.io/v1 Event about the resource (best effort)."""
+        meta = cr["metadata"]
+        now = datetime.datetime.now(datetime.UTC)
+        body = client.EventsV1Event(
+            metadata=client.V1ObjectMeta(
+                name=f"{meta['name']}.{uuid.uuid4().hex[:12]}", namespace=meta["namespace"]
+            ),
+            event_time=now,
+            action="Reconcile",
+            reason=reason,
+            note=message[:1024],
+            type=event_type,
+            reporting_controller=f"{names.GROUP}/operator",
+            reporting_instance=names.FIELD_MANAGER,
+            regarding=client.V1ObjectReference(
+                api_version=names.API_VERSION,
+                kind=names.KIND,
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta["uid"],
+            ),
+        )
+        with contextlib.suppress(ApiException):  # advisory: never fail a reconcile over one
+            self.events.create_namespaced_event(meta["namespace"], body)

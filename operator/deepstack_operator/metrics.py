@@ -1,0 +1,84 @@
+"""Operator metrics under the names controller-runtime operators use, plus an inventory
+of resources by phase; served with /healthz on one HTTP port."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+from deepstack_operator import names
+
+RESULTS = ("success", "error", "requeue_after")
+PHASES = ("Pending", "Progressing", "Ready", "Degraded")
+
+
+class OperatorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.reconcile_total = Counter(
+            "controller_runtime_reconcile",
+            "Reconciliations per controller and result.",
+            ["controller", "result"],
+            registry=self.registry,
+        )
+        self.reconcile_time = Histogram(
+            "controller_runtime_reconcile_time_seconds",
+            "Time per reconciliation.",
+            ["controller"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.reconcile_errors = Counter(
+            "controller_runtime_reconcile_errors",
+            "Reconciliations that failed.",
+            ["controller"],
+            registry=self.registry,
+        )
+        self.resources = Gauge(
+            "deepstack_operator_resources",
+            "DeepStackDisaggregation resources by phase.",
+            ["phase"],
+            registry=self.registry,
+        )
+        c = names.CONTROLLER
+        for result in RESULTS:
+            self.reconcile_total.labels(controller=c, result=result)
+        self.reconcile_errors.labels(controller=c)
+        self.reconcile_time.labels(controller=c)
+        for phase in PHASES:
+            self.resources.labels(phase=phase).set(0)
+        self._phases: dict[tuple[str, str], str] = {}
+
+    def record(self, result: str, seconds: float) -> None:
+        c = names.CONTROLLER
+        self.reconcile_total.labels(controller=c, result=result).inc()
+        self.reconcile_time.labels(controller=c).observe(seconds)
+        if result == "error":
+            self.reconcile_errors.labels(controller=c).inc()
+
+    def set_phase(self, key: tuple[str, str], phase: str | None) -> None:
+        if phase is None:
+            self._phases.pop(key, None)
+        else:
+            self._phases[key] = phase
+        counts = Tally(self._phases.values())
+        for p in PHASES:
+            self.resources.labels(phase=p).set(counts.get(p, 0))
+
+
+def make_app(metrics: OperatorMetrics) -> web.Application:
+    async def serve_metrics(_: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        # Served by the operator's own event loop: an answer means the loop is alive.
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/metrics", serve_metrics)
+    app.router.add_get("/healthz", healthz)
+    return app

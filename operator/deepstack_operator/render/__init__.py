@@ -1,0 +1,50 @@
+"""Pure renderers: a DeepStackDisaggregation (as stored, defaults applied) -> the manifest
+dicts of every child object. No I/O, no Kubernetes client, no kopf: snapshot-tested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from deepstack_operator.render.config import render_config_map, runtime_config
+from deepstack_operator.render.policy import (
+    render_autoscalers,
+    render_disruption_budgets,
+    render_network_policy,
+)
+from deepstack_operator.render.workloads import (
+    render_role_services,
+    render_role_statefulsets,
+    render_router,
+)
+
+Manifest = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the target cluster offers beyond the core APIs."""
+
+    pod_monitor: bool = False
+
+
+def render_all(cr: Manifest, capabilities: Capabilities = Capabilities()) -> list[Manifest]:
+    """Every child the resource should have, in apply order (config before workloads).
+    Raises ConfigError (from deepstack_runtime.config) for a spec the runtime rejects."""
+    config = runtime_config(cr)
+    children: list[Manifest] = [render_config_map(cr, config)]
+    children += render_role_services(cr, config)
+    children += render_role_statefulsets(cr, config)
+    children += render_router(cr, config)
+    children += render_disruption_budgets(cr)
+    children += render_autoscalers(cr)
+    children += render_network_policy(cr, config)
+    if capabilities.pod_monitor:
+        from deepstack_operator.render.monitoring import render_pod_monitor
+
+        children += render_pod_monitor(cr)
+    return children
+
+
+__all__ = ["Capabilities", "Manifest", "render_all"]

@@ -1,0 +1,108 @@
+"""PodDisruptionBudgets, HorizontalPodAutoscalers and the NetworkPolicy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepstack_operator import names
+from deepstack_operator.render.common import Manifest, cr_name, metadata, spec
+from deepstack_runtime.config import RuntimeConfig
+
+
+def render_disruption_budgets(cr: Manifest) -> list[Manifest]:
+    max_unavailable = spec(cr).get("rollout", {}).get("maxUnavailable", 1)
+    return [
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": metadata(cr, names.child_name(cr_name(cr), role), role),
+            "spec": {
+                "maxUnavailable": max_unavailable,
+                "selector": {"matchLabels": names.selector_labels(cr_name(cr), role)},
+            },
+        }
+        for role in names.ROLES
+    ]
+
+
+def render_autoscalers(cr: Manifest) -> list[Manifest]:
+    autoscaling = spec(cr).get("autoscaling") or {}
+    out = []
+    for role in names.ROLES:
+        bounds = autoscaling.get(role)
+        if not bounds:
+            continue
+        name = names.child_name(cr_name(cr), role)
+        out.append(
+            {
+                "apiVersion": "autoscaling/v2",
+                "kind": "HorizontalPodAutoscaler",
+                "metadata": metadata(cr, name, role),
+                "spec": {
+                    "scaleTargetRef": {
+                        "apiVersion": "apps/v1",
+                        "kind": "StatefulSet",
+                        "name": name,
+                    },
+                    "minReplicas": bounds.get("minReplicas", 1),
+                    "maxReplicas": bounds["maxReplicas"],
+                    "metrics": [
+                        {
+                            "type": "Resource",
+                            "resource": {
+                                "name": "cpu",
+                                "target": {
+                                    "type": "Utilization",
+                                    "averageUtilization": bounds.get(
+                                        "targetCPUUtilizationPercentage", 80
+                                    ),
+                                },
+                            },
+                        }
+                    ],
+                },
+            }
+        )
+    return out
+
+
+def render_network_policy(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
+    """Ingress to runtime pods: the HTTP API only from the router; encode <-> language
+    traffic only between the two groups (language pods reach the encode bootstrap port;
+    encode pods write into language pods' memory on Mooncake's own ports); metrics from
+    anywhere (Prometheus). Egress is left open: DNS and the model store vary by cluster."""
+    if not spec(cr).get("networkPolicy", {}).get("enabled", True):
+        return []
+    name = cr_name(cr)
+
+    def pods(role: str) -> dict[str, Any]:
+        return {"podSelector": {"matchLabels": names.selector_labels(name, role)}}
+
+    def tcp(port: int | str) -> dict[str, Any]:
+        return {"protocol": "TCP", "port": port}
+
+    router_in = {"from": [pods(names.ROUTER)], "ports": [tcp(config.http_port)]}
+    metrics_in = {"ports": [tcp(config.metrics_port)]}
+    policies = [
+        {
+            "podSelector": {"matchLabels": names.selector_labels(name, "encode")},
+            "ingress": [
+                router_in,
+                metrics_in,
+                {"from": [pods("language")], "ports": [tcp(config.transfer.bootstrap_port)]},
+            ],
+        },
+        {
+            "podSelector": {"matchLabels": names.selector_labels(name, "language")},
+            "ingress": [router_in, metrics_in, {"from": [pods("encode")]}],
+        },
+    ]
+    return [
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": metadata(cr, f"{names.network_policy_name(name)}-{role}", role),
+            "spec": {**policy, "policyTypes": ["Ingress"]},
+        }
+        for role, policy in zip(names.ROLES, policies, strict=True)
+    ]

@@ -1,0 +1,256 @@
+"""Encode and language StatefulSets with their headless Services, and the router."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepstack_operator import names
+from deepstack_operator.render.common import (
+    Manifest,
+    content_hash,
+    cr_name,
+    metadata,
+    spec,
+)
+from deepstack_runtime.config import CONFIG_DIR, CONFIG_FILE, RuntimeConfig
+
+CONFIG_VOLUME = "runtime-config"
+MODEL_VOLUME = "model"
+RUNTIME_USER = 10001
+
+
+def _ports(config: RuntimeConfig, role: str) -> list[dict[str, Any]]:
+    ports = [
+        {"name": "http", "containerPort": config.http_port, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": config.metrics_port, "protocol": "TCP"},
+    ]
+    if role == "encode":
+        ports.append(
+            {
+                "name": "bootstrap",
+                "containerPort": config.transfer.bootstrap_port,
+                "protocol": "TCP",
+            }
+        )
+    return ports
+
+
+def _env(role: str, config: RuntimeConfig, extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def field(path: str) -> dict[str, Any]:
+        return {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}
+
+    env: list[dict[str, Any]] = [
+        {"name": "DEEPSTACK_ROLE", "value": role},
+        {"name": "POD_NAME", "valueFrom": field("metadata.name")},
+        {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+        {"name": "POD_IP", "valueFrom": field("status.podIP")},
+    ]
+    if config.transfer.protocol == "rdma":
+        env.append(
+            {"name": "DEEPSTACK_RDMA_DEVICES", "value": ",".join(config.transfer.rdma_devices)}
+        )
+    ours = {e["name"] for e in env}
+    # The user's variables come last; ours cannot be overridden (the runtime relies on them).
+    return env + [e for e in extra if e["name"] not in ours]
+
+
+def _security(protocol: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pod, container) security contexts: Pod Security "restricted" for tcp; RDMA needs
+    to pin memory (IPC_LOCK), which "restricted" forbids."""
+    pod = {
+        "runAsNonRoot": True,
+        "runAsUser": RUNTIME_USER,
+        "runAsGroup": RUNTIME_USER,
+        "fsGroup": RUNTIME_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container: dict[str, Any] = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    if protocol == "rdma":
+        container["capabilities"] = {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    return pod, container
+
+
+def _resources(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, Any]:
+    given = spec(cr).get(role, {}).get("resources", {})
+    resources = {k: dict(v) for k, v in given.items() if v}
+    tp = (
+        config.encode_tensor_parallel_size
+        if role == "encode"
+        else config.language_tensor_parallel_size
+    )
+    if config.backend == "sglang":
+        # One GPU per tensor-parallel rank unless the user said otherwise.
+        limits = resources.setdefault("limits", {})
+        limits.setdefault("nvidia.com/gpu", tp)
+    if config.transfer.protocol == "rdma":
+        rdma = spec(cr)["transfer"].get("rdmaResourceName", "rdma/hca_shared_devices_a")
+        resources.setdefault("limits", {}).setdefault(rdma, 1)
+        resources.setdefault("requests", {}).setdefault(rdma, 1)
+    return resources
+
+
+def _volumes(cr: Manifest) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    model = spec(cr)["model"]
+    volumes: list[dict[str, Any]] = [
+        {"name": CONFIG_VOLUME, "configMap": {"name": names.config_map_name(cr_name(cr))}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "shm", "mountPath": "/dev/shm"},
+    ]
+    volume = model.get("volume")
+    if volume:
+        if "persistentVolumeClaim" in volume:
+            pvc = volume["persistentVolumeClaim"]
+            source: dict[str, Any] = {
+                "persistentVolumeClaim": {
+                    "claimName": pvc["claimName"],
+                    "readOnly": pvc.get("readOnly", True),
+                }
+            }
+        else:
+            source = {"hostPath": {"path": volume["hostPath"]["path"], "type": "Directory"}}
+        volumes.append({"name": MODEL_VOLUME, **source})
+        mounts.append(
+            {"name": MODEL_VOLUME, "mountPath": model.get("mountPath", "/models"), "readOnly": True}
+        )
+    return volumes, mounts
+
+
+def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, Any]:
+    s = spec(cr)
+    role_spec = s.get(role, {}) if role in names.ROLES else {}
+    runtime = s["runtime"]
+    pod_security, container_security = _security(config.transfer.protocol)
+    volumes, mounts = _volumes(cr)
+    probe_http = {"path": "/health", "port": "http"}
+    container: dict[str, Any] = {
+        "name": "runtime",
+        "image": runtime["image"],
+        "imagePullPolicy": runtime.get("imagePullPolicy", "IfNotPresent"),
+        "command": ["deepstack-runtime", role, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "args": list(role_spec.get("extraArgs", [])),
+        "env": _env(role, config, role_spec.get("env", [])),
+        "ports": _ports(config, role),
+        # Loading weights can take minutes: the startup probe covers it, then the
+        # liveness probe restarts a hung server and readiness gates traffic.
+        "startupProbe": {"httpGet": probe_http, "periodSeconds": 5, "failureThreshold": 360},
+        "readinessProbe": {"httpGet": probe_http, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": probe_http, "periodSeconds": 10, "failureThreshold": 6},
+        "resources": _resources(cr, role, config) if role in names.ROLES else {},
+        "securityContext": container_security,
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "securityContext": pod_security,
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": 60,
+        "enableServiceLinks": False,
+    }
+    if runtime.get("serviceAccountName"):
+        pod_spec["serviceAccountName"] = runtime["serviceAccountName"]
+    if runtime.get("imagePullSecrets"):
+        pod_spec["imagePullSecrets"] = [{"name": x["name"]} for x in runtime["imagePullSecrets"]]
+    for key in ("nodeSelector", "tolerations", "affinity"):
+        if role_spec.get(key):
+            pod_spec[key] = role_spec[key]
+    return {
+        "metadata": {
+            "labels": names.common_labels(cr_name(cr), role),
+            # A changed runtime configuration rolls the pods.
+            "annotations": {names.CONFIG_HASH_ANNOTATION: content_hash(config.to_json())},
+        },
+        "spec": pod_spec,
+    }
+
+
+def render_role_services(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
+    out = []
+    for role in names.ROLES:
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": metadata(cr, names.child_name(cr_name(cr), role), role),
+                "spec": {
+                    "clusterIP": "None",  # headless: one DNS record per ready pod
+                    "selector": names.selector_labels(cr_name(cr), role),
+                    "ports": [
+                        {"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]}
+                        for p in _ports(config, role)
+                    ],
+                },
+            }
+        )
+    return out
+
+
+def render_role_statefulsets(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
+    s = spec(cr)
+    autoscaled = s.get("autoscaling") or {}
+    max_unavailable = s.get("rollout", {}).get("maxUnavailable", 1)
+    out = []
+    for role in names.ROLES:
+        name = names.child_name(cr_name(cr), role)
+        sts_spec: dict[str, Any] = {
+            "serviceName": name,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": names.selector_labels(cr_name(cr), role)},
+            "updateStrategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": max_unavailable},
+            },
+            "template": _pod_template(cr, role, config),
+        }
+        # With an autoscaler the HPA owns the replica count; do not fight it.
+        if role not in autoscaled:
+            sts_spec["replicas"] = s.get(role, {}).get("replicas", 1)
+        out.append(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "StatefulSet",
+                "metadata": metadata(cr, name, role),
+                "spec": sts_spec,
+            }
+        )
+    return out
+
+
+def render_router(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
+    router = spec(cr).get("router", {})
+    if not router.get("enabled", True):
+        return []
+    name = names.child_name(cr_name(cr), names.ROUTER)
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(cr, name, names.ROUTER),
+        "spec": {
+            "replicas": router.get("replicas", 1),
+            "selector": {"matchLabels": names.selector_labels(cr_name(cr), names.ROUTER)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            },
+            "template": _pod_template(cr, names.ROUTER, config),
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(cr, name, names.ROUTER),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": names.selector_labels(cr_name(cr), names.ROUTER),
+            "ports": [{"name": "http", "port": router.get("port", 8000), "targetPort": "http"}],
+        },
+    }
+    return [deployment, service]

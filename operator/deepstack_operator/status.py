@@ -1,0 +1,168 @@
+"""Pure derivation of a resource's status from what its children report.
+
+    observe children -> RoleState per role -> derive_status(...) -> status dict
+
+Rules, in order:
+  Degraded     a problem the operator found (a missing Secret/PVC/ServiceAccount, a spec
+               the runtime rejects, an apply the API server refused): phase Degraded.
+  Progressing  a workload has not caught up with its spec yet (generation not observed,
+               pods not updated or not ready).
+  Ready        every role has as many ready, updated pods as desired (and at least one).
+  TransferReady at least one encode and one language pod are ready: embeddings can move.
+Conditions keep their lastTransitionTime while their status does not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+Status = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RoleState:
+    """What one workload (StatefulSet or Deployment) reports."""
+
+    desired: int
+    exists: bool = True
+    replicas: int = 0
+    ready: int = 0
+    updated: int = 0
+    up_to_date: bool = False  # observedGeneration == generation and no pending revision
+
+    @property
+    def settled(self) -> bool:
+        return self.up_to_date and self.ready >= self.desired and self.updated >= self.desired
+
+    def as_status(self) -> dict[str, Any]:
+        return {
+            "replicas": self.replicas,
+            "readyReplicas": self.ready,
+            "updatedReplicas": self.updated,
+            "summary": f"{self.ready}/{self.desired}",
+        }
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str  # CamelCase, e.g. MissingSecret
+    message: str
+
+
+def role_state(workload: dict[str, Any] | None, desired: int) -> RoleState:
+    """From a live StatefulSet or Deployment (None: it does not exist)."""
+    if workload is None:
+        return RoleState(desired=desired, exists=False)
+    meta, status = workload.get("metadata", {}), workload.get("status") or {}
+    generation = meta.get("generation", 0)
+    observed = status.get("observedGeneration", 0)
+    pending_revision = (
+        workload.get("kind") == "StatefulSet"
+        and status.get("updateRevision")
+        and status.get("currentRevision") != status.get("updateRevision")
+    )
+    return RoleState(
+        desired=desired,
+        replicas=status.get("replicas", 0),
+        ready=status.get("readyReplicas", 0),
+        updated=status.get("updatedReplicas", 0),
+        up_to_date=observed >= generation and not pending_revision,
+    )
+
+
+def _condition(
+    kind: str,
+    ok: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    previous: dict[str, Any],
+    now: str,
+) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    old = previous.get(kind)
+    since = old["lastTransitionTime"] if old and old.get("status") == status else now
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": since,
+    }
+
+
+def derive_status(
+    *,
+    generation: int,
+    roles: dict[str, RoleState],
+    problems: list[Problem],
+    url: str,
+    previous: Status,
+    now: str,
+) -> Status:
+    """`roles` maps encode/language (and router, if enabled) to their state."""
+    prev_conditions = {c["type"]: c for c in previous.get("conditions", []) if "type" in c}
+    missing = sorted(r for r, s in roles.items() if not s.exists)
+    states = {r: s for r, s in roles.items() if s.exists}
+    not_settled = sorted(r for r, s in states.items() if not s.settled)
+    scaled_to_zero = sorted(r for r, s in states.items() if s.desired == 0)
+
+    if problems:
+        degraded = (True, problems[0].reason, "; ".join(p.message for p in problems))
+    else:
+        degraded = (False, "AsExpected", "")
+
+    if missing:
+        progressing = (True, "Creating", f"waiting for {', '.join(missing)} to be created")
+    elif not_settled:
+        detail = ", ".join(
+            f"{r} {states[r].ready}/{states[r].desired} ready, {states[r].updated} updated"
+            for r in not_settled
+        )
+        progressing = (True, "RollingOut", detail)
+    else:
+        progressing = (False, "Stable", "")
+
+    if missing or not_settled:
+        ready = (False, progressing[1], progressing[2])
+    elif scaled_to_zero:
+        ready = (False, "ScaledToZero", f"{', '.join(scaled_to_zero)} has no replicas")
+    elif problems:
+        ready = (False, degraded[1], degraded[2])
+    else:
+        ready = (True, "AllReplicasReady", "")
+
+    encode, language = states.get("encode"), states.get("language")
+    transfer_ready = bool(encode and encode.ready and language and language.ready)
+
+    if degraded[0]:
+        phase = "Degraded"
+    elif ready[0]:
+        phase = "Ready"
+    elif states:
+        phase = "Progressing"
+    else:
+        phase = "Pending"
+
+    conditions = [
+        _condition("Ready", *ready, generation, prev_conditions, now),
+        _condition("Progressing", *progressing, generation, prev_conditions, now),
+        _condition("Degraded", *degraded, generation, prev_conditions, now),
+        _condition(
+            "TransferReady",
+            transfer_ready,
+            "PeersReady" if transfer_ready else "NoPeers",
+            "" if transfer_ready else "needs at least one ready encode and one ready language pod",
+            generation,
+            prev_conditions,
+            now,
+        ),
+    ]
+    status: Status = {"phase": phase, "observedGeneration": generation, "conditions": conditions}
+    for role, state in roles.items():
+        status[role] = state.as_status()
+    if url:
+        status["url"] = url
+    return status

@@ -1,0 +1,200 @@
+"""The runtime configuration: what the operator renders into each pod's ConfigMap and the
+runtime servers read. Shared by both sides, so it imports nothing heavy (no torch, no
+Mooncake, no Kubernetes client): the operator's image stays small.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("sglang", "reference")
+PROTOCOLS = ("tcp", "rdma")
+DTYPES = ("bfloat16", "float16", "float32")
+
+HTTP_PORT = 8000  # every runtime server's API port inside the pod
+CONFIG_DIR = "/etc/deepstack"
+CONFIG_FILE = "config.json"
+
+
+class ConfigError(ValueError):
+    """A configuration the runtime cannot run with; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str
+    served_model_name: str
+    encoder_path: str = ""
+
+    @property
+    def encoder_checkpoint(self) -> str:
+        return self.encoder_path or self.path
+
+
+@dataclass(frozen=True)
+class DeepStackConfig:
+    num_layers: int = 3
+    hidden_size: int = 2048
+    dtype: str = "bfloat16"
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    protocol: str = "tcp"
+    rdma_devices: tuple[str, ...] = ()
+    block_tokens: int = 256
+    default_allocation_tokens: int = 4096
+    pool_blocks: int = 1024
+    bootstrap_port: int = 8998
+    handshake_timeout_seconds: int = 10
+    transfer_timeout_seconds: int = 60
+    resume_max_rounds: int = 8
+    resume_timeout_seconds: int = 30
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """How the roles find each other: headless Services resolve to pod IPs."""
+
+    encode_service: str = ""
+    language_service: str = ""
+    router_url: str = ""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    name: str
+    namespace: str
+    backend: str
+    model: ModelConfig
+    deepstack: DeepStackConfig = field(default_factory=DeepStackConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    http_port: int = HTTP_PORT
+    metrics_port: int = 9090
+    encode_tensor_parallel_size: int = 1
+    language_tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks a schema cannot express; raises ConfigError with a readable message."""
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        for label, path in (
+            ("model.path", self.model.path),
+            ("model.encoderPath", self.model.encoder_path),
+        ):
+            if path and (not path.startswith("/") or ".." in Path(path).parts):
+                raise ConfigError(f"{label} must be an absolute path without '..', got {path!r}")
+        if self.transfer.protocol not in PROTOCOLS:
+            raise ConfigError(f"transfer.protocol must be one of {PROTOCOLS}")
+        if self.transfer.protocol == "rdma" and not self.transfer.rdma_devices:
+            raise ConfigError('transfer.protocol "rdma" needs transfer.rdmaDevices')
+        if self.deepstack.dtype not in DTYPES:
+            raise ConfigError(f"deepstack.dtype must be one of {DTYPES}")
+        if self.transfer.default_allocation_tokens % self.transfer.block_tokens:
+            raise ConfigError("transfer.defaultAllocationTokens must be a multiple of blockTokens")
+        ports = {self.http_port, self.metrics_port, self.transfer.bootstrap_port}
+        if len(ports) != 3:
+            raise ConfigError(
+                f"ports must differ: http {self.http_port}, metrics {self.metrics_port}, "
+                f"bootstrap {self.transfer.bootstrap_port}"
+            )
+
+    # --- (de)serialisation -------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RuntimeConfig:
+        try:
+            transfer = dict(data.get("transfer", {}))
+            transfer["rdma_devices"] = tuple(transfer.get("rdma_devices", ()))
+            return cls(
+                name=data["name"],
+                namespace=data["namespace"],
+                backend=data["backend"],
+                model=ModelConfig(**data["model"]),
+                deepstack=DeepStackConfig(**data.get("deepstack", {})),
+                transfer=TransferConfig(**transfer),
+                endpoints=Endpoints(**data.get("endpoints", {})),
+                **{
+                    k: data[k]
+                    for k in (
+                        "http_port",
+                        "metrics_port",
+                        "encode_tensor_parallel_size",
+                        "language_tensor_parallel_size",
+                    )
+                    if k in data
+                },
+            )
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"invalid runtime configuration: {e}") from e
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RuntimeConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read runtime configuration {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_spec(cls, name: str, namespace: str, spec: dict[str, Any]) -> RuntimeConfig:
+        """From a DeepStackDisaggregation's spec, as stored (defaults applied)."""
+        model, deepstack, transfer = (
+            spec["model"],
+            spec.get("deepstack", {}),
+            spec.get("transfer", {}),
+        )
+        resumption = transfer.get("resumption", {})
+        router = spec.get("router", {})
+        router_port = router.get("port", 8000)
+        return cls(
+            name=name,
+            namespace=namespace,
+            backend=spec["runtime"].get("backend", "sglang"),
+            model=ModelConfig(
+                path=model["path"],
+                served_model_name=model["servedModelName"],
+                encoder_path=model.get("encoderPath", ""),
+            ),
+            deepstack=DeepStackConfig(
+                num_layers=deepstack.get("numLayers", 3) if deepstack.get("enabled", True) else 0,
+                hidden_size=deepstack.get("hiddenSize", 2048),
+                dtype=deepstack.get("dtype", "bfloat16"),
+            ),
+            transfer=TransferConfig(
+                protocol=transfer.get("protocol", "tcp"),
+                rdma_devices=tuple(transfer.get("rdmaDevices", ())),
+                block_tokens=transfer.get("blockTokens", 256),
+                default_allocation_tokens=transfer.get("defaultAllocationTokens", 4096),
+                pool_blocks=transfer.get("poolBlocks", 1024),
+                bootstrap_port=transfer.get("bootstrapPort", 8998),
+                handshake_timeout_seconds=transfer.get("handshakeTimeoutSeconds", 10),
+                transfer_timeout_seconds=transfer.get("transferTimeoutSeconds", 60),
+                resume_max_rounds=resumption.get("maxRounds", 8),
+                resume_timeout_seconds=resumption.get("timeoutSeconds", 30),
+            ),
+            endpoints=Endpoints(
+                encode_service=f"{name}-encode.{namespace}.svc",
+                language_service=f"{name}-language.{namespace}.svc",
+                router_url=(
+                    f"http://{name}-router.{namespace}.svc:{router_port}"
+                    if router.get("enabled", True)
+                    else ""
+                ),
+            ),
+            metrics_port=spec.get("monitoring", {}).get("metricsPort", 9090),
+            encode_tensor_parallel_size=spec.get("encode", {}).get("tensorParallelSize", 1),
+            language_tensor_parallel_size=spec.get("language", {}).get("tensorParallelSize", 1),
+        )
