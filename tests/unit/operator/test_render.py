@@ -1,0 +1,174 @@
+"""Renderers: snapshots of every example, and the properties every child must have."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from syrupy.assertion import SnapshotAssertion
+
+from deepstack_operator.render import Capabilities, render_all
+from deepstack_runtime.config import ConfigError, RuntimeConfig
+from tests.support.crd import EXAMPLES
+from tests.support.specs import example
+
+STEMS = [p.stem for p in EXAMPLES]
+
+
+def by_kind(children: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [c for c in children if c["kind"] == kind]
+
+
+def one(children: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [c for c in children if c["kind"] == kind and c["metadata"]["name"] == name]
+    return found
+
+
+def container(sts: dict[str, Any]) -> dict[str, Any]:
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    assert isinstance(c, dict)
+    return c
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_snapshot(stem: str, snapshot: SnapshotAssertion) -> None:
+    assert render_all(example(stem), Capabilities(pod_monitor=True)) == snapshot
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_every_child_is_owned_labelled_and_namespaced(stem: str) -> None:
+    cr = example(stem)
+    for child in render_all(cr, Capabilities(pod_monitor=True)):
+        meta = child["metadata"]
+        assert meta["namespace"] == "default"
+        (owner,) = meta["ownerReferences"]
+        assert owner["uid"] == cr["metadata"]["uid"]
+        assert owner["controller"] is True
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "deepstack-operator"
+        assert meta["labels"]["disagg.deepstack.dev/instance"] == cr["metadata"]["name"]
+        assert len(meta["name"]) <= 63
+
+
+def test_minimal_example_children() -> None:
+    children = render_all(example("minimal-cpu"))
+    kinds = sorted(c["kind"] for c in children)
+    assert kinds == sorted(
+        ["ConfigMap"]
+        + ["Service"] * 3
+        + ["StatefulSet"] * 2
+        + ["Deployment"]
+        + ["PodDisruptionBudget"] * 2
+        + ["NetworkPolicy"] * 2
+    )
+    encode = one(children, "StatefulSet", "tiny-qwen3-vl-moe-encode")
+    c = container(encode)
+    assert c["command"] == [
+        "deepstack-runtime",
+        "encode",
+        "--config",
+        "/etc/deepstack/config.json",
+    ]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "http": 8000,
+        "metrics": 9090,
+        "bootstrap": 8998,
+    }
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert encode["spec"]["replicas"] == 1
+    assert encode["spec"]["serviceName"] == "tiny-qwen3-vl-moe-encode"
+    # The rendered configuration is what the runtime will read.
+    (cm,) = by_kind(children, "ConfigMap")
+    config = RuntimeConfig.from_dict(__import__("json").loads(cm["data"]["config.json"]))
+    assert config.backend == "reference"
+    assert config.transfer.block_tokens == 16
+    assert config.deepstack.hidden_size == 64
+
+
+def test_tcp_pods_meet_the_restricted_pod_security_level() -> None:
+    for sts in by_kind(render_all(example("minimal-cpu")), "StatefulSet"):
+        pod = sts["spec"]["template"]["spec"]
+        c = container(sts)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert not any("hostPath" in v for v in pod["volumes"])
+        assert "nvidia.com/gpu" not in str(c["resources"])  # the reference backend runs on CPU
+
+
+def test_rdma_pods_get_devices_ipc_lock_and_gpus() -> None:
+    children = render_all(example("qwen3-vl-moe-rdma"))
+    language = one(children, "StatefulSet", "qwen3-vl-moe-language")
+    c = container(language)
+    assert c["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+    assert c["resources"]["limits"]["rdma/hca_shared_devices_a"] == 1
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["DEEPSTACK_RDMA_DEVICES"] == "mlx5_0,mlx5_1"
+    assert c["args"] == ["--mem-fraction-static", "0.85"]
+    model_mount = [m for m in c["volumeMounts"] if m["name"] == "model"]
+    assert model_mount == [{"name": "model", "mountPath": "/models", "readOnly": True}]
+
+
+def test_autoscaled_roles_get_an_hpa_and_no_replica_count() -> None:
+    children = render_all(example("qwen3-vl-moe-rdma"))
+    hpas = {h["metadata"]["name"]: h["spec"] for h in by_kind(children, "HorizontalPodAutoscaler")}
+    assert hpas["qwen3-vl-moe-encode"]["maxReplicas"] == 8
+    assert hpas["qwen3-vl-moe-language"]["scaleTargetRef"]["kind"] == "StatefulSet"
+    for sts in by_kind(children, "StatefulSet"):
+        assert "replicas" not in sts["spec"]
+
+
+def test_router_and_network_policy_can_be_turned_off() -> None:
+    cr = example("minimal-cpu")
+    cr["spec"]["router"]["enabled"] = False
+    cr["spec"]["networkPolicy"]["enabled"] = False
+    children = render_all(cr)
+    assert by_kind(children, "Deployment") == []
+    assert by_kind(children, "NetworkPolicy") == []
+    assert "tiny-qwen3-vl-moe-router" not in {c["metadata"]["name"] for c in children}
+
+
+def test_pod_monitor_only_where_its_crd_exists() -> None:
+    cr = example("minimal-cpu")
+    assert by_kind(render_all(cr, Capabilities(pod_monitor=False)), "PodMonitor") == []
+    (pm,) = by_kind(render_all(cr, Capabilities(pod_monitor=True)), "PodMonitor")
+    assert pm["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics"}]
+
+
+def test_user_env_cannot_override_the_runtime_own_variables() -> None:
+    cr = example("minimal-cpu")
+    cr["spec"]["encode"]["env"] = [
+        {"name": "POD_IP", "value": "1.2.3.4"},
+        {"name": "HF_HOME", "value": "/tmp/hf"},
+    ]
+    c = container(one(render_all(cr), "StatefulSet", "tiny-qwen3-vl-moe-encode"))
+    values = [e for e in c["env"] if e["name"] == "POD_IP"]
+    assert len(values) == 1
+    assert "valueFrom" in values[0]
+    assert {"name": "HF_HOME", "value": "/tmp/hf"} in c["env"]
+
+
+def test_config_change_changes_the_pod_template() -> None:
+    """Pods must roll when the runtime configuration changes."""
+    a = example("minimal-cpu")
+    b = copy.deepcopy(a)
+    b["spec"]["transfer"]["poolBlocks"] = 128
+    key = "disagg.deepstack.dev/config-hash"
+
+    def hash_of(cr: dict[str, Any]) -> str:
+        sts = one(render_all(cr), "StatefulSet", "tiny-qwen3-vl-moe-language")
+        value: str = sts["spec"]["template"]["metadata"]["annotations"][key]
+        return value
+
+    assert hash_of(a) != hash_of(b)
+
+
+def test_a_spec_the_runtime_rejects_is_a_config_error() -> None:
+    cr = example("minimal-cpu")
+    cr["spec"]["model"]["path"] = "/models/../etc"
+    with pytest.raises(ConfigError, match=r"without '\.\.'"):
+        render_all(cr)

@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from deepstack_operator.status import Problem, RoleState, derive_status, role_state
+
+NOW = "2026-01-01T00:00:00Z"
+READY = RoleState(desired=2, replicas=2, ready=2, updated=2, up_to_date=True)
+ROLLING = RoleState(desired=2, replicas=2, ready=1, updated=1, up_to_date=True)
+MISSING = RoleState(desired=1, exists=False)
+
+
+def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+@pytest.mark.parametrize(
+    ("roles", "problems", "phase", "expected"),
+    [
+        (
+            {"encode": READY, "language": READY},
+            [],
+            "Ready",
+            {
+                "Ready": ("True", "AllReplicasReady"),
+                "Progressing": ("False", "Stable"),
+                "Degraded": ("False", "AsExpected"),
+                "TransferReady": ("True", "PeersReady"),
+            },
+        ),
+        (
+            {"encode": READY, "language": ROLLING},
+            [],
+            "Progressing",
+            {
+                "Ready": ("False", "RollingOut"),
+                "Progressing": ("True", "RollingOut"),
+                "TransferReady": ("True", "PeersReady"),
+            },
+        ),
+        (
+            {"encode": MISSING, "language": MISSING},
+            [],
+            "Pending",
+            {
+                "Ready": ("False", "Creating"),
+                "Progressing": ("True", "Creating"),
+                "TransferReady": ("False", "NoPeers"),
+            },
+        ),
+        (
+            {"encode": READY, "language": READY},
+            [Problem("MissingSecret", "Secret 'regcred' does not exist")],
+            "Degraded",
+            {"Ready": ("False", "MissingSecret"), "Degraded": ("True", "MissingSecret")},
+        ),
+        (
+            {"encode": READY, "language": RoleState(desired=0, up_to_date=True)},
+            [],
+            "Progressing",
+            {"Ready": ("False", "ScaledToZero"), "TransferReady": ("False", "NoPeers")},
+        ),
+    ],
+)
+def test_derive_status(
+    roles: dict[str, RoleState], problems: list[Problem], phase: str, expected: dict[str, Any]
+) -> None:
+    status = derive_status(
+        generation=3, roles=roles, problems=problems, url="", previous={}, now=NOW
+    )
+    assert status["phase"] == phase
+    assert status["observedGeneration"] == 3
+    got = conditions(status)
+    for kind, value in expected.items():
+        assert got[kind] == value, kind
+    assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+
+
+def test_counts_and_summary() -> None:
+    status = derive_status(
+        generation=1,
+        roles={"encode": ROLLING, "language": READY},
+        problems=[],
+        url="http://r",
+        previous={},
+        now=NOW,
+    )
+    assert status["encode"] == {
+        "replicas": 2,
+        "readyReplicas": 1,
+        "updatedReplicas": 1,
+        "summary": "1/2",
+    }
+    assert status["url"] == "http://r"
+
+
+def test_transition_time_kept_while_a_condition_holds() -> None:
+    first = derive_status(
+        generation=1,
+        roles={"encode": READY, "language": READY},
+        problems=[],
+        url="",
+        previous={},
+        now=NOW,
+    )
+    later = derive_status(
+        generation=1,
+        roles={"encode": READY, "language": READY},
+        problems=[],
+        url="",
+        previous=first,
+        now="2026-01-02T00:00:00Z",
+    )
+    assert later == first  # nothing changed: nothing to write
+    flipped = derive_status(
+        generation=2,
+        roles={"encode": ROLLING, "language": READY},
+        problems=[],
+        url="",
+        previous=first,
+        now="2026-01-03T00:00:00Z",
+    )
+    times = {c["type"]: c["lastTransitionTime"] for c in flipped["conditions"]}
+    assert times["Ready"] == "2026-01-03T00:00:00Z"
+    assert times["Degraded"] == NOW
+
+
+@pytest.mark.parametrize(
+    ("workload", "desired", "settled"),
+    [
+        (None, 1, False),
+        (
+            {
+                "kind": "StatefulSet",
+                "metadata": {"generation": 2},
+                "status": {"observedGeneration": 1, "readyReplicas": 1, "updatedReplicas": 1},
+            },
+            1,
+            False,
+        ),
+        (
+            {
+                "kind": "StatefulSet",
+                "metadata": {"generation": 2},
+                "status": {
+                    "observedGeneration": 2,
+                    "readyReplicas": 1,
+                    "updatedReplicas": 1,
+                    "currentRevision": "a",
+                    "updateRevision": "b",
+                },
+            },
+            1,
+            False,
+        ),
+        (
+            {
+                "kind": "StatefulSet",
+                "metadata": {"generation": 2},
+                "status": {
+                    "observedGeneration": 2,
+                    "readyReplicas": 1,
+                    "updatedReplicas": 1,
+                    "currentRevision": "b",
+                    "updateRevision": "b",
+                },
+            },
+            1,
+            True,
+        ),
+        (
+            {
+                "kind": "Deployment",
+                "metadata": {"generation": 1},
+                "status": {"observedGeneration": 1, "readyReplicas": 2, "updatedReplicas": 2},
+            },
+            2,
+            True,
+        ),
+    ],
+)
+def test_role_state(workload: dict[str, Any] | None, desired: int, settled: bool) -> None:
+    assert role_state(workload, desired).settled is settled
