@@ -114,17 +114,17 @@ class Kube:
         result: Manifest = obj.to_dict()
         return result
 
-    def apply_if_changed(self, manifest: Manifest) -> str | None:
-        """Apply `manifest` unless the server already holds exactly that.
-        Returns "created", "updated", or None when nothing was written."""
+    def apply_if_changed(self, manifest: Manifest) -> tuple[str | None, Manifest]:
+        """Apply `manifest` unless the server already holds exactly that. Returns
+        ("created" | "updated" | None when nothing was written, the object as stored)."""
         meta = manifest["metadata"]
         live = self.get(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
         if live is not None:
             would_be = self.apply(manifest, dry_run=True)
             if comparable(would_be) == comparable(live):
-                return None
-        self.apply(manifest)
-        return "created" if live is None else "updated"
+                return None, live
+        stored = self.apply(manifest)
+        return ("created" if live is None else "updated"), stored
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         with contextlib.suppress(NotFoundError):

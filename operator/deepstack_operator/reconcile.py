@@ -95,10 +95,13 @@ class Reconciler:
             problems.append(Problem("InvalidSpec", str(e)))
             children = None  # leave what exists alone until the spec is fixed
 
+        # Workloads as this reconcile left them: one it just changed reports the change as
+        # not yet observed, so the status says Progressing however fast pods roll.
+        workloads: dict[tuple[str, str], Manifest] = {}
         if children is not None:
             for child in children:
                 try:
-                    change = self.kube.apply_if_changed(child)
+                    change, stored = self.kube.apply_if_changed(child)
                 except (DynamicApiError, ApiException) as e:
                     if getattr(e, "status", 500) >= 500:
                         raise  # the server's trouble: retry with backoff
@@ -111,12 +114,20 @@ class Reconciler:
                     continue
                 if change:
                     outcome.writes.append(f"{change} {child['kind']}/{child['metadata']['name']}")
+                    workloads[(child["kind"], child["metadata"]["name"])] = stored
             outcome.writes += self._prune(cr, children, capabilities)
 
-        status = self._status(cr, problems)
+        status = self._status(cr, problems, workloads)
         previous = cr.get("status") or {}
         if status != previous:
-            self.kube.patch_status(namespace, name, status)
+            # A merge patch removes a field only when told to (for example the router's).
+            gone = {key: None for key in previous if key not in status}
+            try:
+                self.kube.patch_status(namespace, name, {**gone, **status})
+            except ApiException as e:
+                if e.status == 404:  # deleted while we worked: nothing left to report on
+                    return Outcome(phase=None)
+                raise
             outcome.writes.append("status")
             self._announce(cr, previous, status)
         outcome.phase = status["phase"]
@@ -145,13 +156,20 @@ class Reconciler:
                     pruned.append(f"deleted {kind}/{live_meta['name']}")
         return pruned
 
-    def _status(self, cr: Manifest, problems: list[Problem]) -> dict[str, Any]:
+    def _workload(
+        self, kind: str, namespace: str, name: str, fresh: dict[tuple[str, str], Manifest]
+    ) -> Manifest | None:
+        return fresh.get((kind, name)) or self.kube.get("apps/v1", kind, namespace, name)
+
+    def _status(
+        self, cr: Manifest, problems: list[Problem], fresh: dict[tuple[str, str], Manifest]
+    ) -> dict[str, Any]:
         meta, spec = cr["metadata"], cr.get("spec", {})
         autoscaled = spec.get("autoscaling") or {}
         roles = {}
         for role in names.ROLES:
-            sts = self.kube.get(
-                "apps/v1", "StatefulSet", meta["namespace"], names.child_name(meta["name"], role)
+            sts = self._workload(
+                "StatefulSet", meta["namespace"], names.child_name(meta["name"], role), fresh
             )
             desired = spec.get(role, {}).get("replicas", 1)
             if role in autoscaled and sts is not None:
@@ -160,11 +178,8 @@ class Reconciler:
         router = spec.get("router", {})
         url = ""
         if router.get("enabled", True):
-            deployment = self.kube.get(
-                "apps/v1",
-                "Deployment",
-                meta["namespace"],
-                names.child_name(meta["name"], names.ROUTER),
+            deployment = self._workload(
+                "Deployment", meta["namespace"], names.child_name(meta["name"], names.ROUTER), fresh
             )
             roles[names.ROUTER] = role_state(deployment, router.get("replicas", 1))
             url = f"http://{meta['name']}-router.{meta['namespace']}.svc:{router.get('port', 8000)}"
@@ -185,9 +200,10 @@ class Reconciler:
         degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
         if after == "Degraded":
             self.kube.post_event(cr, "Warning", degraded["reason"], degraded["message"])
-        elif after == "Ready":
-            self.kube.post_event(cr, "Normal", "Ready", "all replicas are ready")
-        elif before == "Degraded":
+            return
+        if before == "Degraded":
             self.kube.post_event(cr, "Normal", "Recovered", f"no longer degraded; now {after}")
+        if after == "Ready":
+            self.kube.post_event(cr, "Normal", "Ready", "all replicas are ready")
         elif after == "Progressing" and before == "Ready":
             self.kube.post_event(cr, "Normal", "RollingOut", "a change is rolling out")

@@ -1,0 +1,333 @@
+"""The operator against the real control plane: one operator process for the module."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.cluster import Cluster, wait_for
+from tests.support.crd import EXAMPLES, install_crd, minimal
+from tests.support.metrics import sample
+from tests.support.operator import (
+    OperatorProcess,
+    condition,
+    dsd,
+    get_json,
+    wait_for_status,
+)
+
+NAME = "tiny-qwen3-vl-moe"
+CHILDREN = [
+    ("configmap", f"{NAME}-runtime"),
+    ("service", f"{NAME}-encode"),
+    ("service", f"{NAME}-language"),
+    ("service", f"{NAME}-router"),
+    ("statefulset", f"{NAME}-encode"),
+    ("statefulset", f"{NAME}-language"),
+    ("deployment", f"{NAME}-router"),
+    ("poddisruptionbudget", f"{NAME}-encode"),
+    ("poddisruptionbudget", f"{NAME}-language"),
+    ("networkpolicy", f"{NAME}-runtime-encode"),
+    ("networkpolicy", f"{NAME}-runtime-language"),
+]
+
+
+@pytest.fixture(scope="module")
+def operator(
+    cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    install_crd(cluster)
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    with OperatorProcess(cluster, "--standalone", log=log) as op:
+        yield op
+
+
+def apply(cluster: Cluster, namespace: str, body: dict[str, Any]) -> None:
+    cluster.kubectl("-n", namespace, "apply", "-f", "-", stdin=json.dumps(body))
+
+
+def ready(cluster: Cluster, namespace: str, generation: int = 1) -> dict[str, Any]:
+    return wait_for_status(cluster, namespace, NAME, phase="Ready", observedGeneration=generation)
+
+
+def resource_versions(cluster: Cluster, namespace: str) -> dict[str, str]:
+    return {
+        f"{kind}/{name}": get_json(cluster, "-n", namespace, "get", kind, name)["metadata"][
+            "resourceVersion"
+        ]
+        for kind, name in CHILDREN
+    }
+
+
+def test_minimal_example_becomes_ready_with_every_child(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    cluster.kubectl("-n", namespace, "apply", "-f", str(EXAMPLES[0]))
+    status = ready(cluster, namespace)
+    assert status["encode"] == {
+        "replicas": 1,
+        "readyReplicas": 1,
+        "updatedReplicas": 1,
+        "summary": "1/1",
+    }
+    assert status["language"]["readyReplicas"] == 1
+    assert status["url"] == f"http://{NAME}-router.{namespace}.svc:8000"
+    assert condition(status, "Ready")["reason"] == "AllReplicasReady"
+    assert condition(status, "TransferReady")["status"] == "True"
+    uid = dsd(cluster, namespace, NAME)["metadata"]["uid"]
+    for kind, name in CHILDREN:
+        child = get_json(cluster, "-n", namespace, "get", kind, name)
+        assert child["metadata"]["ownerReferences"][0]["uid"] == uid, (kind, name)
+    sts = get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-encode")
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["deepstack-runtime", "encode"]
+    pods = get_json(
+        cluster, "-n", namespace, "get", "pods", "-l", "disagg.deepstack.dev/instance=" + NAME
+    )
+    assert len(pods["items"]) == 3  # encode, language, router
+    printed = cluster.kubectl("-n", namespace, "get", "dsd", NAME).stdout.splitlines()[1].split()
+    assert printed[:4] == [NAME, "Ready", "1/1", "1/1"]
+
+
+def test_status_follows_scaling_of_each_role(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, minimal())
+    ready(cluster, namespace)
+    for role, replicas, generation in (("encode", 3, 2), ("language", 2, 3), ("encode", 1, 4)):
+        cluster.kubectl(
+            "-n",
+            namespace,
+            "patch",
+            "dsd",
+            NAME,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": {role: {"replicas": replicas}}}),
+        )
+        status = ready(cluster, namespace, generation)
+        assert status[role]["readyReplicas"] == replicas
+        assert status[role]["summary"] == f"{replicas}/{replicas}"
+        sts = get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-{role}")
+        assert sts["spec"]["replicas"] == replicas
+
+
+def test_image_change_rolls_both_groups(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, minimal())
+    ready(cluster, namespace)
+    before = {
+        role: get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-{role}")["status"][
+            "updateRevision"
+        ]
+        for role in ("encode", "language")
+    }
+    cluster.kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "dsd",
+        NAME,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"runtime": {"image": "deepstack-runtime:0.2.0"}}}),
+    )
+    ready(cluster, namespace, generation=2)
+    for role in ("encode", "language"):
+        sts = get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-{role}")
+        assert sts["status"]["updateRevision"] != before[role]
+        assert sts["status"]["currentRevision"] == sts["status"]["updateRevision"]
+        pods = get_json(
+            cluster, "-n", namespace, "get", "pods", "-l", f"disagg.deepstack.dev/role={role}"
+        )
+        assert [p["spec"]["containers"][0]["image"] for p in pods["items"]] == [
+            "deepstack-runtime:0.2.0"
+        ]
+    # The roll was reported: the operator posted a RollingOut event when leaving Ready.
+    events = get_json(cluster, "-n", namespace, "get", "events.events.k8s.io")
+    reasons = [e.get("reason") for e in events["items"] if e["regarding"]["name"] == NAME]
+    assert "RollingOut" in reasons
+    assert reasons.count("Ready") >= 2
+
+
+def test_deleted_or_edited_children_are_restored(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, minimal())
+    ready(cluster, namespace)
+    old_uid = get_json(cluster, "-n", namespace, "get", "service", f"{NAME}-encode")["metadata"][
+        "uid"
+    ]
+    cluster.kubectl("-n", namespace, "delete", "service", f"{NAME}-encode")
+
+    def recreated() -> bool:
+        out = cluster.kubectl(
+            "-n", namespace, "get", "service", f"{NAME}-encode", "-o", "json", check=False
+        )
+        return out.returncode == 0 and json.loads(out.stdout)["metadata"]["uid"] != old_uid
+
+    wait_for(recreated, timeout=60, what="the deleted Service to come back")
+    cluster.kubectl("-n", namespace, "scale", "statefulset", f"{NAME}-language", "--replicas=4")
+    wait_for(
+        lambda: (
+            get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-language")["spec"][
+                "replicas"
+            ]
+            == 1
+        ),
+        timeout=60,
+        what="the edited StatefulSet to be put back to 1 replica",
+    )
+    cluster.kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "configmap",
+        f"{NAME}-runtime",
+        "--type=merge",
+        "-p",
+        json.dumps({"data": {"config.json": "{}"}}),
+    )
+    wait_for(
+        lambda: (
+            json.loads(
+                get_json(cluster, "-n", namespace, "get", "configmap", f"{NAME}-runtime")["data"][
+                    "config.json"
+                ]
+            ).get("name")
+            == NAME
+        ),
+        timeout=60,
+        what="the edited ConfigMap to be restored",
+    )
+
+
+def test_router_disabled_is_pruned(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, minimal())
+    ready(cluster, namespace)
+    cluster.kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "dsd",
+        NAME,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"router": {"enabled": False, "replicas": 0}}}),
+    )
+    status = ready(cluster, namespace, generation=2)
+    assert "router" not in status
+    assert "url" not in status
+    for kind in ("deployment", "service"):
+        out = cluster.kubectl("-n", namespace, "get", kind, f"{NAME}-router", check=False)
+        assert out.returncode != 0
+        assert "NotFound" in out.stderr
+
+
+def test_deleting_the_resource_removes_children_through_the_garbage_collector(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, minimal())
+    ready(cluster, namespace)
+    cluster.kubectl("-n", namespace, "delete", "dsd", NAME, "--wait=true", "--timeout=60s")
+
+    def gone() -> bool:
+        left = cluster.kubectl(
+            "-n",
+            namespace,
+            "get",
+            "statefulset,deployment,service,configmap,pdb,networkpolicy",
+            "-l",
+            f"disagg.deepstack.dev/instance={NAME}",
+            "-o",
+            "name",
+        ).stdout.split()
+        return not left
+
+    wait_for(gone, timeout=90, what="every child to be garbage-collected")
+
+
+def test_missing_secret_degrades_then_recovers(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    body = minimal()
+    body["spec"]["runtime"]["imagePullSecrets"] = [{"name": "regcred"}]
+    apply(cluster, namespace, body)
+    status = wait_for_status(cluster, namespace, NAME, phase="Degraded")
+    degraded = condition(status, "Degraded")
+    assert degraded["status"] == "True"
+    assert degraded["reason"] == "MissingSecret"
+    assert f"Secret 'regcred' does not exist in namespace {namespace}" in degraded["message"]
+    before = operator.reconciles("requeue_after")
+    cluster.kubectl(
+        "-n",
+        namespace,
+        "create",
+        "secret",
+        "docker-registry",
+        "regcred",
+        "--docker-server=registry.example",
+        "--docker-username=u",
+        "--docker-password=p",
+    )
+    status = ready(cluster, namespace)
+    assert condition(status, "Degraded")["status"] == "False"
+    # It looked again a bounded number of times while waiting: no hot loop.
+    assert operator.reconciles("requeue_after") - before < 30
+    events = get_json(cluster, "-n", namespace, "get", "events.events.k8s.io")
+    reasons = [(e.get("type"), e.get("reason")) for e in events["items"]]
+    assert ("Warning", "MissingSecret") in reasons
+    assert ("Normal", "Recovered") in reasons
+
+
+def test_noop_resync_writes_nothing(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, minimal())
+    ready(cluster, namespace)
+    # Let the pods' last status updates settle into the status first.
+    wait_for(
+        lambda: dsd(cluster, namespace, NAME)["status"]["router"]["readyReplicas"] == 1,
+        timeout=60,
+        what="router ready",
+    )
+    before_children = resource_versions(cluster, namespace)
+    reconciles = operator.reconciles()
+    # An annotation is a change to the resource (an event) but not to what it asks for.
+    cluster.kubectl("-n", namespace, "annotate", "dsd", NAME, "example.com/touched=yes")
+    annotated_rv = dsd(cluster, namespace, NAME)["metadata"]["resourceVersion"]
+    wait_for(lambda: operator.reconciles() > reconciles, timeout=30, what="a reconcile")
+    assert resource_versions(cluster, namespace) == before_children
+    assert dsd(cluster, namespace, NAME)["metadata"]["resourceVersion"] == annotated_rv
+
+
+def test_metrics_endpoint_counts_reconciles(operator: OperatorProcess) -> None:
+    text = operator.metrics()
+    assert operator.reconciles() > 0
+    assert (
+        sample(
+            text,
+            "controller_runtime_reconcile_time_seconds_count",
+            controller="deepstackdisaggregation",
+        )
+        > 0
+    )
+    assert (
+        sample(
+            text, "controller_runtime_reconcile_errors_total", controller="deepstackdisaggregation"
+        )
+        == 0
+    )
+    for phase in ("Pending", "Progressing", "Ready", "Degraded"):
+        sample(text, "deepstack_operator_resources", phase=phase)  # every series exists
+
+
+def test_operator_log_has_no_tracebacks(operator: OperatorProcess) -> None:
+    assert "Traceback" not in Path(operator.log_path).read_text()
