@@ -53,5 +53,6 @@ demo: venv cluster
 
 demo-down: cluster-down
 
-bench: venv
+bench: venv cluster
 	$(BIN)/python benchmarks/transfer.py --json
+	$(BIN)/python benchmarks/operator_scale.py --count 100 --json

@@ -13,6 +13,7 @@ from deepstack_operator import names
 
 RESULTS = ("success", "error", "requeue_after")
 PHASES = ("Pending", "Progressing", "Ready", "Degraded")
+WRITE_OPERATIONS = ("created", "updated", "deleted", "status")
 
 
 class OperatorMetrics:
@@ -43,6 +44,14 @@ class OperatorMetrics:
             ["phase"],
             registry=self.registry,
         )
+        self.writes = Counter(
+            "deepstack_operator_api_writes",
+            "Writes the operator made to the API server (dry runs excluded), by operation.",
+            ["operation"],
+            registry=self.registry,
+        )
+        for operation in WRITE_OPERATIONS:
+            self.writes.labels(operation=operation)
         c = names.CONTROLLER
         for result in RESULTS:
             self.reconcile_total.labels(controller=c, result=result)
@@ -58,6 +67,11 @@ class OperatorMetrics:
         self.reconcile_time.labels(controller=c).observe(seconds)
         if result == "error":
             self.reconcile_errors.labels(controller=c).inc()
+
+    def record_writes(self, writes: list[str]) -> None:
+        """`writes` as a reconcile reports them: "created Kind/name", ..., "status"."""
+        for write in writes:
+            self.writes.labels(operation=write.split(" ", 1)[0]).inc()
 
     def set_phase(self, key: tuple[str, str], phase: str | None) -> None:
         if phase is None:

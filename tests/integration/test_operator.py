@@ -331,3 +331,37 @@ def test_metrics_endpoint_counts_reconciles(operator: OperatorProcess) -> None:
 
 def test_operator_log_has_no_tracebacks(operator: OperatorProcess) -> None:
     assert "Traceback" not in Path(operator.log_path).read_text()
+
+
+def test_a_model_path_the_runtime_rejects_degrades_without_touching_children(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(cluster, namespace, minimal())
+    ready(cluster, namespace)
+    before = resource_versions(cluster, namespace)
+    cluster.kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "dsd",
+        NAME,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"model": {"path": "/models/../etc/shadow"}}}),
+    )
+    status = wait_for_status(cluster, namespace, NAME, phase="Degraded", observedGeneration=2)
+    degraded = condition(status, "Degraded")
+    assert degraded["reason"] == "InvalidSpec"
+    assert "model.path must be an absolute path without '..'" in degraded["message"]
+    assert resource_versions(cluster, namespace) == before  # the running pods are left alone
+    cluster.kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "dsd",
+        NAME,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"model": {"path": "/models/tiny-qwen3-vl-moe"}}}),
+    )
+    ready(cluster, namespace, generation=3)

@@ -1,0 +1,203 @@
+"""Operator at scale on the local control plane (`make cluster`): apply N resources at once.
+
+Prints one JSON object (with --json) or a line per figure:
+  count                   resources applied
+  seconds_to_all_ready    from the apply to every resource's status.phase == Ready
+  api_writes_per_cr       the operator's writes (creates, updates, deletes, status; dry runs
+                          excluded) per resource, from its own metrics
+  noop_writes             writes during a second pass over all N unchanged resources
+                          (each annotated to force a reconcile): should be 0
+  operator_peak_rss_bytes the operator process's peak resident memory (VmHWM)
+
+    python benchmarks/operator_scale.py --count 100 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[1]
+KUBECONFIG = REPO / ".cluster" / "kubeconfig"
+
+
+def tool(name: str) -> str:
+    return str(REPO / ".cluster" / "bin" / name)
+
+
+def kubectl(*args: str, stdin: str | None = None) -> str:
+    out = subprocess.run(
+        [tool("kubectl"), "--kubeconfig", str(KUBECONFIG), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return out.stdout
+
+
+def metric_sum(text: str, name: str) -> float:
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    )
+
+
+def wait(probe: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if probe():
+            return
+        time.sleep(0.25)
+    raise SystemExit(f"timed out after {timeout}s waiting for {what}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args()
+
+    # Each resource has 3 pods; a simulated node takes 110.
+    nodes = max(2, -(-3 * args.count // 100))
+    subprocess.run(
+        [str(REPO / "hack" / "cluster.sh"), "up"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "DEEPSTACK_CLUSTER_NODES": str(nodes)},
+    )
+    kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        str(REPO / "crds" / "deepstackdisaggregations.yaml"),
+    )
+    kubectl(
+        "wait", "--for=condition=Established", "crd/deepstackdisaggregations.disagg.deepstack.dev"
+    )
+    namespace = f"bench-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", namespace)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115  (kept for reading after the run)
+        "w", prefix="operator-", suffix=".log", delete=False
+    )
+    operator = subprocess.Popen(
+        [sys.executable, "-m", "deepstack_operator", "--standalone", "--namespace", namespace],
+        env={
+            **os.environ,
+            "KUBECONFIG": str(KUBECONFIG),
+            "DEEPSTACK_OPERATOR_METRICS_PORT": str(port),
+            "DEEPSTACK_OPERATOR_METRICS_HOST": "127.0.0.1",
+        },
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    def metrics() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text: str = r.read().decode()
+            return text
+
+    def up() -> bool:
+        try:
+            metrics()
+            return True
+        except OSError:
+            return False
+
+    try:
+        wait(up, 60, "the operator")
+        example = json.loads(
+            kubectl(
+                "create",
+                "--dry-run=client",
+                "-o",
+                "json",
+                "-f",
+                str(REPO / "crds" / "examples" / "minimal-cpu.yaml"),
+            )
+        )
+        items: list[dict[str, Any]] = []
+        for i in range(args.count):
+            body = json.loads(json.dumps(example))
+            body["metadata"] = {"name": f"dsd-{i:04d}", "namespace": namespace}
+            items.append(body)
+        started = time.monotonic()
+        kubectl(
+            "apply",
+            "-f",
+            "-",
+            stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+        )
+
+        def all_ready() -> bool:
+            listed = json.loads(kubectl("-n", namespace, "get", "dsd", "-o", "json"))["items"]
+            return len(listed) == args.count and all(
+                (o.get("status") or {}).get("phase") == "Ready" for o in listed
+            )
+
+        wait(all_ready, args.timeout, f"{args.count} resources Ready")
+        seconds = time.monotonic() - started
+        # Let trailing pod/status events drain: wait until the queue is quiet.
+        last = -1.0
+        while True:
+            now = metric_sum(metrics(), "controller_runtime_reconcile_total")
+            if now == last:
+                break
+            last = now
+            time.sleep(2)
+        writes = metric_sum(metrics(), "deepstack_operator_api_writes_total")
+        reconciles = metric_sum(metrics(), "controller_runtime_reconcile_total")
+        kubectl("-n", namespace, "annotate", "dsd", "--all", f"bench/resync={uuid.uuid4().hex[:6]}")
+        wait(
+            lambda: (
+                metric_sum(metrics(), "controller_runtime_reconcile_total")
+                >= reconciles + args.count
+            ),
+            args.timeout,
+            "a second reconcile of every resource",
+        )
+        noop_writes = metric_sum(metrics(), "deepstack_operator_api_writes_total") - writes
+        with open(f"/proc/{operator.pid}/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        result = {
+            "count": args.count,
+            "seconds_to_all_ready": round(seconds, 2),
+            "api_writes_per_cr": round(writes / args.count, 2),
+            "noop_writes": int(noop_writes),
+            "operator_peak_rss_bytes": peak,
+        }
+    finally:
+        operator.terminate()
+        operator.wait(30)
+        kubectl("delete", "namespace", namespace, "--wait=false")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()
