@@ -1,0 +1,183 @@
+"""The `reference` backend: the transformers implementation of Qwen3-VL-MoE, split in two.
+
+  router    ReferencePreprocessor: chat template, image processor, image-token expansion
+  encode    ReferenceEncoder: the vision tower -> merged embeddings + K DeepStack features
+  language  ReferenceLanguageModel: token embeddings with the visual rows put in, M-RoPE
+            positions, DeepStack added after decoder layers 0..K-1, greedy decoding
+
+Split this way it reproduces the monolithic model exactly (see the fidelity tests).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepstack_runtime.buffers import MultimodalItem
+
+
+class InputError(ValueError):
+    """A request the model cannot take (the servers answer 4xx with this message)."""
+
+
+@dataclass
+class Prompt:
+    """A tokenized chat with its images, ready for both sides."""
+
+    input_ids: torch.Tensor  # [L] int64, image pad tokens expanded
+    pixel_values: torch.Tensor | None  # [patches, C*T*P*P]
+    image_grid_thw: torch.Tensor | None  # [images, 3] int64
+
+
+def _load_model(model_dir: str | Path) -> Any:
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (config.json missing)")
+    return Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def decode_image(data: bytes) -> Any:
+    """PNG/JPEG/... bytes -> RGB PIL image; InputError if it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"the image could not be decoded: {e}") from e
+    return image.convert("RGB")
+
+
+class ReferencePreprocessor:
+    def __init__(self, model_dir: str | Path) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
+        self.image_token_id = int(config.image_token_id)
+        self.merge = int(self.image_processor.merge_size)
+        self.image_pad = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        self.eos_token_id = int(self.tokenizer.eos_token_id)
+
+    def prepare(self, messages: list[dict[str, Any]], images: list[Any]) -> Prompt:
+        """`messages`: OpenAI-style, with {"type": "image"} parts where images go, in the
+        order of `images` (decoded PIL images)."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        pieces = text.split(self.image_pad)
+        if len(pieces) - 1 != len(images):
+            raise InputError(f"{len(pieces) - 1} image placeholders for {len(images)} images")
+        pixel_values = grid = None
+        if images:
+            processed = self.image_processor(images=images, return_tensors="pt")
+            pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"]
+            counts = [int(g.prod()) // self.merge**2 for g in grid]
+            text = pieces[0] + "".join(self.image_pad * n + p for n, p in zip(counts, pieces[1:], strict=True))
+        input_ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
+        return Prompt(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid)
+
+    def decode(self, tokens: list[int]) -> str:
+        text: str = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return text
+
+
+class ReferenceEncoder:
+    def __init__(self, model_dir: str | Path) -> None:
+        model = _load_model(model_dir)
+        self.visual = model.model.visual
+        self.image_token_id = int(model.config.image_token_id)
+        self.merge = int(model.config.vision_config.spatial_merge_size)
+        self.hidden_size = int(model.config.text_config.hidden_size)
+        self.num_deepstack = len(model.config.vision_config.deepstack_visual_indexes)
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> MultimodalItem:
+        out = self.visual(pixel_values, grid_thw=image_grid_thw)
+        embeddings = out.pooler_output.contiguous()
+        deepstack = torch.stack(list(out.deepstack_features), dim=1).contiguous()
+        positions = torch.cat(
+            [self._grid_positions(int(t), int(h), int(w)) for t, h, w in image_grid_thw.tolist()]
+        )
+        fill = torch.full((embeddings.shape[0],), self.image_token_id, dtype=torch.int64)
+        return MultimodalItem(embeddings, deepstack, fill, positions)
+
+    def _grid_positions(self, t: int, h: int, w: int) -> torch.Tensor:
+        """(t, h, w) of every merged visual token of one image, in sequence order."""
+        gt, gh, gw = torch.meshgrid(
+            torch.arange(t), torch.arange(h // self.merge), torch.arange(w // self.merge), indexing="ij"
+        )
+        return torch.stack([gt.flatten(), gh.flatten(), gw.flatten()], dim=1).to(torch.int64)
+
+
+class ReferenceLanguageModel:
+    def __init__(self, model_dir: str | Path) -> None:
+        self.model = _load_model(model_dir)
+        self.model.model.visual = None  # the encode side has it; free the memory
+        self.image_token_id = int(self.model.config.image_token_id)
+        self.eos_token_id = int(self.model.config.text_config.eos_token_id)
+
+    @torch.no_grad()
+    def logits(
+        self, input_ids: torch.Tensor, item: MultimodalItem | None, image_grid_thw: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Logits [L, vocab] of the whole sequence."""
+        ids = input_ids.unsqueeze(0)
+        inner = self.model.model
+        embeds = inner.get_input_embeddings()(ids)
+        mask = ids == self.image_token_id
+        visual = int(mask.sum())
+        kwargs: dict[str, Any] = {}
+        if visual:
+            if item is None or item.num_tokens != visual:
+                got = 0 if item is None else item.num_tokens
+                raise InputError(f"the prompt has {visual} image tokens but {got} embeddings arrived")
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), item.embeddings.to(embeds.dtype))
+            if item.deepstack is not None:
+                kwargs["visual_pos_masks"] = mask
+                kwargs["deepstack_visual_embeds"] = [
+                    item.deepstack[:, i].to(embeds.dtype) for i in range(item.deepstack.shape[1])
+                ]
+        position_ids = inner.compute_3d_position_ids(
+            input_ids=ids, inputs_embeds=embeds, image_grid_thw=image_grid_thw, mm_token_type_ids=mask.long()
+        )
+        hidden = inner.language_model(inputs_embeds=embeds, position_ids=position_ids, **kwargs)
+        logits: torch.Tensor = self.model.lm_head(hidden.last_hidden_state)[0]
+        return logits
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        item: MultimodalItem | None,
+        image_grid_thw: torch.Tensor | None,
+        max_new_tokens: int,
+    ) -> list[int]:
+        """Greedy decoding (the whole sequence is recomputed per token: the reference
+        backend favours obvious correctness over speed)."""
+        ids = input_ids
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(self.logits(ids, item, image_grid_thw)[-1].argmax())
+            out.append(token)
+            if token == self.eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([token], dtype=ids.dtype)])
+        return out
+
+
+def monolithic_logits(model_dir: str | Path, prompt: Prompt) -> torch.Tensor:
+    """The undivided transformers model on the same prompt: what the split must equal."""
+    model = _load_model(model_dir)
+    ids = prompt.input_ids.unsqueeze(0)
+    kwargs: dict[str, Any] = {"input_ids": ids, "mm_token_type_ids": (ids == model.config.image_token_id).long()}
+    if prompt.pixel_values is not None:
+        kwargs |= {"pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw}
+    with torch.no_grad():
+        logits: torch.Tensor = model(**kwargs).logits[0]
+    return logits

@@ -1,0 +1,125 @@
+"""A tiny Qwen3-VL-MoE checkpoint with random weights, written as a real local checkpoint
+(config, safetensors, tokenizer, image processor) that loads offline with from_pretrained.
+For tests, demos and laptops: the architecture is the real one, only smaller."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# Trains the byte-level BPE: the tokenizer is built here, never downloaded.
+_CORPUS = [
+    "Describe the image.",
+    "What is in this picture? Answer in one sentence.",
+    "A red square on a white background.",
+    "The quick brown fox jumps over the lazy dog.",
+    "user assistant system You are a helpful assistant.",
+]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PATCH_SIZE = 8
+MERGE_SIZE = 2
+NUM_DEEPSTACK = 3
+HIDDEN_SIZE = 64
+
+
+def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+    """Write the checkpoint into `directory` (created) and return it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+    )
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(_CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Qwen3VLMoeConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": HIDDEN_SIZE,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "moe_intermediate_size": 32,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "decoder_sparse_step": 1,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 2, 2],
+                "mrope_interleaved": True,
+            },
+            "tie_word_embeddings": False,
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 4,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": PATCH_SIZE,
+            "spatial_merge_size": MERGE_SIZE,
+            "temporal_patch_size": 2,
+            "out_hidden_size": HIDDEN_SIZE,
+            "num_position_embeddings": 256,
+            "deepstack_visual_indexes": list(range(NUM_DEEPSTACK)),
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLMoeForConditionalGeneration(config).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    processor = Qwen2VLImageProcessorPil(
+        patch_size=PATCH_SIZE,
+        merge_size=MERGE_SIZE,
+        temporal_patch_size=2,
+        min_pixels=(PATCH_SIZE * MERGE_SIZE) ** 2,
+        max_pixels=(PATCH_SIZE * MERGE_SIZE * 16) ** 2,
+    )
+    processor.save_pretrained(out)
+    (out / "deepstack.json").write_text(
+        json.dumps({"hidden_size": HIDDEN_SIZE, "num_deepstack": NUM_DEEPSTACK, "seed": seed}) + "\n"
+    )
+    return out
