@@ -39,7 +39,9 @@ def _load_model(model_dir: str | Path) -> Any:
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (config.json missing)")
-    return Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model: Any = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model
 
 
 def decode_image(data: bytes) -> Any:
@@ -59,18 +61,20 @@ class ReferencePreprocessor:
         from transformers import AutoConfig, AutoTokenizer
         from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+        self.image_processor: Any = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
         config = AutoConfig.from_pretrained(model_dir)
         self.image_token_id = int(config.image_token_id)
         self.merge = int(self.image_processor.merge_size)
-        self.image_pad = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        self.image_pad = str(self.tokenizer.convert_ids_to_tokens(self.image_token_id))
         self.eos_token_id = int(self.tokenizer.eos_token_id)
 
     def prepare(self, messages: list[dict[str, Any]], images: list[Any]) -> Prompt:
         """`messages`: OpenAI-style, with {"type": "image"} parts where images go, in the
         order of `images` (decoded PIL images)."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
         pieces = text.split(self.image_pad)
         if len(pieces) - 1 != len(images):
             raise InputError(f"{len(pieces) - 1} image placeholders for {len(images)} images")
@@ -79,7 +83,9 @@ class ReferencePreprocessor:
             processed = self.image_processor(images=images, return_tensors="pt")
             pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"]
             counts = [int(g.prod()) // self.merge**2 for g in grid]
-            text = pieces[0] + "".join(self.image_pad * n + p for n, p in zip(counts, pieces[1:], strict=True))
+            text = pieces[0] + "".join(
+                self.image_pad * n + p for n, p in zip(counts, pieces[1:], strict=True)
+            )
         input_ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
         return Prompt(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid)
 
@@ -111,7 +117,10 @@ class ReferenceEncoder:
     def _grid_positions(self, t: int, h: int, w: int) -> torch.Tensor:
         """(t, h, w) of every merged visual token of one image, in sequence order."""
         gt, gh, gw = torch.meshgrid(
-            torch.arange(t), torch.arange(h // self.merge), torch.arange(w // self.merge), indexing="ij"
+            torch.arange(t),
+            torch.arange(h // self.merge),
+            torch.arange(w // self.merge),
+            indexing="ij",
         )
         return torch.stack([gt.flatten(), gh.flatten(), gw.flatten()], dim=1).to(torch.int64)
 
@@ -125,7 +134,10 @@ class ReferenceLanguageModel:
 
     @torch.no_grad()
     def logits(
-        self, input_ids: torch.Tensor, item: MultimodalItem | None, image_grid_thw: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        item: MultimodalItem | None,
+        image_grid_thw: torch.Tensor | None,
     ) -> torch.Tensor:
         """Logits [L, vocab] of the whole sequence."""
         ids = input_ids.unsqueeze(0)
@@ -137,15 +149,22 @@ class ReferenceLanguageModel:
         if visual:
             if item is None or item.num_tokens != visual:
                 got = 0 if item is None else item.num_tokens
-                raise InputError(f"the prompt has {visual} image tokens but {got} embeddings arrived")
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), item.embeddings.to(embeds.dtype))
+                raise InputError(
+                    f"the prompt has {visual} image tokens but {got} embeddings arrived"
+                )
+            embeds = embeds.masked_scatter(
+                mask.unsqueeze(-1).expand_as(embeds), item.embeddings.to(embeds.dtype)
+            )
             if item.deepstack is not None:
                 kwargs["visual_pos_masks"] = mask
                 kwargs["deepstack_visual_embeds"] = [
                     item.deepstack[:, i].to(embeds.dtype) for i in range(item.deepstack.shape[1])
                 ]
         position_ids = inner.compute_3d_position_ids(
-            input_ids=ids, inputs_embeds=embeds, image_grid_thw=image_grid_thw, mm_token_type_ids=mask.long()
+            input_ids=ids,
+            inputs_embeds=embeds,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mask.long(),
         )
         hidden = inner.language_model(inputs_embeds=embeds, position_ids=position_ids, **kwargs)
         logits: torch.Tensor = self.model.lm_head(hidden.last_hidden_state)[0]
@@ -175,7 +194,10 @@ def monolithic_logits(model_dir: str | Path, prompt: Prompt) -> torch.Tensor:
     """The undivided transformers model on the same prompt: what the split must equal."""
     model = _load_model(model_dir)
     ids = prompt.input_ids.unsqueeze(0)
-    kwargs: dict[str, Any] = {"input_ids": ids, "mm_token_type_ids": (ids == model.config.image_token_id).long()}
+    kwargs: dict[str, Any] = {
+        "input_ids": ids,
+        "mm_token_type_ids": (ids == model.config.image_token_id).long(),
+    }
     if prompt.pixel_values is not None:
         kwargs |= {"pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw}
     with torch.no_grad():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -61,11 +62,11 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(_CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer: Any = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids: dict[str, int] = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in SPECIAL_TOKENS}
     config = Qwen3VLMoeConfig(
         text_config={
             "vocab_size": len(tokenizer),
@@ -108,7 +109,8 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
         vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(seed)
-    model = Qwen3VLMoeForConditionalGeneration(config).eval()
+    model: Any = Qwen3VLMoeForConditionalGeneration(config)
+    model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     processor = Qwen2VLImageProcessorPil(
@@ -120,6 +122,7 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     )
     processor.save_pretrained(out)
     (out / "deepstack.json").write_text(
-        json.dumps({"hidden_size": HIDDEN_SIZE, "num_deepstack": NUM_DEEPSTACK, "seed": seed}) + "\n"
+        json.dumps({"hidden_size": HIDDEN_SIZE, "num_deepstack": NUM_DEEPSTACK, "seed": seed})
+        + "\n"
     )
     return out

@@ -1,0 +1,3 @@
+from deepstack_runtime.cli import main
+
+main()

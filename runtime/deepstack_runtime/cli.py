@@ -1,0 +1,106 @@
+"""`deepstack-runtime`: the runtime servers and tools.
+
+    deepstack-runtime make-tiny-model DIR
+    deepstack-runtime encode   --config FILE
+    deepstack-runtime language --config FILE
+    deepstack-runtime router   --config FILE [--encode-url URL ...] [--language-url URL ...]
+
+The configuration file is the one the operator renders (a ConfigMap); the pod's identity
+comes from the environment (POD_IP). Flags override ports for running several servers on
+one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from deepstack_runtime.config import ConfigError, RuntimeConfig
+
+
+def _listen(args: argparse.Namespace, config: RuntimeConfig) -> object:
+    from deepstack_runtime.servers.workers import Listen
+
+    advertise = args.advertise_host or os.environ.get("POD_IP") or "127.0.0.1"
+    return Listen(
+        host=args.host,
+        port=args.port if args.port is not None else config.http_port,
+        metrics_port=args.metrics_port if args.metrics_port is not None else config.metrics_port,
+        bootstrap_port=args.bootstrap_port
+        if args.bootstrap_port is not None
+        else config.transfer.bootstrap_port,
+        advertise_host=advertise,
+        drain_timeout=args.drain_timeout,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="deepstack-runtime", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    tiny = sub.add_parser("make-tiny-model", help="write a small random Qwen3-VL-MoE checkpoint")
+    tiny.add_argument("directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    for role in ("encode", "language", "router"):
+        p = sub.add_parser(role, help=f"run the {role} server")
+        p.add_argument("--config", required=True, help="runtime configuration (JSON)")
+        p.add_argument("--host", default="0.0.0.0")
+        p.add_argument(
+            "--port", type=int, default=None, help="HTTP port (default: from the config)"
+        )
+        p.add_argument(
+            "--metrics-port", type=int, default=None, help="0: /metrics on the HTTP port only"
+        )
+        p.add_argument(
+            "--bootstrap-port", type=int, default=None, help="encode: 0 picks a free port"
+        )
+        p.add_argument(
+            "--advertise-host", default=None, help="address peers use (default: $POD_IP)"
+        )
+        p.add_argument("--drain-timeout", type=float, default=60.0)
+        if role == "router":
+            p.add_argument(
+                "--encode-url", action="append", default=[], help="static encode instances"
+            )
+            p.add_argument(
+                "--language-url", action="append", default=[], help="static language instances"
+            )
+            p.add_argument("--max-prompt-tokens", type=int, default=4096)
+            p.add_argument(
+                "--allow-local-files", action="store_true", help="accept file: image URLs"
+            )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    if args.command == "make-tiny-model":
+        from deepstack_runtime.models.tiny import make_tiny_model
+
+        print(make_tiny_model(args.directory, seed=args.seed))
+        return
+    try:
+        config = RuntimeConfig.from_file(args.config)
+    except ConfigError as e:
+        sys.exit(f"deepstack-runtime: {e}")
+    listen = _listen(args, config)
+    if args.command == "encode":
+        from deepstack_runtime.servers.workers import run_encode
+
+        asyncio.run(run_encode(config, listen))  # type: ignore[arg-type]
+    elif args.command == "language":
+        from deepstack_runtime.servers.workers import run_language
+
+        asyncio.run(run_language(config, listen))  # type: ignore[arg-type]
+    else:
+        from deepstack_runtime.servers.router import RouterOptions, run_router
+
+        options = RouterOptions(
+            encode_urls=args.encode_url,
+            language_urls=args.language_url,
+            max_prompt_tokens=args.max_prompt_tokens,
+            allow_local_files=args.allow_local_files,
+        )
+        asyncio.run(run_router(config, listen, options))  # type: ignore[arg-type]

@@ -1,0 +1,181 @@
+"""What every runtime server shares: /health, /metrics, request accounting, draining.
+
+A server counts its in-flight requests; on SIGTERM it stops taking new ones (503, and
+/health turns unhealthy so the router and Kubernetes stop sending), waits for the
+in-flight ones to finish (up to a deadline), then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ServingMetrics:
+    def __init__(self, registry: CollectorRegistry, role: str) -> None:
+        self.role = role
+        self.requests = Counter(
+            "deepstack_requests",
+            "Requests served, by role, route and HTTP status code.",
+            ["role", "route", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "deepstack_request_duration_seconds",
+            "Time to answer a request, by role and route.",
+            ["role", "route"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "deepstack_requests_inflight",
+            "Requests being served, by role.",
+            ["role"],
+            registry=registry,
+        )
+        self.inflight.labels(role=role)
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
+    """An OpenAI-style error body with a reason a person can act on."""
+    return web.json_response(
+        {"error": {"message": message, "type": kind, "code": status}}, status=status
+    )
+
+
+async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    try:
+        body = json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+class BadRequest(Exception):
+    """Raised by handlers: answered 400 with the message."""
+
+
+@dataclass
+class Server:
+    role: str
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    draining: bool = False
+    inflight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    extra_health: Callable[[], dict[str, Any]] = dict
+
+    def __post_init__(self) -> None:
+        self.metrics = ServingMetrics(self.registry, self.role)
+        self.idle.set()
+
+    def tracked(self, route: str, handler: Handler) -> Handler:
+        """Count, time and drain-gate a handler; turn BadRequest into a 400."""
+
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            if self.draining:
+                response: web.StreamResponse = error(
+                    503, f"the {self.role} server is shutting down", "unavailable"
+                )
+                self.metrics.requests.labels(self.role, route, "503").inc()
+                return response
+            self.inflight += 1
+            self.idle.clear()
+            self.metrics.inflight.labels(role=self.role).inc()
+            started = time.monotonic()
+            try:
+                try:
+                    response = await handler(request)
+                except BadRequest as e:
+                    response = error(400, str(e))
+                except web.HTTPException as e:
+                    response = error(e.status, e.reason)
+            finally:
+                self.inflight -= 1
+                self.metrics.inflight.labels(role=self.role).dec()
+                if self.inflight == 0:
+                    self.idle.set()
+            self.metrics.duration.labels(self.role, route).observe(time.monotonic() - started)
+            self.metrics.requests.labels(self.role, route, str(response.status)).inc()
+            return response
+
+        return wrapped
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    def metrics_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def _health(self, _: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"status": "draining", "role": self.role}, status=503)
+        return web.json_response({"status": "ok", "role": self.role, **self.extra_health()})
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+
+async def serve(
+    server: Server,
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    metrics_port: int,
+    drain_timeout: float,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT, then drain and stop."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    metrics_runner = None
+    if metrics_port and metrics_port != port:
+        metrics_runner = web.AppRunner(server.metrics_app(), access_log=None)
+        await metrics_runner.setup()
+        await web.TCPSite(metrics_runner, host, metrics_port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("%s server on %s:%d (metrics %s)", server.role, host, port, metrics_port or port)
+    print(f"READY {server.role} {host}:{port}", flush=True)
+    await stop.wait()
+    server.draining = True
+    log.info("draining %d in-flight requests", server.inflight)
+    try:
+        await asyncio.wait_for(server.idle.wait(), drain_timeout)
+    except TimeoutError:
+        log.warning(
+            "%d requests still in flight after %gs; stopping anyway", server.inflight, drain_timeout
+        )
+    if on_stop is not None:
+        await on_stop()
+    await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()

@@ -1,0 +1,372 @@
+"""The router: OpenAI-compatible chat completions with images, over one encode and one
+language instance per request (least in-flight of the healthy ones), both legs at once."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+from aiohttp import web
+
+from deepstack_runtime.backends.reference import InputError, ReferencePreprocessor, decode_image
+from deepstack_runtime.config import RuntimeConfig
+from deepstack_runtime.servers.common import BadRequest, Server, error, read_json, serve
+from deepstack_runtime.servers.workers import MAX_BODY, Listen, encode_tensor
+
+log = logging.getLogger(__name__)
+ROLES = ("user", "system", "assistant")
+
+
+@dataclass
+class Instance:
+    url: str
+    healthy: bool = False
+    inflight: int = 0
+    bootstrap: str = ""
+
+
+@dataclass
+class Pool:
+    """The instances of one role: a static list, or the addresses behind a DNS name."""
+
+    role: str
+    static: list[str]
+    dns_name: str = ""
+    port: int = 8000
+    instances: dict[str, Instance] = field(default_factory=dict)
+
+    async def discover(self) -> list[str]:
+        if self.static:
+            return self.static
+        if not self.dns_name:
+            return []
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                self.dns_name, self.port, type=socket.SOCK_STREAM
+            )
+        except OSError:
+            return []
+        return sorted({f"http://{info[4][0]}:{self.port}" for info in infos})
+
+    async def refresh(self, session: aiohttp.ClientSession) -> None:
+        urls = await self.discover()
+        for url in list(self.instances):
+            if url not in urls:
+                del self.instances[url]
+        for url in urls:
+            instance = self.instances.setdefault(url, Instance(url))
+            try:
+                async with session.get(
+                    f"{url}/health", timeout=aiohttp.ClientTimeout(total=2)
+                ) as r:
+                    body = await r.json() if r.status == 200 else {}
+                    instance.healthy = r.status == 200 and body.get("role") == self.role
+                    instance.bootstrap = str(body.get("bootstrap", ""))
+            except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError):
+                instance.healthy = False
+
+    def pick(self) -> Instance | None:
+        healthy = [i for i in self.instances.values() if i.healthy]
+        return min(healthy, key=lambda i: (i.inflight, i.url)) if healthy else None
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    encode_urls: list[str]
+    language_urls: list[str]
+    max_prompt_tokens: int = 4096
+    max_tokens_limit: int = 512
+    allow_local_files: bool = False
+    health_interval: float = 1.0
+
+
+def _image_bytes(url: Any, options: RouterOptions, index: int) -> bytes:
+    if not isinstance(url, str):
+        raise BadRequest(f"image {index}: image_url.url must be a string")
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if not header.endswith(";base64") or not payload:
+            raise BadRequest(f"image {index}: only base64 data: URLs are supported")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise BadRequest(f"image {index}: the base64 data is malformed: {e}") from e
+    parsed = urlparse(url)
+    if parsed.scheme == "file" and options.allow_local_files:
+        try:
+            return Path(parsed.path).read_bytes()
+        except OSError as e:
+            raise BadRequest(f"image {index}: cannot read {parsed.path}: {e.strerror}") from e
+    raise BadRequest(
+        f"image {index}: only data: URLs are accepted"
+        + (" (and file: URLs)" if options.allow_local_files else "")
+        + f"; got a {parsed.scheme or 'relative'} URL"
+    )
+
+
+def parse_messages(
+    body: dict[str, Any], options: RouterOptions
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """OpenAI messages -> (messages with {"type": "image"} parts, decoded images)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list")
+    out: list[dict[str, Any]] = []
+    images: list[Any] = []
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise BadRequest(f"messages[{n}] needs a role of {', '.join(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, str):
+            out.append({"role": message["role"], "content": content})
+            continue
+        if not isinstance(content, list) or not content:
+            raise BadRequest(f"messages[{n}].content must be a string or a non-empty list of parts")
+        parts: list[dict[str, Any]] = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url" and isinstance(part.get("image_url"), dict):
+                data = _image_bytes(part["image_url"].get("url"), options, len(images) + 1)
+                try:
+                    images.append(decode_image(data))
+                except InputError as e:
+                    raise BadRequest(f"image {len(images) + 1}: {e}") from e
+                parts.append({"type": "image"})
+            else:
+                raise BadRequest(
+                    f"messages[{n}]: unsupported content part {kind!r}; use text or image_url"
+                )
+        out.append({"role": message["role"], "content": parts})
+    return out, images
+
+
+async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptions) -> None:
+    server = Server("router")
+    preprocessor = ReferencePreprocessor(config.model.path)
+    pools = {
+        "encode": Pool(
+            "encode", options.encode_urls, config.endpoints.encode_service, config.http_port
+        ),
+        "language": Pool(
+            "language", options.language_urls, config.endpoints.language_service, config.http_port
+        ),
+    }
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=config.transfer.transfer_timeout_seconds + 120)
+    )
+
+    async def health_loop() -> None:
+        while True:
+            await asyncio.gather(*(p.refresh(session) for p in pools.values()))
+            await asyncio.sleep(options.health_interval)
+
+    health_task = asyncio.create_task(health_loop())
+    server.extra_health = lambda: {
+        role: sum(i.healthy for i in pool.instances.values()) for role, pool in pools.items()
+    }
+
+    async def leg(instance: Instance, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        instance.inflight += 1
+        try:
+            async with session.post(f"{instance.url}{path}", json=payload) as r:
+                body = await r.json(content_type=None)
+                if r.status != 200:
+                    message = (body.get("error") or {}).get("message", r.reason)
+                    raise LegError(r.status, f"{path} on {instance.url}: {message}")
+                result: dict[str, Any] = body
+                return result
+        except (aiohttp.ClientError, json.JSONDecodeError) as e:
+            instance.healthy = False
+            raise LegError(502, f"{path} on {instance.url} failed: {e}") from e
+        finally:
+            instance.inflight -= 1
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await read_json(request, MAX_BODY)
+        if body.get("model") not in (None, config.model.served_model_name):
+            return error(
+                404,
+                f"model {body.get('model')!r} is not served here; "
+                f"use {config.model.served_model_name!r}",
+                "not_found",
+            )
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= options.max_tokens_limit:
+            raise BadRequest(f"max_tokens must be an integer in [1, {options.max_tokens_limit}]")
+        messages, images = parse_messages(body, options)
+        try:
+            prompt = await asyncio.to_thread(preprocessor.prepare, messages, images)
+        except InputError as e:
+            raise BadRequest(str(e)) from e
+        prompt_tokens = int(prompt.input_ids.shape[0])
+        if prompt_tokens > options.max_prompt_tokens:
+            raise BadRequest(
+                f"the prompt has {prompt_tokens} tokens; the limit is {options.max_prompt_tokens}"
+            )
+        language = pools["language"].pick()
+        if language is None:
+            return error(503, "no healthy language instance", "unavailable")
+        encoder = pools["encode"].pick() if images else None
+        if images and (encoder is None or not encoder.bootstrap):
+            return error(503, "no healthy encode instance", "unavailable")
+        room = uuid.uuid4().hex
+        generate_payload: dict[str, Any] = {
+            "room": room,
+            "encoder": encoder.bootstrap if encoder else "",
+            "input_ids": prompt.input_ids.tolist(),
+            "image_grid_thw": prompt.image_grid_thw.tolist()
+            if prompt.image_grid_thw is not None
+            else None,
+            "max_tokens": max_tokens,
+        }
+        legs = [asyncio.create_task(leg(language, "/v1/generate", generate_payload))]
+        if encoder is not None:
+            assert prompt.pixel_values is not None
+            assert prompt.image_grid_thw is not None
+            encode_payload = {
+                "room": room,
+                "pixel_values": encode_tensor(prompt.pixel_values.float()),
+                "image_grid_thw": prompt.image_grid_thw.tolist(),
+            }
+            legs.append(asyncio.create_task(leg(encoder, "/v1/encode", encode_payload)))
+        try:
+            # If either leg fails, the other is cancelled (the language side then frees
+            # its blocks): the client gets one clear error, nothing waits for a timeout.
+            done, pending = await asyncio.wait(legs, return_when=asyncio.FIRST_EXCEPTION)
+            for task in pending:
+                if any(t.exception() for t in done):
+                    task.cancel()
+            results = await asyncio.gather(*legs)
+        except LegError as e:
+            for task in legs:
+                task.cancel()
+            return error(
+                e.status if e.status in (400, 503, 504) else 502, e.message, "upstream_error"
+            )
+        except asyncio.CancelledError:
+            raise
+        tokens: list[int] = results[0]["tokens"]
+        finish = "stop" if tokens and tokens[-1] == preprocessor.eos_token_id else "length"
+        text = preprocessor.decode(tokens)
+        created = int(time.time())
+        completion_id = f"chatcmpl-{room}"
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(tokens),
+            "total_tokens": prompt_tokens + len(tokens),
+        }
+        if body.get("stream"):
+            return await _sse(
+                request,
+                completion_id,
+                created,
+                config.model.served_model_name,
+                preprocessor,
+                tokens,
+                finish,
+                usage,
+            )
+        return web.json_response(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": config.model.served_model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": usage,
+            }
+        )
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": config.model.served_model_name, "object": "model"}]}
+        )
+
+    app = server.app()
+    app.router.add_post("/v1/chat/completions", server.tracked("/v1/chat/completions", completions))
+    app.router.add_get("/v1/models", models)
+
+    async def stop() -> None:
+        health_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await health_task
+        await session.close()
+
+    await serve(
+        server,
+        app,
+        host=listen.host,
+        port=listen.port,
+        metrics_port=listen.metrics_port,
+        drain_timeout=listen.drain_timeout,
+        on_stop=stop,
+    )
+
+
+class LegError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def _sse(
+    request: web.Request,
+    completion_id: str,
+    created: int,
+    model: str,
+    preprocessor: ReferencePreprocessor,
+    tokens: list[int],
+    finish: str,
+    usage: dict[str, int],
+) -> web.StreamResponse:
+    """Server-sent events in the OpenAI streaming format, one chunk per token."""
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+
+    async def send(
+        delta: dict[str, Any], reason: str | None, extra: dict[str, Any] | None = None
+    ) -> None:
+        chunk = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+            **(extra or {}),
+        }
+        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+    await send({"role": "assistant", "content": ""}, None)
+    text = ""
+    for n in range(len(tokens)):
+        now = preprocessor.decode(tokens[: n + 1])
+        if now != text:
+            await send({"content": now[len(text) :]}, None)
+            text = now
+    await send({}, finish, {"usage": usage})
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
