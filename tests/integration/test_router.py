@@ -1,0 +1,273 @@
+"""The router end to end over HTTP with real encode and language processes."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deepstack_runtime.backends.reference import (
+    ReferenceEncoder,
+    ReferenceLanguageModel,
+    ReferencePreprocessor,
+)
+from deepstack_runtime.models.tiny import make_tiny_model
+from tests.support.cluster import wait_for
+from tests.support.metrics import sample
+from tests.support.runtime import ServerProcess, data_url, get, png, post, runtime_config
+
+TRANSFER = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 256}
+IMAGE = png(64, 48, (10, 200, 30))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("router")
+    model = make_tiny_model(root / "model", seed=0)
+    config_file = root / "config.json"
+    config_file.write_text(runtime_config(model, **TRANSFER).to_json())
+    with (
+        ServerProcess("encode", config_file, root / "encode.log") as encode,
+        ServerProcess("language", config_file, root / "language.log") as language,
+        ServerProcess(
+            "router",
+            config_file,
+            root / "router.log",
+            "--encode-url",
+            encode.url,
+            "--language-url",
+            language.url,
+            "--max-prompt-tokens",
+            "200",
+        ) as router,
+    ):
+        wait_for(
+            lambda: (
+                json.loads(get(f"{router.url}/health")[1]).get("language") == 1
+                and json.loads(get(f"{router.url}/health")[1]).get("encode") == 1
+            ),
+            timeout=30,
+            what="the router to see both instances healthy",
+        )
+        yield {
+            "model": model,
+            "config": config_file,
+            "root": root,
+            "encode": encode,
+            "language": language,
+            "router": router,
+        }
+
+
+def chat(
+    image: bytes | None = IMAGE, text: str = "Describe the image.", **extra: Any
+) -> dict[str, Any]:
+    content: list[dict[str, Any]] = []
+    if image is not None:
+        content.append({"type": "image_url", "image_url": {"url": data_url(image)}})
+    content.append({"type": "text", "text": text})
+    return {
+        "model": "tiny-qwen3-vl-moe",
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": content}],
+        **extra,
+    }
+
+
+def expected_answer(model: Path, image: bytes | None) -> str:
+    """What the undivided model says, through the same preprocessing."""
+    import io
+
+    from PIL import Image
+
+    pre = ReferencePreprocessor(model)
+    images = [Image.open(io.BytesIO(image)).convert("RGB")] if image else []
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in images] + [
+        {"type": "text", "text": "Describe the image."}
+    ]
+    prompt = pre.prepare([{"role": "user", "content": content}], images)
+    item = None
+    if prompt.pixel_values is not None and prompt.image_grid_thw is not None:
+        item = ReferenceEncoder(model).encode(prompt.pixel_values, prompt.image_grid_thw)
+    tokens = ReferenceLanguageModel(model).generate(
+        prompt.input_ids, item, prompt.image_grid_thw, 8
+    )
+    return pre.decode(tokens)
+
+
+def test_chat_completion_with_an_image(stack: dict[str, Any]) -> None:
+    status, body = post(f"{stack['router'].url}/v1/chat/completions", chat())
+    assert status == 200, body
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["content"] == expected_answer(stack["model"], IMAGE)
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["completion_tokens"] >= 1
+
+
+def test_text_only_chat_needs_no_encoder(stack: dict[str, Any]) -> None:
+    status, body = post(f"{stack['router'].url}/v1/chat/completions", chat(image=None))
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == expected_answer(stack["model"], None)
+
+
+def test_streaming_gives_the_same_answer(stack: dict[str, Any]) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{stack['router'].url}/v1/chat/completions",
+        json.dumps(chat(stream=True)).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        lines = [line.decode().strip() for line in r if line.strip()]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == expected_answer(stack["model"], IMAGE)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def image_part(url: str) -> dict[str, Any]:
+    return {
+        "model": "tiny-qwen3-vl-moe",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "Hi"},
+                ],
+            }
+        ],
+    }
+
+
+BAD: list[tuple[str, Any, int, str]] = [
+    ("not-json", b"{nope", 400, "the body is not valid JSON"),
+    ("not-an-object", [1, 2], 400, "the body must be a JSON object"),
+    ("no-messages", {"model": "tiny-qwen3-vl-moe"}, 400, "messages must be a non-empty list"),
+    (
+        "bad-role",
+        {"messages": [{"role": "robot", "content": "hi"}]},
+        400,
+        "needs a role of user, system, assistant",
+    ),
+    (
+        "audio-part",
+        {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+        400,
+        "unsupported content part 'input_audio'",
+    ),
+    (
+        "http-image",
+        image_part("https://example.com/cat.png"),
+        400,
+        "only data: URLs are accepted; got a https URL",
+    ),
+    ("bad-base64", image_part("data:image/png;base64,@@@"), 400, "the base64 data is malformed"),
+    (
+        "not-an-image",
+        image_part(data_url(b"this is text, not a picture")),
+        400,
+        "image 1: the image could not be decoded",
+    ),
+    (
+        "prompt-too-long",
+        chat(image=None, text="the quick brown fox " * 200),
+        400,
+        "the limit is 200",
+    ),
+    ("max-tokens-zero", chat(max_tokens=0), 400, "max_tokens must be an integer in [1, 512]"),
+    ("wrong-model", {**chat(), "model": "gpt-4o"}, 404, "model 'gpt-4o' is not served here"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"), [b[1:] for b in BAD], ids=[b[0] for b in BAD]
+)
+def test_bad_requests_get_a_clear_4xx(
+    stack: dict[str, Any], body: Any, status: int, message: str
+) -> None:
+    got, answer = post(f"{stack['router'].url}/v1/chat/completions", body)
+    assert got == status, answer
+    assert message in answer["error"]["message"]
+
+
+def test_no_block_leaks_after_all_that(stack: dict[str, Any]) -> None:
+    for role in ("encode", "language"):
+        text = stack[role].metrics()
+        assert sample(text, "deepstack_buffer_blocks", state="used") == 0, role
+        assert sample(text, "deepstack_transfer_inflight_requests") == 0, role
+
+
+def test_no_healthy_instance_is_a_503(stack: dict[str, Any]) -> None:
+    with ServerProcess(
+        "router",
+        stack["config"],
+        stack["root"] / "router-alone.log",
+        "--encode-url",
+        stack["encode"].url,
+        "--language-url",
+        "http://127.0.0.1:9",
+    ) as lonely:
+        status, body = post(f"{lonely.url}/v1/chat/completions", chat())
+    assert status == 503
+    assert body["error"]["message"] == "no healthy language instance"
+
+
+def test_graceful_shutdown_finishes_every_request_in_flight(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
+    """A second language instance is stopped while requests run on it: each in-flight
+    request is answered in full; the server then exits cleanly."""
+    with (
+        ServerProcess("language", stack["config"], tmp_path / "language2.log") as language2,
+        ServerProcess(
+            "router",
+            stack["config"],
+            tmp_path / "router2.log",
+            "--encode-url",
+            stack["encode"].url,
+            "--language-url",
+            language2.url,
+        ) as router2,
+    ):
+        wait_for(
+            lambda: json.loads(get(f"{router2.url}/health")[1]).get("language") == 1,
+            timeout=30,
+            what="router2 ready",
+        )
+        results: list[tuple[int, Any]] = []
+
+        def one() -> None:
+            results.append(post(f"{router2.url}/v1/chat/completions", chat(max_tokens=32)))
+
+        threads = [threading.Thread(target=one) for _ in range(4)]
+        for t in threads:
+            t.start()
+        wait_for(
+            lambda: (
+                sample(language2.metrics(), "deepstack_requests_inflight", role="language") >= 2
+            ),
+            timeout=30,
+            what="requests in flight on the second language server",
+        )
+        inflight = sample(language2.metrics(), "deepstack_requests_inflight", role="language")
+        language2.terminate()
+        for t in threads:
+            t.join(120)
+        language2.process.wait(60)
+        assert language2.process.returncode == 0, language2.logs()
+    answered = [body for status, body in results if status == 200]
+    refused = [body for status, body in results if status != 200]
+    assert len(answered) >= inflight
+    for body in answered:
+        assert body["choices"][0]["message"]["content"]
+    for body in refused:  # arrived after the drain began: a clear error, never a half answer
+        assert "error" in body

@@ -1,0 +1,134 @@
+"""The runtime servers as real processes: encode -> Mooncake tcp -> language reproduces the
+monolithic transformers model; the router answers OpenAI requests and refuses bad ones."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from deepstack_runtime.backends.reference import ReferencePreprocessor, monolithic_logits
+from deepstack_runtime.models.tiny import make_tiny_model
+from deepstack_runtime.servers.workers import encode_tensor
+from tests.support.metrics import sample
+from tests.support.runtime import ServerProcess, get, png, post, runtime_config
+
+# Blocks of 4 tokens and a first allocation of 8 tokens: a 64x48 image (12 visual tokens)
+# needs a resume round; two images even more.
+TRANSFER = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 256}
+MAX_TOKENS = 8
+
+
+CASES = {
+    "one-image-fits": [png(32, 32, (200, 30, 30))],
+    "one-image-resumes": [png(64, 48, (10, 200, 30))],
+    "two-images": [png(64, 48, (0, 0, 250)), png(48, 32, (250, 250, 0))],
+}
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda s: f"seed{s}")
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    seed = request.param
+    root = tmp_path_factory.mktemp(f"seed{seed}")
+    model = make_tiny_model(root / "model", seed=seed)
+    config_file = root / "config.json"
+    config_file.write_text(runtime_config(model, **TRANSFER).to_json())
+    with (
+        ServerProcess("encode", config_file, root / "encode.log") as encode,
+        ServerProcess("language", config_file, root / "language.log") as language,
+    ):
+        yield {
+            "model": model,
+            "config": config_file,
+            "encode": encode,
+            "language": language,
+            "root": root,
+        }
+
+
+def bootstrap(encode: ServerProcess) -> str:
+    status, body = get(f"{encode.url}/health")
+    assert status == 200
+    return str(json.loads(body)["bootstrap"])
+
+
+def monolithic_tokens(model_dir: Path, prompt: Any) -> list[int]:
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    model: Any = Qwen3VLMoeForConditionalGeneration.from_pretrained(model_dir)
+    model.eval()
+    ids = prompt.input_ids.unsqueeze(0)
+    out = model.generate(
+        input_ids=ids,
+        pixel_values=prompt.pixel_values,
+        image_grid_thw=prompt.image_grid_thw,
+        mm_token_type_ids=(ids == model.config.image_token_id).long(),
+        max_new_tokens=MAX_TOKENS,
+        do_sample=False,
+    )
+    tokens: list[int] = out[0, ids.shape[1] :].tolist()
+    return tokens
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_disaggregated_equals_monolithic(stack: dict[str, Any], case: str) -> None:
+    pre = ReferencePreprocessor(stack["model"])
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in CASES[case]]
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+    content.append({"type": "text", "text": "Describe the image."})
+    prompt = pre.prepare([{"role": "user", "content": content}], images)
+    assert prompt.pixel_values is not None
+    assert prompt.image_grid_thw is not None
+    grid = prompt.image_grid_thw.tolist()
+    pixels = prompt.pixel_values
+    room = f"fidelity-{case}"
+    before = stack["language"].metrics()
+    results: dict[str, Any] = {}
+
+    def run_encode() -> None:
+        results["encode"] = post(
+            f"{stack['encode'].url}/v1/encode",
+            {
+                "room": room,
+                "pixel_values": encode_tensor(pixels),
+                "image_grid_thw": grid,
+            },
+        )
+
+    thread = threading.Thread(target=run_encode)
+    thread.start()
+    status, body = post(
+        f"{stack['language'].url}/v1/generate",
+        {
+            "room": room,
+            "encoder": bootstrap(stack["encode"]),
+            "input_ids": prompt.input_ids.tolist(),
+            "image_grid_thw": grid,
+            "max_tokens": MAX_TOKENS,
+            "debug_logits": True,
+        },
+    )
+    thread.join(60)
+    assert status == 200, body
+    assert results["encode"][0] == 200, results["encode"]
+    want = monolithic_logits(stack["model"], prompt)[-1]
+    diff = (torch.tensor(body["logits"]) - want).abs().max().item()
+    print(f"{case}: max abs logit difference {diff:.3g}")
+    assert diff <= 1e-5
+    assert body["tokens"] == monolithic_tokens(stack["model"], prompt)
+    after = stack["language"].metrics()
+    resumed = sample(after, "deepstack_transfer_resumptions_total") - sample(
+        before, "deepstack_transfer_resumptions_total"
+    )
+    visual = int((prompt.input_ids == pre.image_token_id).sum())
+    assert resumed == (1 if visual > TRANSFER["defaultAllocationTokens"] else 0)
+    assert sample(after, "deepstack_buffer_blocks", state="used") == 0

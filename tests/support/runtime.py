@@ -1,0 +1,131 @@
+"""Runtime servers as real local processes, and a tiny model to serve."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from deepstack_runtime.config import RuntimeConfig
+from tests.support.cluster import REPO, wait_for
+from tests.support.operator import free_port
+from tests.support.specs import example
+
+
+def runtime_config(model_dir: Path, **transfer: Any) -> RuntimeConfig:
+    """The configuration the operator renders for the minimal example, pointed at a
+    local checkpoint (transfer fields overridable, in the CR's camelCase)."""
+    cr = example("minimal-cpu")
+    cr["spec"]["model"]["path"] = str(model_dir)
+    cr["spec"]["transfer"].update(transfer)
+    return RuntimeConfig.from_spec("tiny", "default", cr["spec"])
+
+
+class ServerProcess:
+    def __init__(self, role: str, config_file: Path, log: Path, *extra: str) -> None:
+        self.role = role
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self._log = log.open("w")
+        args = [
+            sys.executable,
+            "-m",
+            "deepstack_runtime",
+            role,
+            "--config",
+            str(config_file),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            "0",
+        ]
+        if role == "encode":
+            args += ["--bootstrap-port", "0"]
+        self.process = subprocess.Popen(
+            [*args, *extra],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "POD_IP": "127.0.0.1"},
+        )
+
+    def __enter__(self) -> ServerProcess:
+        wait_for(self.healthy, timeout=120, what=f"{self.role} server /health")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"{self.role} exited {self.process.returncode}:\n{self.logs()}")
+        try:
+            return get(f"{self.url}/health")[0] == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        return get(f"{self.url}/metrics")[1]
+
+    def logs(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-4000:]
+
+    def terminate(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        self.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        self._log.close()
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def post(url: str, body: Any, timeout: float = 120) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            text = r.read().decode()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        text, status = e.read().decode(), e.code
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def png(width: int, height: int, color: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
