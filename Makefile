@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # Reinstall when the dependency list changes.
 VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: help venv tools cluster cluster-down lint test demo demo-down bench
+.PHONY: help venv sglang-env tools cluster cluster-down lint test demo demo-down bench
 
 help:
 	@echo "make demo          start the local control plane, install the CRD, apply the examples"
@@ -28,6 +28,10 @@ $(VENV_STAMP): pyproject.toml hack/system-deps.sh
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# SGLang's own Python code without its GPU dependencies, for the launcher's CPU tests.
+sglang-env: venv
+	hack/sglang-env.sh
+
 # Build (once, cached by version) the control plane and the pinned kubectl and helm.
 tools:
 	hack/build-control-plane.sh >/dev/null
@@ -45,7 +49,7 @@ lint: venv
 	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
 
-test: venv tools lint
+test: venv sglang-env tools lint
 	$(BIN)/pytest
 
 demo: venv cluster

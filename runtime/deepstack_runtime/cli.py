@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(
                 "--allow-local-files", action="store_true", help="accept file: image URLs"
             )
-    args = parser.parse_args(argv)
+    # Extra arguments (the CR's extraArgs) are passed on to SGLang by the sglang backend.
+    args, extra = parser.parse_known_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -86,6 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         sys.exit(f"deepstack-runtime: {e}")
     listen = _listen(args, config)
+    if config.backend == "sglang" and args.command in ("encode", "language"):
+        from deepstack_runtime.backends.sglang_launcher import run_sglang
+
+        advertise = args.advertise_host or os.environ.get("POD_IP") or "127.0.0.1"
+        sys.exit(asyncio.run(run_sglang(config, args.command, extra, advertise)))
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "encode":
         from deepstack_runtime.servers.workers import run_encode
 
