@@ -11,6 +11,7 @@ Split this way it reproduces the monolithic model exactly (see the fidelity test
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,14 +133,16 @@ class ReferenceLanguageModel:
         self.image_token_id = int(self.model.config.image_token_id)
         self.eos_token_id = int(self.model.config.text_config.eos_token_id)
 
-    @torch.no_grad()
-    def logits(
+    def _prefill(
         self,
         input_ids: torch.Tensor,
         item: MultimodalItem | None,
         image_grid_thw: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Logits [L, vocab] of the whole sequence."""
+        *,
+        use_cache: bool,
+    ) -> tuple[torch.Tensor, Any, int]:
+        """One forward over the prompt: (logits [L, vocab], the KV cache, the M-RoPE
+        position of the next token)."""
         ids = input_ids.unsqueeze(0)
         inner = self.model.model
         embeds = inner.get_input_embeddings()(ids)
@@ -166,9 +169,24 @@ class ReferenceLanguageModel:
             image_grid_thw=image_grid_thw,
             mm_token_type_ids=mask.long(),
         )
-        hidden = inner.language_model(inputs_embeds=embeds, position_ids=position_ids, **kwargs)
+        if position_ids is None:  # text only: plain positions on all three axes
+            position_ids = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
+        hidden = inner.language_model(
+            inputs_embeds=embeds, position_ids=position_ids, use_cache=use_cache, **kwargs
+        )
         logits: torch.Tensor = self.model.lm_head(hidden.last_hidden_state)[0]
-        return logits
+        # Text after the prompt continues from the largest position, on all three axes.
+        return logits, _cache_of(hidden), int(position_ids.max()) + 1
+
+    @torch.no_grad()
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        item: MultimodalItem | None,
+        image_grid_thw: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Logits [L, vocab] of the whole sequence."""
+        return self._prefill(input_ids, item, image_grid_thw, use_cache=False)[0]
 
     def generate(
         self,
@@ -176,18 +194,52 @@ class ReferenceLanguageModel:
         item: MultimodalItem | None,
         image_grid_thw: torch.Tensor | None,
         max_new_tokens: int,
+        *,
+        ignore_eos: bool = False,
     ) -> list[int]:
-        """Greedy decoding (the whole sequence is recomputed per token: the reference
-        backend favours obvious correctness over speed)."""
-        ids = input_ids
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(self.logits(ids, item, image_grid_thw)[-1].argmax())
-            out.append(token)
-            if token == self.eos_token_id:
-                break
-            ids = torch.cat([ids, torch.tensor([token], dtype=ids.dtype)])
-        return out
+        return list(
+            self.generate_iter(
+                input_ids, item, image_grid_thw, max_new_tokens, ignore_eos=ignore_eos
+            )
+        )
+
+    def generate_iter(
+        self,
+        input_ids: torch.Tensor,
+        item: MultimodalItem | None,
+        image_grid_thw: torch.Tensor | None,
+        max_new_tokens: int,
+        *,
+        ignore_eos: bool = False,
+    ) -> Iterator[int]:
+        """Greedy decoding with a KV cache, one token at a time: the prompt once (visual
+        rows and DeepStack included), then one step per token."""
+        with torch.no_grad():
+            logits, cache, position = self._prefill(input_ids, item, image_grid_thw, use_cache=True)
+            token = int(logits[-1].argmax())
+        yield token
+        inner = self.model.model
+        for _ in range(max_new_tokens - 1):
+            if token == self.eos_token_id and not ignore_eos:
+                return
+            with torch.no_grad():
+                embeds = inner.get_input_embeddings()(torch.tensor([[token]]))
+                positions = torch.full((3, 1, 1), position, dtype=torch.int64)
+                hidden = inner.language_model(
+                    inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True
+                )
+                cache = _cache_of(hidden)
+                token = int(self.model.lm_head(hidden.last_hidden_state)[0, -1].argmax())
+            position += 1
+            yield token
+
+
+def _cache_of(output: Any) -> Any:
+    """The KV cache of a model output (its attribute was renamed across transformers 5.x)."""
+    for name in ("cache", "past_key_values"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    return None
 
 
 def monolithic_logits(model_dir: str | Path, prompt: Prompt) -> torch.Tensor:

@@ -232,8 +232,9 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             if prompt.image_grid_thw is not None
             else None,
             "max_tokens": max_tokens,
+            "ignore_eos": bool(body.get("ignore_eos", False)),  # as in vLLM and SGLang
         }
-        legs = [asyncio.create_task(leg(language, "/v1/generate", generate_payload))]
+        legs: list[asyncio.Task[dict[str, Any]]] = []
         if encoder is not None:
             assert prompt.pixel_values is not None
             assert prompt.image_grid_thw is not None
@@ -243,6 +244,13 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 "image_grid_thw": prompt.image_grid_thw.tolist(),
             }
             legs.append(asyncio.create_task(leg(encoder, "/v1/encode", encode_payload)))
+        created = int(time.time())
+        completion_id = f"chatcmpl-{room}"
+        if body.get("stream"):
+            return await stream(
+                request, language, generate_payload, legs, completion_id, created, prompt_tokens
+            )
+        legs.insert(0, asyncio.create_task(leg(language, "/v1/generate", generate_payload)))
         try:
             # If either leg fails, the other is cancelled (the language side then frees
             # its blocks): the client gets one clear error, nothing waits for a timeout.
@@ -261,25 +269,6 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             raise
         tokens: list[int] = results[0]["tokens"]
         finish = "stop" if tokens and tokens[-1] == preprocessor.eos_token_id else "length"
-        text = preprocessor.decode(tokens)
-        created = int(time.time())
-        completion_id = f"chatcmpl-{room}"
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": len(tokens),
-            "total_tokens": prompt_tokens + len(tokens),
-        }
-        if body.get("stream"):
-            return await _sse(
-                request,
-                completion_id,
-                created,
-                config.model.served_model_name,
-                preprocessor,
-                tokens,
-                finish,
-                usage,
-            )
         return web.json_response(
             {
                 "id": completion_id,
@@ -289,13 +278,79 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text},
+                        "message": {"role": "assistant", "content": preprocessor.decode(tokens)},
                         "finish_reason": finish,
                     }
                 ],
-                "usage": usage,
+                "usage": _usage(prompt_tokens, len(tokens)),
             }
         )
+
+    async def stream(
+        request: web.Request,
+        language: Instance,
+        payload: dict[str, Any],
+        legs: list[asyncio.Task[dict[str, Any]]],
+        completion_id: str,
+        created: int,
+        prompt_tokens: int,
+    ) -> web.StreamResponse:
+        """Relay tokens as the language server produces them (server-sent events in the
+        OpenAI streaming format)."""
+        language.inflight += 1
+        try:
+            async with session.post(
+                f"{language.url}/v1/generate", json={**payload, "stream": True}
+            ) as r:
+                if r.status != 200:
+                    body = await r.json(content_type=None)
+                    for task in legs:
+                        task.cancel()
+                    message = (body.get("error") or {}).get("message", r.reason)
+                    return error(
+                        502 if r.status >= 500 else r.status,
+                        f"/v1/generate: {message}",
+                        "upstream_error",
+                    )
+                response = web.StreamResponse(
+                    headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                )
+                await response.prepare(request)
+
+                async def send(delta: dict[str, Any], reason: str | None, **extra: Any) -> None:
+                    chunk = {
+                        "id": completion_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": config.model.served_model_name,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+                        **extra,
+                    }
+                    await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+                await send({"role": "assistant", "content": ""}, None)
+                tokens: list[int] = []
+                text = ""
+                async for line in r.content:
+                    if not line.strip():
+                        continue
+                    tokens.append(int(json.loads(line)["token"]))
+                    now = preprocessor.decode(tokens)
+                    if now != text:
+                        await send({"content": now[len(text) :]}, None)
+                        text = now
+                finish = "stop" if tokens and tokens[-1] == preprocessor.eos_token_id else "length"
+                await send({}, finish, usage=_usage(prompt_tokens, len(tokens)))
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
+                await asyncio.gather(*legs, return_exceptions=True)
+                return response
+        except (aiohttp.ClientError, json.JSONDecodeError) as e:
+            for task in legs:
+                task.cancel()
+            return error(502, f"/v1/generate on {language.url} failed: {e}", "upstream_error")
+        finally:
+            language.inflight -= 1
 
     async def models(_: web.Request) -> web.Response:
         return web.json_response(
@@ -330,43 +385,9 @@ class LegError(Exception):
         self.message = message
 
 
-async def _sse(
-    request: web.Request,
-    completion_id: str,
-    created: int,
-    model: str,
-    preprocessor: ReferencePreprocessor,
-    tokens: list[int],
-    finish: str,
-    usage: dict[str, int],
-) -> web.StreamResponse:
-    """Server-sent events in the OpenAI streaming format, one chunk per token."""
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
-    await response.prepare(request)
-
-    async def send(
-        delta: dict[str, Any], reason: str | None, extra: dict[str, Any] | None = None
-    ) -> None:
-        chunk = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
-            **(extra or {}),
-        }
-        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-
-    await send({"role": "assistant", "content": ""}, None)
-    text = ""
-    for n in range(len(tokens)):
-        now = preprocessor.decode(tokens[: n + 1])
-        if now != text:
-            await send({"content": now[len(text) :]}, None)
-            text = now
-    await send({}, finish, {"usage": usage})
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -229,12 +230,21 @@ async def run_language(config: RuntimeConfig, listen: Listen, max_tokens_limit: 
             if item.deepstack is not None:
                 item.deepstack = item.deepstack.float()
             item.embeddings = item.embeddings.float()
+        ignore_eos = bool(body.get("ignore_eos", False))
         if body.get("stream"):
-            return await _stream(request, model, model_lock, input_ids, item, grid, max_tokens)
+            return await _stream(
+                request, model, model_lock, input_ids, item, grid, max_tokens, ignore_eos
+            )
         async with model_lock:
             try:
                 logits = await asyncio.to_thread(model.logits, input_ids, item, grid)
-                tokens = await asyncio.to_thread(model.generate, input_ids, item, grid, max_tokens)
+                tokens = await asyncio.to_thread(
+                    partial(model.generate, ignore_eos=ignore_eos),
+                    input_ids,
+                    item,
+                    grid,
+                    max_tokens,
+                )
             except InputError as e:
                 raise BadRequest(str(e)) from e
         answer: dict[str, Any] = {"tokens": tokens, "prompt_tokens": len(ids)}
@@ -262,17 +272,13 @@ async def _stream(
     item: Any,
     grid: torch.Tensor | None,
     max_tokens: int,
+    ignore_eos: bool,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    ids = input_ids
     async with lock:
-        for _ in range(max_tokens):
-            logits = await asyncio.to_thread(model.logits, ids, item, grid)
-            token = int(logits[-1].argmax())
+        steps = model.generate_iter(input_ids, item, grid, max_tokens, ignore_eos=ignore_eos)
+        while (token := await asyncio.to_thread(next, steps, None)) is not None:
             await response.write(json.dumps({"token": token}).encode() + b"\n")
-            if token == model.eos_token_id:
-                break
-            ids = torch.cat([ids, torch.tensor([token], dtype=ids.dtype)])
     await response.write_eof()
     return response

@@ -1,0 +1,231 @@
+"""Serving benchmark: the tiny model on CPU, disaggregated vs monolithic, side by side.
+
+  disaggregated  our router -> encode server -> Mooncake tcp -> language server (3 processes)
+  monolithic     one process running the undivided transformers model behind the same
+                 HTTP request (same preprocessing, same greedy decoding)
+For 1..8 concurrent clients, each sending --requests requests with one image, prints one
+JSON object per concurrency level with requests/s and p50/p99 latency of both, and the
+overhead ratio (disaggregated latency / monolithic latency at p50).
+
+    python benchmarks/serving.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MAX_TOKENS = 8
+
+
+def png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def request_body() -> dict[str, Any]:
+    url = "data:image/png;base64," + base64.b64encode(png()).decode()
+    return {
+        "model": "tiny-qwen3-vl-moe",
+        "max_tokens": MAX_TOKENS,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "Describe the image."},
+                ],
+            }
+        ],
+    }
+
+
+MONOLITHIC_SERVER = """
+import asyncio, sys, torch
+from aiohttp import web
+from deepstack_runtime.backends.reference import ReferencePreprocessor, _load_model
+from deepstack_runtime.servers.router import RouterOptions, parse_messages
+model_dir, port = sys.argv[1], int(sys.argv[2])
+pre = ReferencePreprocessor(model_dir)
+model = _load_model(model_dir)
+lock = asyncio.Lock()
+options = RouterOptions(encode_urls=[], language_urls=[])
+
+def run(prompt):
+    ids = prompt.input_ids.unsqueeze(0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, pixel_values=prompt.pixel_values,
+                             image_grid_thw=prompt.image_grid_thw,
+                             mm_token_type_ids=(ids == model.config.image_token_id).long(),
+                             max_new_tokens=int(sys.argv[3]), do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+async def chat(request):
+    body = await request.json()
+    messages, images = parse_messages(body, options)
+    prompt = await asyncio.to_thread(pre.prepare, messages, images)
+    async with lock:
+        tokens = await asyncio.to_thread(run, prompt)
+    return web.json_response({"choices": [{"message": {"content": pre.decode(tokens)}}]})
+
+async def health(_):
+    return web.json_response({"status": "ok"})
+
+app = web.Application(client_max_size=64 << 20)
+app.router.add_post("/v1/chat/completions", chat)
+app.router.add_get("/health", health)
+print("READY", flush=True)
+web.run_app(app, host="127.0.0.1", port=port, print=None)
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_healthy(session: aiohttp.ClientSession, url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(f"{url}/health") as r:
+                body = await r.json(content_type=None)
+                if r.status == 200 and body.get("language", 1) and body.get("encode", 1):
+                    return
+        except (aiohttp.ClientError, json.JSONDecodeError):
+            pass
+        await asyncio.sleep(0.5)
+    raise SystemExit(f"{url} did not become healthy")
+
+
+async def load(
+    session: aiohttp.ClientSession, url: str, clients: int, requests: int
+) -> dict[str, float]:
+    body = request_body()
+    latencies: list[float] = []
+
+    async def client() -> None:
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            async with session.post(f"{url}/v1/chat/completions", json=body) as r:
+                await r.read()
+                if r.status != 200:
+                    raise SystemExit(f"{url}: {r.status}")
+            latencies.append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
+
+
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from deepstack_runtime.models.tiny import make_tiny_model
+    from tests.support.runtime import runtime_config
+
+    root = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    model = make_tiny_model(root / "model", seed=0)
+    config = root / "config.json"
+    config.write_text(runtime_config(model).to_json())
+    python = sys.executable
+    ports = {role: free_port() for role in ("encode", "language", "router", "monolithic")}
+    common = ["--config", str(config), "--host", "127.0.0.1", "--metrics-port", "0"]
+    logs = {role: (root / f"{role}.log").open("w") for role in ports}
+    # fmt: off
+    procs = [
+        subprocess.Popen(
+            [python, "-m", "deepstack_runtime", "encode", *common,
+             "--port", str(ports["encode"]), "--bootstrap-port", "0"],
+            stdout=logs["encode"], stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [python, "-m", "deepstack_runtime", "language", *common,
+             "--port", str(ports["language"])],
+            stdout=logs["language"], stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [python, "-m", "deepstack_runtime", "router", *common, "--port", str(ports["router"]),
+             "--encode-url", f"http://127.0.0.1:{ports['encode']}",
+             "--language-url", f"http://127.0.0.1:{ports['language']}"],
+            stdout=logs["router"], stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [python, "-c", MONOLITHIC_SERVER, str(model), str(ports["monolithic"]),
+             str(MAX_TOKENS)],
+            stdout=logs["monolithic"], stderr=subprocess.STDOUT, cwd=REPO,
+        ),
+    ]
+    # fmt: on
+    rows = []
+    try:
+        timeout = aiohttp.ClientTimeout(total=300)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            ours = f"http://127.0.0.1:{ports['router']}"
+            base = f"http://127.0.0.1:{ports['monolithic']}"
+            await wait_healthy(session, ours)
+            await wait_healthy(session, base)
+            await load(session, ours, 1, 2)  # warm up both
+            await load(session, base, 1, 2)
+            for clients in args.clients:
+                d = await load(session, ours, clients, args.requests)
+                m = await load(session, base, clients, args.requests)
+                rows.append(
+                    {
+                        "concurrency": clients,
+                        "disaggregated_rps": round(d["rps"], 2),
+                        "monolithic_rps": round(m["rps"], 2),
+                        "disaggregated_p50_ms": round(d["p50"] * 1e3, 1),
+                        "monolithic_p50_ms": round(m["p50"] * 1e3, 1),
+                        "disaggregated_p99_ms": round(d["p99"] * 1e3, 1),
+                        "monolithic_p99_ms": round(m["p99"] * 1e3, 1),
+                        "overhead_ratio_p50": round(d["p50"] / m["p50"], 3),
+                    }
+                )
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(60)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--requests", type=int, default=8, help="requests per client")
+    args = parser.parse_args()
+    rows = asyncio.run(run(args))
+    for row in rows:
+        print(json.dumps(row) if args.json else " ".join(f"{k}={v}" for k, v in row.items()))
+
+
+if __name__ == "__main__":
+    main()
