@@ -60,3 +60,4 @@ demo-down: cluster-down
 bench: venv cluster
 	$(BIN)/python benchmarks/transfer.py --json
 	$(BIN)/python benchmarks/operator_scale.py --count 100 --json
+	$(BIN)/python benchmarks/serving.py --json
