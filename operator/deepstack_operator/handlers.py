@@ -74,6 +74,7 @@ async def _process(key: Key) -> float | None:
         log.exception("reconcile of %s/%s failed; retrying with backoff", *key)
         raise
     STATE.metrics.set_phase(key, outcome.phase)
+    STATE.metrics.set_ready(key, outcome.ready if outcome.phase is not None else None)
     STATE.metrics.record_writes(outcome.writes)
     result = "requeue_after" if outcome.requeue_after else "success"
     STATE.metrics.record(result, time.monotonic() - started)

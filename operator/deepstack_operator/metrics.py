@@ -3,6 +3,7 @@ of resources by phase; served with /healthz on one HTTP port."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter as Tally
 
 from aiohttp import web
@@ -50,6 +51,12 @@ class OperatorMetrics:
             ["operation"],
             registry=self.registry,
         )
+        self.ready_replicas = Gauge(
+            "deepstack_operator_ready_replicas",
+            "Ready pods of each role of each resource (from its status).",
+            ["resource_namespace", "resource", "role"],
+            registry=self.registry,
+        )
         for operation in WRITE_OPERATIONS:
             self.writes.labels(operation=operation)
         c = names.CONTROLLER
@@ -72,6 +79,17 @@ class OperatorMetrics:
         """`writes` as a reconcile reports them: "created Kind/name", ..., "status"."""
         for write in writes:
             self.writes.labels(operation=write.split(" ", 1)[0]).inc()
+
+    def set_ready(self, key: tuple[str, str], ready: dict[str, int] | None) -> None:
+        """Per-role ready counts of one resource; None removes its series."""
+        namespace, name = key
+        for role in ("encode", "language", "router"):
+            labels = {"resource_namespace": namespace, "resource": name, "role": role}
+            if ready is not None and role in ready:
+                self.ready_replicas.labels(**labels).set(ready[role])
+            else:
+                with contextlib.suppress(KeyError):
+                    self.ready_replicas.remove(*labels.values())
 
     def set_phase(self, key: tuple[str, str], phase: str | None) -> None:
         if phase is None:

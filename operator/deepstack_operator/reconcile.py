@@ -32,6 +32,7 @@ RECHECK_MISSING_SECONDS = 5.0
 class Outcome:
     phase: str | None  # None: the resource is gone
     requeue_after: float | None = None
+    ready: dict[str, int] = field(default_factory=dict)  # ready pods per role
     writes: list[str] = field(default_factory=list)
 
 
@@ -131,6 +132,11 @@ class Reconciler:
             outcome.writes.append("status")
             self._announce(cr, previous, status)
         outcome.phase = status["phase"]
+        outcome.ready = {
+            role: int(status[role]["readyReplicas"])
+            for role in (*names.ROLES, names.ROUTER)
+            if role in status
+        }
         if problems:
             outcome.requeue_after = RECHECK_MISSING_SECONDS
         for write in outcome.writes:
