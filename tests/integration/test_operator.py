@@ -50,6 +50,11 @@ def apply(cluster: Cluster, namespace: str, body: dict[str, Any]) -> None:
     cluster.kubectl("-n", namespace, "apply", "-f", "-", stdin=json.dumps(body))
 
 
+def patch_spec(cluster: Cluster, namespace: str, patch: dict[str, Any]) -> None:
+    """A merge patch of the resource, as `kubectl patch --type=merge` sends it."""
+    cluster.kubectl("-n", namespace, "patch", "dsd", NAME, "--type=merge", "-p", json.dumps(patch))
+
+
 def ready(cluster: Cluster, namespace: str, generation: int = 1) -> dict[str, Any]:
     return wait_for_status(cluster, namespace, NAME, phase="Ready", observedGeneration=generation)
 
@@ -99,16 +104,7 @@ def test_status_follows_scaling_of_each_role(
     apply(cluster, namespace, minimal())
     ready(cluster, namespace)
     for role, replicas, generation in (("encode", 3, 2), ("language", 2, 3), ("encode", 1, 4)):
-        cluster.kubectl(
-            "-n",
-            namespace,
-            "patch",
-            "dsd",
-            NAME,
-            "--type=merge",
-            "-p",
-            json.dumps({"spec": {role: {"replicas": replicas}}}),
-        )
+        patch_spec(cluster, namespace, {"spec": {role: {"replicas": replicas}}})
         status = ready(cluster, namespace, generation)
         assert status[role]["readyReplicas"] == replicas
         assert status[role]["summary"] == f"{replicas}/{replicas}"
@@ -127,16 +123,7 @@ def test_image_change_rolls_both_groups(
         ]
         for role in ("encode", "language")
     }
-    cluster.kubectl(
-        "-n",
-        namespace,
-        "patch",
-        "dsd",
-        NAME,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"runtime": {"image": "deepstack-runtime:0.2.0"}}}),
-    )
+    patch_spec(cluster, namespace, {"spec": {"runtime": {"image": "deepstack-runtime:0.2.0"}}})
     ready(cluster, namespace, generation=2)
     for role in ("encode", "language"):
         sts = get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-{role}")
@@ -212,16 +199,7 @@ def test_router_disabled_is_pruned(
 ) -> None:
     apply(cluster, namespace, minimal())
     ready(cluster, namespace)
-    cluster.kubectl(
-        "-n",
-        namespace,
-        "patch",
-        "dsd",
-        NAME,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"router": {"enabled": False, "replicas": 0}}}),
-    )
+    patch_spec(cluster, namespace, {"spec": {"router": {"enabled": False, "replicas": 0}}})
     status = ready(cluster, namespace, generation=2)
     assert "router" not in status
     assert "url" not in status
@@ -339,29 +317,11 @@ def test_a_model_path_the_runtime_rejects_degrades_without_touching_children(
     apply(cluster, namespace, minimal())
     ready(cluster, namespace)
     before = resource_versions(cluster, namespace)
-    cluster.kubectl(
-        "-n",
-        namespace,
-        "patch",
-        "dsd",
-        NAME,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"model": {"path": "/models/../etc/shadow"}}}),
-    )
+    patch_spec(cluster, namespace, {"spec": {"model": {"path": "/models/../etc/shadow"}}})
     status = wait_for_status(cluster, namespace, NAME, phase="Degraded", observedGeneration=2)
     degraded = condition(status, "Degraded")
     assert degraded["reason"] == "InvalidSpec"
     assert "model.path must be an absolute path without '..'" in degraded["message"]
     assert resource_versions(cluster, namespace) == before  # the running pods are left alone
-    cluster.kubectl(
-        "-n",
-        namespace,
-        "patch",
-        "dsd",
-        NAME,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"model": {"path": "/models/tiny-qwen3-vl-moe"}}}),
-    )
+    patch_spec(cluster, namespace, {"spec": {"model": {"path": "/models/tiny-qwen3-vl-moe"}}})
     ready(cluster, namespace, generation=3)
