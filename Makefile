@@ -12,7 +12,8 @@ VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 .PHONY: help venv sglang-env tools cluster cluster-down lint test demo demo-down bench
 
 help:
-	@echo "make demo          start the local control plane, install the CRD, apply the examples"
+	@echo "make demo          install the chart on a local control plane, serve the tiny model, ask it"
+	@echo "make demo-down     stop it all"
 	@echo "make test          lint, type-check and run every test (starts what it needs)"
 	@echo "make cluster       start the local control plane (.cluster/kubeconfig)"
 	@echo "make cluster-down  stop it"
@@ -53,9 +54,11 @@ test: venv sglang-env tools lint
 	$(BIN)/pytest
 
 demo: venv cluster
-	hack/demo.sh
+	$(BIN)/python hack/demo.py up
 
-demo-down: cluster-down
+demo-down:
+	if [[ -x $(BIN)/python ]]; then $(BIN)/python hack/demo.py down; fi
+	hack/cluster.sh down
 
 bench: venv cluster
 	$(BIN)/python benchmarks/transfer.py --json

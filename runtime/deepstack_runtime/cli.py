@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(
                 "--allow-local-files", action="store_true", help="accept file: image URLs"
             )
+            p.add_argument(
+                "--instances-file",
+                default="",
+                help='JSON {"encode": [urls], "language": [urls]}, re-read every second',
+            )
     # Extra arguments (the CR's extraArgs) are passed on to SGLang by the sglang backend.
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(
@@ -110,5 +115,6 @@ def main(argv: list[str] | None = None) -> None:
             language_urls=args.language_url,
             max_prompt_tokens=args.max_prompt_tokens,
             allow_local_files=args.allow_local_files,
+            instances_file=args.instances_file,
         )
         asyncio.run(run_router(config, listen, options))  # type: ignore[arg-type]

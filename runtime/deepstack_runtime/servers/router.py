@@ -39,15 +39,23 @@ class Instance:
 
 @dataclass
 class Pool:
-    """The instances of one role: a static list, or the addresses behind a DNS name."""
+    """The instances of one role: a file listing them (re-read, so that the list can
+    change without a restart), a static list, or the addresses behind a DNS name."""
 
     role: str
     static: list[str]
     dns_name: str = ""
     port: int = 8000
+    instances_file: str = ""
     instances: dict[str, Instance] = field(default_factory=dict)
 
     async def discover(self) -> list[str]:
+        if self.instances_file:
+            try:
+                listed = json.loads(Path(self.instances_file).read_text()).get(self.role, [])
+            except (OSError, json.JSONDecodeError, AttributeError):
+                return []
+            return [str(url) for url in listed]
         if self.static:
             return self.static
         if not self.dns_name:
@@ -90,6 +98,7 @@ class RouterOptions:
     max_tokens_limit: int = 512
     allow_local_files: bool = False
     health_interval: float = 1.0
+    instances_file: str = ""  # {"encode": [urls], "language": [urls]}
 
 
 def _image_bytes(url: Any, options: RouterOptions, index: int) -> bytes:
@@ -159,10 +168,18 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
     preprocessor = ReferencePreprocessor(config.model.path)
     pools = {
         "encode": Pool(
-            "encode", options.encode_urls, config.endpoints.encode_service, config.http_port
+            "encode",
+            options.encode_urls,
+            config.endpoints.encode_service,
+            config.http_port,
+            options.instances_file,
         ),
         "language": Pool(
-            "language", options.language_urls, config.endpoints.language_service, config.http_port
+            "language",
+            options.language_urls,
+            config.endpoints.language_service,
+            config.http_port,
+            options.instances_file,
         ),
     }
     session = aiohttp.ClientSession(
