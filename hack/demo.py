@@ -33,7 +33,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from deepstack_operator.localpods import local_pod, start
 
 REPO = Path(__file__).resolve().parents[1]
-STATE = REPO / ".cluster" / "demo"
+# The end-to-end test runs its own copy beside a developer's: state, namespace and ports
+# can be moved.
+STATE = Path(os.environ.get("DEMO_STATE", REPO / ".cluster" / "demo"))
 KUBECONFIG = REPO / ".cluster" / "kubeconfig"
 MODEL_DIR = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -41,13 +43,10 @@ MODEL_DIR = (
     / "models"
     / "tiny-qwen3-vl-moe"
 )
-RELEASE, SYSTEM, NAMESPACE, NAME = (
-    "deepstack-disagg",
-    "deepstack-system",
-    "default",
-    "tiny-qwen3-vl-moe",
-)
-PORTS = {"encode": 18001, "language": 18002, "router": 18000, "operator": 18080}
+RELEASE, SYSTEM, NAME = "deepstack-disagg", "deepstack-system", "tiny-qwen3-vl-moe"
+NAMESPACE = os.environ.get("DEMO_NAMESPACE", "default")
+BASE = int(os.environ.get("DEMO_PORT_BASE", "18000"))
+PORTS = {"router": BASE, "encode": BASE + 1, "language": BASE + 2, "operator": BASE + 80}
 ROUTER_URL = f"http://127.0.0.1:{PORTS['router']}"
 
 
@@ -144,7 +143,7 @@ def start_runtime() -> None:
     local = ["--host", "127.0.0.1", "--advertise-host", "127.0.0.1", "--metrics-port", "0"]
     plans = {
         "encode": ("statefulset", f"{NAME}-encode", f"{NAME}-encode-0",
-                   [*local, "--port", str(PORTS["encode"]), "--bootstrap-port", "18998"]),
+                   [*local, "--port", str(PORTS["encode"]), "--bootstrap-port", str(BASE + 998)]),
         "language": ("statefulset", f"{NAME}-language", f"{NAME}-language-0",
                      [*local, "--port", str(PORTS["language"])]),
         "router": ("deployment", f"{NAME}-router", f"{NAME}-router-local",
@@ -236,6 +235,11 @@ def up() -> None:
     start_operator()
     cr = yaml.safe_load((REPO / "crds" / "examples" / "minimal-cpu.yaml").read_text())
     cr["spec"]["model"]["path"] = str(MODEL_DIR)  # where the local "pods" find the weights
+    subprocess.run(  # the namespace may exist already
+        [tool("kubectl"), "--kubeconfig", str(KUBECONFIG), "create", "namespace", NAMESPACE],
+        capture_output=True,
+        check=False,
+    )
     kubectl("-n", NAMESPACE, "apply", "-f", "-", stdin=json.dumps(cr))
 
     def phase() -> str:

@@ -16,3 +16,11 @@ def sample(text: str, name: str, **labels: str) -> float:
     if len(found) != 1:
         raise AssertionError(f"{len(found)} samples of {name}{labels}")
     return float(found[0])
+
+
+def sample_or_zero(text: str, name: str, **labels: str) -> float:
+    """Like `sample`, for series that appear only once something happened."""
+    try:
+        return sample(text, name, **labels)
+    except AssertionError:
+        return 0.0

@@ -35,6 +35,7 @@ class Instance:
     healthy: bool = False
     inflight: int = 0
     bootstrap: str = ""
+    picked: int = 0  # when it was last picked (a pool-wide sequence number)
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Pool:
     port: int = 8000
     instances_file: str = ""
     instances: dict[str, Instance] = field(default_factory=dict)
+    _sequence: int = 0
 
     async def discover(self) -> list[str]:
         if self.instances_file:
@@ -86,8 +88,14 @@ class Pool:
                 instance.healthy = False
 
     def pick(self) -> Instance | None:
+        """Least in-flight; among equals, the one picked longest ago (round robin)."""
         healthy = [i for i in self.instances.values() if i.healthy]
-        return min(healthy, key=lambda i: (i.inflight, i.url)) if healthy else None
+        if not healthy:
+            return None
+        chosen = min(healthy, key=lambda i: (i.inflight, i.picked, i.url))
+        self._sequence += 1
+        chosen.picked = self._sequence
+        return chosen
 
 
 @dataclass(frozen=True)
