@@ -82,27 +82,14 @@ def monolithic_answer(model_dir: str, max_tokens: int) -> str:
     import io
 
     from PIL import Image
-    from transformers import Qwen3VLMoeForConditionalGeneration
 
-    from deepstack_runtime.backends.reference import ReferencePreprocessor
+    from deepstack_runtime.backends.reference import ReferencePreprocessor, monolithic_generate
 
     pre = ReferencePreprocessor(model_dir)
     content = [{"type": "image"}, {"type": "text", "text": "Describe the image."}]
-    prompt = pre.prepare(
-        [{"role": "user", "content": content}], [Image.open(io.BytesIO(IMAGE)).convert("RGB")]
-    )
-    model: Any = Qwen3VLMoeForConditionalGeneration.from_pretrained(model_dir)
-    model.eval()
-    ids = prompt.input_ids.unsqueeze(0)
-    out = model.generate(
-        input_ids=ids,
-        pixel_values=prompt.pixel_values,
-        image_grid_thw=prompt.image_grid_thw,
-        mm_token_type_ids=(ids == model.config.image_token_id).long(),
-        max_new_tokens=max_tokens,
-        do_sample=False,
-    )
-    return pre.decode(out[0, ids.shape[1] :].tolist())
+    image = Image.open(io.BytesIO(IMAGE)).convert("RGB")
+    prompt = pre.prepare([{"role": "user", "content": content}], [image])
+    return pre.decode(monolithic_generate(model_dir, prompt, max_tokens))
 
 
 def test_demo_answers_like_the_monolithic_model(cluster: Cluster, demo: dict[str, Any]) -> None:

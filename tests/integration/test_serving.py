@@ -7,14 +7,17 @@ import io
 import json
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 
-from deepstack_runtime.backends.reference import ReferencePreprocessor, monolithic_logits
+from deepstack_runtime.backends.reference import (
+    ReferencePreprocessor,
+    monolithic_generate,
+    monolithic_logits,
+)
 from deepstack_runtime.models.tiny import make_tiny_model
 from deepstack_runtime.servers.workers import encode_tensor
 from tests.support.metrics import sample
@@ -59,24 +62,6 @@ def bootstrap(encode: ServerProcess) -> str:
     status, body = get(f"{encode.url}/health")
     assert status == 200
     return str(json.loads(body)["bootstrap"])
-
-
-def monolithic_tokens(model_dir: Path, prompt: Any) -> list[int]:
-    from transformers import Qwen3VLMoeForConditionalGeneration
-
-    model: Any = Qwen3VLMoeForConditionalGeneration.from_pretrained(model_dir)
-    model.eval()
-    ids = prompt.input_ids.unsqueeze(0)
-    out = model.generate(
-        input_ids=ids,
-        pixel_values=prompt.pixel_values,
-        image_grid_thw=prompt.image_grid_thw,
-        mm_token_type_ids=(ids == model.config.image_token_id).long(),
-        max_new_tokens=MAX_TOKENS,
-        do_sample=False,
-    )
-    tokens: list[int] = out[0, ids.shape[1] :].tolist()
-    return tokens
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -124,7 +109,7 @@ def test_disaggregated_equals_monolithic(stack: dict[str, Any], case: str) -> No
     diff = (torch.tensor(body["logits"]) - want).abs().max().item()
     print(f"{case}: max abs logit difference {diff:.3g}")
     assert diff <= 1e-5
-    assert body["tokens"] == monolithic_tokens(stack["model"], prompt)
+    assert body["tokens"] == monolithic_generate(stack["model"], prompt, MAX_TOKENS)
     after = stack["language"].metrics()
     resumed = sample(after, "deepstack_transfer_resumptions_total") - sample(
         before, "deepstack_transfer_resumptions_total"

@@ -255,3 +255,18 @@ def monolithic_logits(model_dir: str | Path, prompt: Prompt) -> torch.Tensor:
     with torch.no_grad():
         logits: torch.Tensor = model(**kwargs).logits[0]
     return logits
+
+
+def monolithic_generate(model_dir: str | Path, prompt: Prompt, max_new_tokens: int) -> list[int]:
+    """Greedy tokens of the undivided model (transformers' own `generate`) on `prompt`."""
+    model = _load_model(model_dir)
+    ids = prompt.input_ids.unsqueeze(0)
+    kwargs: dict[str, Any] = {"mm_token_type_ids": (ids == model.config.image_token_id).long()}
+    if prompt.pixel_values is not None:
+        kwargs |= {"pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw}
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs
+        )
+    tokens: list[int] = out[0, ids.shape[1] :].tolist()
+    return tokens
