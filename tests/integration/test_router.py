@@ -109,6 +109,25 @@ def test_chat_completion_with_an_image(stack: dict[str, Any]) -> None:
     assert usage["completion_tokens"] >= 1
 
 
+def test_jpeg_images_are_preprocessed_like_png(stack: dict[str, Any]) -> None:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, "JPEG", quality=95)
+    body = chat(image=None)
+    body["messages"][0]["content"].insert(
+        0, {"type": "image_url", "image_url": {"url": data_url(buf.getvalue(), "image/jpeg")}}
+    )
+    status, answer = post(f"{stack['router'].url}/v1/chat/completions", body)
+    assert status == 200, answer
+    assert answer["choices"][0]["message"]["content"] == expected_answer(
+        stack["model"], buf.getvalue()
+    )
+    assert answer["usage"]["prompt_tokens"] > 20  # the image's tokens are in the prompt
+
+
 def test_text_only_chat_needs_no_encoder(stack: dict[str, Any]) -> None:
     status, body = post(f"{stack['router'].url}/v1/chat/completions", chat(image=None))
     assert status == 200, body
