@@ -17,12 +17,16 @@ import asyncio
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from deepstack_runtime.config import ConfigError, RuntimeConfig
 
+if TYPE_CHECKING:  # the servers import aiohttp; make-tiny-model does not need them
+    from deepstack_runtime.servers.common import Listen
 
-def _listen(args: argparse.Namespace, config: RuntimeConfig) -> object:
-    from deepstack_runtime.servers.workers import Listen
+
+def _listen(args: argparse.Namespace, config: RuntimeConfig) -> Listen:
+    from deepstack_runtime.servers.common import Listen
 
     advertise = args.advertise_host or os.environ.get("POD_IP") or "127.0.0.1"
     return Listen(
@@ -102,11 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "encode":
         from deepstack_runtime.servers.workers import run_encode
 
-        asyncio.run(run_encode(config, listen))  # type: ignore[arg-type]
+        asyncio.run(run_encode(config, listen))
     elif args.command == "language":
         from deepstack_runtime.servers.workers import run_language
 
-        asyncio.run(run_language(config, listen))  # type: ignore[arg-type]
+        asyncio.run(run_language(config, listen))
     else:
         from deepstack_runtime.servers.router import RouterOptions, run_router
 
@@ -117,4 +121,4 @@ def main(argv: list[str] | None = None) -> None:
             allow_local_files=args.allow_local_files,
             instances_file=args.instances_file,
         )
-        asyncio.run(run_router(config, listen, options))  # type: ignore[arg-type]
+        asyncio.run(run_router(config, listen, options))

@@ -69,6 +69,16 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     return body
 
 
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+    metrics_port: int
+    bootstrap_port: int
+    advertise_host: str
+    drain_timeout: float = 60.0
+
+
 class BadRequest(Exception):
     """Raised by handlers: answered 400 with the message."""
 
@@ -143,16 +153,13 @@ class Server:
 async def serve(
     server: Server,
     app: web.Application,
-    *,
-    host: str,
-    port: int,
-    metrics_port: int,
-    drain_timeout: float,
+    listen: Listen,
     on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, then drain and stop."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
+    host, port, metrics_port = listen.host, listen.port, listen.metrics_port
     await web.TCPSite(runner, host, port).start()
     metrics_runner = None
     if metrics_port and metrics_port != port:
@@ -169,10 +176,12 @@ async def serve(
     server.draining = True
     log.info("draining %d in-flight requests", server.inflight)
     try:
-        await asyncio.wait_for(server.idle.wait(), drain_timeout)
+        await asyncio.wait_for(server.idle.wait(), listen.drain_timeout)
     except TimeoutError:
         log.warning(
-            "%d requests still in flight after %gs; stopping anyway", server.inflight, drain_timeout
+            "%d requests still in flight after %gs; stopping anyway",
+            server.inflight,
+            listen.drain_timeout,
         )
     if on_stop is not None:
         await on_stop()

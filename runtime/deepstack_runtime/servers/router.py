@@ -22,8 +22,8 @@ from aiohttp import web
 
 from deepstack_runtime.backends.reference import InputError, ReferencePreprocessor, decode_image
 from deepstack_runtime.config import RuntimeConfig
-from deepstack_runtime.servers.common import BadRequest, Server, error, read_json, serve
-from deepstack_runtime.servers.workers import MAX_BODY, Listen, encode_tensor
+from deepstack_runtime.servers.common import BadRequest, Listen, Server, error, read_json, serve
+from deepstack_runtime.servers.workers import MAX_BODY, encode_tensor
 
 log = logging.getLogger(__name__)
 ROLES = ("user", "system", "assistant")
@@ -392,15 +392,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             await health_task
         await session.close()
 
-    await serve(
-        server,
-        app,
-        host=listen.host,
-        port=listen.port,
-        metrics_port=listen.metrics_port,
-        drain_timeout=listen.drain_timeout,
-        on_stop=stop,
-    )
+    await serve(server, app, listen, on_stop=stop)
 
 
 class LegError(Exception):

@@ -14,7 +14,6 @@ import asyncio
 import base64
 import json
 import logging
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -30,7 +29,7 @@ from deepstack_runtime.buffers import BufferLayout, MultimodalDataBuffers
 from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.errors import FailureReason, TransferError
 from deepstack_runtime.metrics import TransferMetrics
-from deepstack_runtime.servers.common import BadRequest, Server, error, read_json, serve
+from deepstack_runtime.servers.common import BadRequest, Listen, Server, error, read_json, serve
 from deepstack_runtime.transfer.mooncake import MooncakeTransport
 from deepstack_runtime.transfer.protocol import check_room
 from deepstack_runtime.transfer.receiver import EmbeddingReceiver
@@ -42,16 +41,6 @@ MAX_BODY = 64 << 20
 TENSOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Transfer failures the caller may retry elsewhere (502) versus its own mistakes (400).
 _CLIENT_REASONS = {FailureReason.BAD_REQUEST, FailureReason.DUPLICATE_ROOM, FailureReason.OVERSIZE}
-
-
-@dataclass(frozen=True)
-class Listen:
-    host: str
-    port: int
-    metrics_port: int
-    bootstrap_port: int
-    advertise_host: str
-    drain_timeout: float = 60.0
 
 
 def transfer_settings(config: RuntimeConfig) -> TransferSettings:
@@ -175,15 +164,7 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
 
     app = server.app()
     app.router.add_post("/v1/encode", server.tracked("/v1/encode", encode))
-    await serve(
-        server,
-        app,
-        host=listen.host,
-        port=listen.port,
-        metrics_port=listen.metrics_port,
-        drain_timeout=listen.drain_timeout,
-        on_stop=sender.stop,
-    )
+    await serve(server, app, listen, on_stop=sender.stop)
 
 
 async def run_language(config: RuntimeConfig, listen: Listen, max_tokens_limit: int = 512) -> None:
@@ -237,7 +218,6 @@ async def run_language(config: RuntimeConfig, listen: Listen, max_tokens_limit: 
             )
         async with model_lock:
             try:
-                logits = await asyncio.to_thread(model.logits, input_ids, item, grid)
                 tokens = await asyncio.to_thread(
                     partial(model.generate, ignore_eos=ignore_eos),
                     input_ids,
@@ -248,20 +228,15 @@ async def run_language(config: RuntimeConfig, listen: Listen, max_tokens_limit: 
             except InputError as e:
                 raise BadRequest(str(e)) from e
         answer: dict[str, Any] = {"tokens": tokens, "prompt_tokens": len(ids)}
-        if body.get("debug_logits"):
-            answer["logits"] = logits[-1].tolist()  # the next-token logits of the prompt
+        if body.get("debug_logits"):  # the next-token logits of the prompt, for checks
+            async with model_lock:
+                logits = await asyncio.to_thread(model.logits, input_ids, item, grid)
+            answer["logits"] = logits[-1].tolist()
         return web.json_response(answer)
 
     app = server.app()
     app.router.add_post("/v1/generate", server.tracked("/v1/generate", generate))
-    await serve(
-        server,
-        app,
-        host=listen.host,
-        port=listen.port,
-        metrics_port=listen.metrics_port,
-        drain_timeout=listen.drain_timeout,
-    )
+    await serve(server, app, listen)
 
 
 async def _stream(
