@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from deepstack_operator.localpods import local_pod, start
+from deepstack_operator.localpods import local_pod, start, token_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
 # The end-to-end test runs its own copy beside a developer's: state, namespace and ports
@@ -96,14 +96,7 @@ def healthy(url: str) -> bool:
 def service_account_kubeconfig() -> Path:
     sa = RELEASE  # the chart names the ServiceAccount after the release
     token = kubectl("-n", SYSTEM, "create", "token", sa, "--duration=24h").strip()
-    admin = yaml.safe_load(KUBECONFIG.read_text())
-    config = {
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
-        "users": [{"name": sa, "user": {"token": token}}],
-        "contexts": [{"name": sa, "context": {"cluster": "local", "user": sa}}],
-        "current-context": sa,
-    }  # fmt: skip
+    config = token_kubeconfig(yaml.safe_load(KUBECONFIG.read_text()), token, sa)
     path = STATE / "operator.kubeconfig"
     path.write_text(yaml.safe_dump(config))
     return path

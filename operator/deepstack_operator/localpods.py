@@ -59,6 +59,20 @@ def local_pod(
     return LocalPod(pod_name, role, [*argv, *overrides], env)
 
 
+def token_kubeconfig(admin: dict[str, Any], token: str, user: str) -> dict[str, Any]:
+    """A kubeconfig for the first cluster of `admin` that authenticates with a bearer
+    `token` (of a ServiceAccount): the operator run locally gets exactly the permissions
+    its pod would."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": admin["clusters"][0]["cluster"]}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": user, "context": {"cluster": "local", "user": user}}],
+        "current-context": user,
+    }
+
+
 def executable(argv: list[str]) -> list[str]:
     """`deepstack-runtime ...` from this Python environment."""
     if argv and argv[0] == "deepstack-runtime":

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from deepstack_operator.localpods import token_kubeconfig
 from tests.support.cluster import REPO, Cluster, wait_for
 from tests.support.crd import install_crd, minimal
 from tests.support.operator import OperatorProcess, get_json, wait_for_status
@@ -164,15 +165,7 @@ def service_account_kubeconfig(cluster: Cluster, release: dict[str, str], path: 
         "-n", release["namespace"], "create", "token", release["sa"]
     ).stdout.strip()
     admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    server = admin["clusters"][0]["cluster"]
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "c", "cluster": server}],
-        "users": [{"name": "sa", "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}],
-        "current-context": "sa",
-    }
+    config = token_kubeconfig(admin, token, release["sa"])
     path.write_text(yaml.safe_dump(config))
     return path
 
