@@ -22,7 +22,7 @@ import pytest
 from deepstack_operator.localpods import local_pod, start
 from tests.support.cluster import REPO, Cluster, wait_for
 from tests.support.metrics import sample, sample_or_zero
-from tests.support.operator import free_port, get_json, wait_for_status
+from tests.support.operator import free_port_block, get_json, wait_for_status
 from tests.support.runtime import data_url, get, png, post
 
 NAME = "tiny-qwen3-vl-moe"
@@ -32,9 +32,9 @@ IMAGE = png(64, 48, (20, 160, 220))
 @pytest.fixture(scope="module")
 def demo(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     state = tmp_path_factory.mktemp("demo")
-    base = free_port()
-    while base > 60000:
-        base = free_port()
+    # hack/demo.py uses base+0..2 (router, encode, language), +80 (operator) and +998
+    # (bootstrap); the test adds a second language pod at base+3.
+    base = free_port_block((0, 1, 2, 3, 80, 998))
     env = {
         **os.environ,
         "DEMO_STATE": str(state),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,6 +22,20 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def free_port_block(offsets: tuple[int, ...], low: int = 20000, high: int = 30000) -> int:
+    """A base port such that base + each offset is free. Below the kernel's ephemeral
+    range (32768+), so outgoing connections cannot take one of them meanwhile."""
+    for base in random.sample(range(low, high - max(offsets)), 200):
+        try:
+            for offset in offsets:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
+        return base
+    raise AssertionError(f"no free block of ports {offsets} in [{low}, {high})")
 
 
 class OperatorProcess:
