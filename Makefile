@@ -24,8 +24,8 @@ venv: $(VENV_STAMP)
 $(VENV_STAMP): pyproject.toml hack/system-deps.sh
 	hack/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[operator,runtime,dev]'
+	$(BIN)/pip install --quiet --no-cache-dir --upgrade pip
+	$(BIN)/pip install --quiet --no-cache-dir -e '.[operator,runtime,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -50,17 +50,18 @@ lint: venv
 	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
 
-test: venv sglang-env tools lint
+# tools first: its Go caches are deleted before the virtualenvs need the disk.
+test: tools venv sglang-env lint
 	$(BIN)/pytest
 
-demo: venv cluster
+demo: tools venv cluster
 	$(BIN)/python hack/demo.py up
 
 demo-down:
 	if [[ -x $(BIN)/python ]]; then $(BIN)/python hack/demo.py down; fi
 	hack/cluster.sh down
 
-bench: venv cluster
+bench: tools venv cluster
 	$(BIN)/python benchmarks/transfer.py --json
 	$(BIN)/python benchmarks/operator_scale.py --count 100 --json
 	$(BIN)/python benchmarks/serving.py --json
