@@ -155,11 +155,12 @@ def start_runtime() -> None:
         print(f"started {pod_name}: {' '.join(pod.argv)}")
     for role in plans:
         wait(lambda r=role: healthy(f"http://127.0.0.1:{PORTS[r]}"), 180, f"the {role} server")
-    wait(
-        lambda: json.loads(urllib.request.urlopen(f"{ROUTER_URL}/health").read()).get("language"),
-        30,
-        "the router",
-    )
+
+    def router_sees_both() -> bool:
+        counts = json.loads(urllib.request.urlopen(f"{ROUTER_URL}/health").read())
+        return bool(counts.get("encode") and counts.get("language"))
+
+    wait(router_sees_both, 30, "the router to see a healthy encode and language server")
 
 
 def ask() -> dict[str, Any]:

@@ -258,9 +258,12 @@ def test_graceful_shutdown_finishes_every_request_in_flight(
         ) as router2,
     ):
         wait_for(
-            lambda: json.loads(get(f"{router2.url}/health")[1]).get("language") == 1,
+            lambda: (
+                json.loads(get(f"{router2.url}/health")[1]).get("language") == 1
+                and json.loads(get(f"{router2.url}/health")[1]).get("encode") == 1
+            ),
             timeout=30,
-            what="router2 ready",
+            what="router2 to see both instances healthy",
         )
         results: list[tuple[int, Any]] = []
 

@@ -36,6 +36,12 @@ class Instance:
     inflight: int = 0
     bootstrap: str = ""
     picked: int = 0  # when it was last picked (a pool-wide sequence number)
+    slow_probes: int = 0  # consecutive health probes that timed out
+
+
+# A probe that times out is usually a busy server, not a dead one (a refused connection
+# or a bad answer counts at once): only this many in a row take it out of rotation.
+SLOW_PROBES_UNHEALTHY = 3
 
 
 @dataclass
@@ -84,7 +90,12 @@ class Pool:
                     body = await r.json() if r.status == 200 else {}
                     instance.healthy = r.status == 200 and body.get("role") == self.role
                     instance.bootstrap = str(body.get("bootstrap", ""))
-            except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError):
+                    instance.slow_probes = 0
+            except TimeoutError:
+                instance.slow_probes += 1
+                if instance.slow_probes >= SLOW_PROBES_UNHEALTHY:
+                    instance.healthy = False
+            except (aiohttp.ClientError, json.JSONDecodeError):
                 instance.healthy = False
 
     def pick(self) -> Instance | None:
