@@ -10,6 +10,10 @@ For each request size, between two OS processes on 127.0.0.1:
   mooncake  one bare TransferEngine.transfer_sync_write of the same bytes
   socket    the same bytes over a plain loopback TCP socket, with a one-byte ack
   memcpy    one in-process copy of the same bytes
+  copies    our scatter plus our gather of the same item, alone (no transfer): the two
+            copies our path must make on top of the wire. `ceiling_vs_mooncake` =
+            mooncake / (mooncake + copies) is the most our path can reach where copies
+            and wire share the same CPUs; `ours_vs_ceiling` is how close it comes.
 Prints one JSON object per size with --json, else a table: throughput from the median of
 --repeat runs (4x as many below 16 MiB), and the ratio of the best runs as well.
 
@@ -155,7 +159,11 @@ async def _sender(max_size: int, repeat: int, conn: Connection, peer: dict[str, 
     for size in [s for s in SIZES if s <= max_size]:
         item = make_item(tokens_for(size))
         nbytes = item.num_tokens * token_bytes()
-        ours, bare, sock_t, copy_t, calls = [], [], [], [], []
+        ours, bare, sock_t, copy_t, copies_t, calls = [], [], [], [], [], []
+        gathered = buffers.empty_item(item.num_tokens)
+        for t in (gathered.embeddings, gathered.deepstack):
+            if t is not None:
+                t.zero_()  # touched once, like the receiver's output rows
         # Small transfers are quick and noisy (Mooncake's tcp latency is bimodal here):
         # take more samples of them.
         runs = repeat if size >= 16 << 20 else repeat * 4
@@ -188,7 +196,16 @@ async def _sender(max_size: int, repeat: int, conn: Connection, peer: dict[str, 
             t0 = time.perf_counter()
             copy_dst[:nbytes].copy_(raw[:nbytes])
             copy_t.append(time.perf_counter() - t0)
-        med = [statistics.median(x[1:]) for x in (ours, bare, sock_t, copy_t)]
+
+            # The request's blocks are free again: the same copies, on the same memory.
+            blocks = sender.allocator.alloc(buffers.layout.blocks_for(item.num_tokens))
+            t0 = time.perf_counter()
+            buffers.scatter(blocks, item)
+            buffers.gather(blocks, item.num_tokens, gathered)
+            copies_t.append(time.perf_counter() - t0)
+            sender.allocator.free(blocks)
+        med = [statistics.median(x[1:]) for x in (ours, bare, sock_t, copy_t, copies_t)]
+        ceiling = med[1] + med[4]  # seconds: the bare write plus our two copies
         best = [min(x[1:]) for x in (ours, bare)]
         gbps = [nbytes / t / 1e9 for t in med]
         rows.append(
@@ -202,9 +219,12 @@ async def _sender(max_size: int, repeat: int, conn: Connection, peer: dict[str, 
                 "memcpy_gbps": round(gbps[3], 3),
                 "ours_vs_mooncake": round(gbps[0] / gbps[1], 3),
                 "ours_vs_mooncake_best": round(best[1] / best[0], 3),
+                "ceiling_vs_mooncake": round(med[1] / ceiling, 3),
+                "ours_vs_ceiling": round(ceiling / med[0], 3),
                 "transfer_calls": max(calls[1:]),
                 "ours_ms": round(med[0] * 1e3, 3),
                 "mooncake_ms": round(med[1] * 1e3, 3),
+                "copies_ms": round(med[4] * 1e3, 3),
             }
         )
     conn.send(("stop",))

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
+import numpy as np
 import torch
 
 DTYPES: dict[str, torch.dtype] = {
@@ -31,7 +32,13 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 # Same-width integer views, for exact checksums of floating-point payloads.
-_INT_VIEW = {4: torch.int32, 2: torch.int16}
+_INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+# Host copies below this size run on the calling thread alone. torch splits even small
+# copies over its worker threads, and waking a worker whose core is busy (with transfer
+# threads, say) stalled 0.25-4 MiB requests for ~4 ms on a 2-core machine, ten times
+# the copy itself; above it, two threads copy about twice as fast.
+PARALLEL_COPY_BYTES = 8 << 20
 
 HEADER_BYTES = 64
 _META_BYTES = 32  # fill id + 3 positions
@@ -181,7 +188,7 @@ class MultimodalDataBuffers:
                 f"{t} tokens need {self.layout.blocks_for(t)} blocks, got {len(blocks)}"
             )
         for dst, src in self._pieces(blocks, start, t, item):
-            dst.copy_(src)
+            copy_rows(dst, src)
         for i, block in enumerate(blocks):
             n = min(b, t - i * b)
             aux = self.aux[block]
@@ -213,7 +220,7 @@ class MultimodalDataBuffers:
             if start + num_tokens > out.num_tokens:
                 raise ValueError(f"out holds {out.num_tokens} tokens, not {start + num_tokens}")
         for stored, result in self._pieces(blocks, start, num_tokens, out):
-            result.copy_(stored)
+            copy_rows(result, stored)
         return out
 
     def empty_item(self, num_tokens: int) -> MultimodalItem:
@@ -281,6 +288,24 @@ class MultimodalDataBuffers:
             tensor = getattr(item, name)
             if tensor is not None and not tensor.is_contiguous():
                 raise ValueError(f"{name} must be contiguous")
+
+
+def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """`dst.copy_(src)`; small same-dtype host copies stay on this thread (see
+    PARALLEL_COPY_BYTES)."""
+    # numpy copies on one thread; an integer view of the same width carries any dtype
+    # (numpy has no bfloat16) bit for bit.
+    as_int = _INT_VIEW.get(src.element_size())
+    if (
+        as_int is None
+        or dst.dtype != src.dtype
+        or dst.device.type != "cpu"
+        or src.device.type != "cpu"
+        or src.numel() * src.element_size() >= PARALLEL_COPY_BYTES
+    ):
+        dst.copy_(src)
+        return
+    np.copyto(dst.view(as_int).numpy(), src.view(as_int).numpy())
 
 
 def _runs(blocks: Sequence[int]) -> list[tuple[int, int, int]]:

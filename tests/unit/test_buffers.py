@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepstack_runtime.buffers import AuxField, BufferLayout, MultimodalDataBuffers, MultimodalItem
+from deepstack_runtime.buffers import (
+    PARALLEL_COPY_BYTES,
+    AuxField,
+    BufferLayout,
+    MultimodalDataBuffers,
+    MultimodalItem,
+    copy_rows,
+)
 
 
 def item(
@@ -117,3 +124,16 @@ def test_chunks_of_an_item_scatter_and_gather_at_their_offsets() -> None:
     assert torch.equal(out.deepstack, original.deepstack)
     with pytest.raises(ValueError, match="not a chunk"):
         buffers.scatter([0], original, start=3, count=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int64])
+@pytest.mark.parametrize("rows", [3, 1 + PARALLEL_COPY_BYTES // 4096])  # one thread; torch's
+def test_copy_rows_is_bit_exact_into_strided_views(dtype: torch.dtype, rows: int) -> None:
+    # A strided destination, as a block's embedding rows inside token records are.
+    width = 4096 // torch.empty(0, dtype=dtype).element_size()
+    records = torch.zeros(rows, 2 * width, dtype=dtype)
+    src = (torch.randn(rows, width) * 1e4).to(dtype)
+    src[0, :4] = torch.tensor([float("nan"), float("-inf"), -0.0, 1e-40]).to(dtype)
+    copy_rows(records[:, width:], src)
+    assert torch.equal(records[:, width:].view(torch.uint8), src.view(torch.uint8))
+    assert not records[:, :width].any()  # nothing outside the view was written
