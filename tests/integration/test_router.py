@@ -24,6 +24,14 @@ TRANSFER = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 256}
 IMAGE = png(64, 48, (10, 200, 30))
 
 
+def wait_until_router_sees_both(router_url: str) -> None:
+    def both_healthy() -> bool:
+        health = json.loads(get(f"{router_url}/health")[1])
+        return bool(health.get("encode") == 1 and health.get("language") == 1)
+
+    wait_for(both_healthy, timeout=30, what="the router to see one healthy instance per role")
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("router")
@@ -45,14 +53,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "200",
         ) as router,
     ):
-        wait_for(
-            lambda: (
-                json.loads(get(f"{router.url}/health")[1]).get("language") == 1
-                and json.loads(get(f"{router.url}/health")[1]).get("encode") == 1
-            ),
-            timeout=30,
-            what="the router to see both instances healthy",
-        )
+        wait_until_router_sees_both(router.url)
         yield {
             "model": model,
             "config": config_file,
@@ -257,14 +258,7 @@ def test_graceful_shutdown_finishes_every_request_in_flight(
             language2.url,
         ) as router2,
     ):
-        wait_for(
-            lambda: (
-                json.loads(get(f"{router2.url}/health")[1]).get("language") == 1
-                and json.loads(get(f"{router2.url}/health")[1]).get("encode") == 1
-            ),
-            timeout=30,
-            what="router2 to see both instances healthy",
-        )
+        wait_until_router_sees_both(router2.url)
         results: list[tuple[int, Any]] = []
 
         def one() -> None:
