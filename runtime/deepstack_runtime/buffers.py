@@ -31,7 +31,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-# Same-width integer views, for exact checksums of floating-point payloads.
+# Same-width integer views: exact checksums and bit-for-bit copies of any payload dtype.
 _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 
 # Host copies below this size run on the calling thread alone. torch splits even small
