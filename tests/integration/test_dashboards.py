@@ -21,7 +21,7 @@ from deepstack_runtime.models.tiny import make_tiny_model
 from tests.support.cluster import REPO, Cluster, wait_for
 from tests.support.crd import install_crd, minimal
 from tests.support.operator import OperatorProcess, free_port, wait_for_status
-from tests.support.runtime import ServerProcess, data_url, get, png, post, runtime_config
+from tests.support.runtime import data_url, get, png, post, runtime_config, serving_stack
 
 CHART = REPO / "charts" / "deepstack-disagg"
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
@@ -123,17 +123,7 @@ def prometheus_with_traffic(
         OperatorProcess(
             cluster, "--standalone", "--namespace", namespace, log=root / "operator.log"
         ) as operator,
-        ServerProcess("encode", config_file, root / "encode.log") as encode,
-        ServerProcess("language", config_file, root / "language.log") as language,
-        ServerProcess(
-            "router",
-            config_file,
-            root / "router.log",
-            "--encode-url",
-            encode.url,
-            "--language-url",
-            language.url,
-        ) as router,
+        serving_stack(config_file, root) as (encode, language, router),
     ):
         port = free_port()
         targets = {

@@ -18,7 +18,15 @@ from deepstack_runtime.backends.reference import (
 from deepstack_runtime.models.tiny import make_tiny_model
 from tests.support.cluster import wait_for
 from tests.support.metrics import sample
-from tests.support.runtime import ServerProcess, data_url, get, png, post, runtime_config
+from tests.support.runtime import (
+    ServerProcess,
+    data_url,
+    get,
+    png,
+    post,
+    runtime_config,
+    serving_stack,
+)
 
 TRANSFER = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 256}
 IMAGE = png(64, 48, (10, 200, 30))
@@ -38,20 +46,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     model = make_tiny_model(root / "model", seed=0)
     config_file = root / "config.json"
     config_file.write_text(runtime_config(model, **TRANSFER).to_json())
-    with (
-        ServerProcess("encode", config_file, root / "encode.log") as encode,
-        ServerProcess("language", config_file, root / "language.log") as language,
-        ServerProcess(
-            "router",
-            config_file,
-            root / "router.log",
-            "--encode-url",
-            encode.url,
-            "--language-url",
-            language.url,
-            "--max-prompt-tokens",
-            "200",
-        ) as router,
+    with serving_stack(config_file, root, "--max-prompt-tokens", "200") as (
+        encode,
+        language,
+        router,
     ):
         wait_until_router_sees_both(router.url)
         yield {

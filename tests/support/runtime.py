@@ -11,6 +11,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,31 @@ class ServerProcess:
             self.process.kill()
             self.process.wait(10)
         self._log.close()
+
+
+@contextmanager
+def serving_stack(
+    config_file: Path, root: Path, *router_args: str
+) -> Iterator[tuple[ServerProcess, ServerProcess, ServerProcess]]:
+    """An encode, a language and a router server (pointed at those two), logs in `root`."""
+    with ExitStack() as stack:
+        encode = stack.enter_context(ServerProcess("encode", config_file, root / "encode.log"))
+        language = stack.enter_context(
+            ServerProcess("language", config_file, root / "language.log")
+        )
+        router = stack.enter_context(
+            ServerProcess(
+                "router",
+                config_file,
+                root / "router.log",
+                "--encode-url",
+                encode.url,
+                "--language-url",
+                language.url,
+                *router_args,
+            )
+        )
+        yield encode, language, router
 
 
 def get(url: str) -> tuple[int, str]:
