@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# A virtualenv with SGLang 0.5.23's Python code but none of its GPU dependencies,
-# so CPU tests can run SGLang's own server-argument parser and its
-# EncoderBootstrapServer against what the launcher renders. It is kept apart from
-# .venv (SGLang's pins are not the runtime's) but reads torch, transformers and the
-# rest from .venv through a .pth file, so the multi-GB torch install exists once.
+# A virtualenv that runs SGLang 0.5.23 on CPU for the sglang backend's tests and demo:
+# SGLang's Python code without its GPU dependencies, what it imports on the serving path,
+# and this project (editable, no dependencies). It is kept apart from .venv (SGLang's
+# pins are not the runtime's) but reads torch, transformers and the rest from .venv
+# through a .pth file, so the multi-GB torch install exists once. SGLang's kernel package
+# is not installable on CPU: tests/support/sglang_cpu stands in for it (PYTHONPATH).
 # Idempotent.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv-sglang"
-stamp="$venv/.installed-sglang-0.5.23-v2"
+stamp="$venv/.installed-sglang-0.5.23-v3"
 [[ -f "$stamp" ]] && exit 0
 rm -rf "$venv"
 python3 -m venv "$venv"
@@ -26,9 +27,10 @@ torch_version="$("$venv/bin/python" -c 'import torch; print(torch.__version__.sp
 # Pinning torch to the one .venv has (and pip sees through the .pth) makes pip pick
 # the torchvision built for it instead of installing a second torch.
 pip_install torchvision "torch==$torch_version"
-# The rest of what `sglang.srt.server_args` and
-# `sglang.srt.disaggregation.encoder.receiver` import (torch, transformers, numpy,
-# pillow, pydantic, aiohttp ... come from .venv).
+# What SGLang's engine, scheduler, detokenizer and Qwen3-VL processor import (torch,
+# transformers, numpy, pillow, pydantic, aiohttp ... come from .venv).
 pip_install psutil orjson pybase64 starlette msgspec pyzmq ipython fastapi uvicorn \
-  dill apache-tvm-ffi sentencepiece compressed-tensors gguf openai partial-json-parser
+  dill apache-tvm-ffi sentencepiece compressed-tensors gguf openai partial-json-parser \
+  uvloop setproctitle einops xgrammar soundfile python-multipart "torch==$torch_version"
+pip_install --no-deps -e "$root"
 touch "$stamp"

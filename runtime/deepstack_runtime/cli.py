@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                 default="",
                 help='JSON {"encode": [urls], "language": [urls]}, re-read every second',
             )
-    # Extra arguments (the CR's extraArgs) are passed on to SGLang by the sglang backend.
+    # Extra arguments (the resource's language.extraArgs) go to SGLang's engine on the
+    # sglang backend; nothing else takes any.
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -96,12 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         sys.exit(f"deepstack-runtime: {e}")
     listen = _listen(args, config)
-    if config.backend == "sglang" and args.command in ("encode", "language"):
-        from deepstack_runtime.backends.sglang_launcher import run_sglang
-
-        advertise = args.advertise_host or os.environ.get("POD_IP") or "127.0.0.1"
-        sys.exit(asyncio.run(run_sglang(config, args.command, extra, advertise)))
-    if extra:
+    if extra and not (args.command == "language" and config.backend == "sglang"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "encode":
         from deepstack_runtime.servers.workers import run_encode
@@ -110,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "language":
         from deepstack_runtime.servers.workers import run_language
 
-        asyncio.run(run_language(config, listen))
+        failure = asyncio.run(run_language(config, listen, extra))
+        if failure:  # the pod restarts with a fresh engine
+            sys.exit(f"deepstack-runtime language: {failure}")
     else:
         from deepstack_runtime.servers.router import RouterOptions, run_router
 

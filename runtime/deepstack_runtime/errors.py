@@ -1,4 +1,5 @@
-"""Transfer failures: one exception type with a bounded set of reasons (metric labels)."""
+"""Errors the servers turn into answers: transfer failures (one type with a bounded set of
+reasons, the metric labels), requests a model cannot take, an engine that cannot serve."""
 
 from __future__ import annotations
 
@@ -30,3 +31,12 @@ class TransferError(Exception):
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
         self.message = message
+
+
+class InputError(ValueError):
+    """A request the model cannot take (the servers answer 4xx with this message)."""
+
+
+class EngineFailure(RuntimeError):
+    """The language engine cannot serve (it stopped, or refused the request for a reason
+    of its own); the language server answers 503 with this message."""

@@ -72,6 +72,12 @@ class TransferMetrics:
             ["state"],
             registry=r,
         )
+        self.buffer_memory = Gauge(
+            "deepstack_buffer_memory_info",
+            "Where the buffer pool lives: memory (host or device) and device; always 1.",
+            ["memory", "device"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "deepstack_transfer_inflight_requests",
             "Transfers in progress.",
@@ -93,6 +99,9 @@ class TransferMetrics:
 
     def record_failure(self, reason: FailureReason) -> None:
         self.failures.labels(reason=reason.value).inc()
+
+    def set_buffer_memory(self, memory: str, device: str) -> None:
+        self.buffer_memory.labels(memory=memory, device=device).set(1)
 
     def set_blocks(self, used: int, free: int) -> None:
         self.blocks.labels(state="used").set(used)

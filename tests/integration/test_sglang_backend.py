@@ -1,145 +1,242 @@
-"""The sglang backend against SGLang 0.5.23's own code (installed without its GPU
-dependencies in .venv-sglang by `make sglang-env`): its server-argument parser accepts
-what the launcher renders, and its EncoderBootstrapServer sees the encoder register,
-again after a language pod appears or restarts."""
+"""The sglang backend end to end on this CPU: router -> encode server (vision tower) ->
+Mooncake tcp -> language server -> SGLang's engine, against SGLang's own single server
+and against transformers. SGLang 0.5.23 really runs (hack/sglang-env.sh), with the
+kernel-package stand-in of tests/support/sglang_cpu."""
 
 from __future__ import annotations
 
-import asyncio
+import io
 import json
+import os
+import signal
 import subprocess
-import textwrap
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from PIL import Image
 
-from deepstack_runtime.backends.sglang_launcher import keep_registered, sglang_command
-from deepstack_runtime.config import RuntimeConfig
+from deepstack_runtime.backends.reference import (
+    ReferenceEncoder,
+    ReferencePreprocessor,
+    monolithic_generate,
+)
+from deepstack_runtime.models.tiny import make_tiny_model
 from tests.support.cluster import REPO, wait_for
-from tests.support.operator import free_port
-from tests.support.runtime import get
-from tests.support.specs import example
-
-SGLANG_PYTHON = str(REPO / ".venv-sglang" / "bin" / "python")
-PARSE = textwrap.dedent(
-    """
-    import json, sys
-    from sglang.srt.server_args import prepare_server_args
-    a = prepare_server_args(sys.argv[1:])
-    print(json.dumps({k: getattr(a, k) for k in (
-        "model_path", "served_model_name", "tp_size", "encoder_only", "language_only",
-        "encoder_transfer_backend", "encoder_bootstrap_port", "mooncake_ib_device", "port")}))
-    """
+from tests.support.metrics import sample
+from tests.support.runtime import (
+    SGLANG_ENV,
+    SGLANG_PYTHON,
+    data_url,
+    get,
+    png,
+    post,
+    serving_stack,
+    sglang_config,
+    sglang_server,
 )
 
-
-def parse(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    args = cmd[cmd.index("sglang.launch_server") + 1 :]
-    return subprocess.run(
-        [SGLANG_PYTHON, "-c", PARSE, *args], capture_output=True, text=True, timeout=120
-    )
-
-
-def config(stem: str, **transfer: object) -> RuntimeConfig:
-    cr = example(stem)
-    cr["spec"]["runtime"]["backend"] = "sglang"
-    cr["spec"]["transfer"].update(transfer)
-    return RuntimeConfig.from_spec("qwen3-vl-moe", "prod", cr["spec"])
-
-
-VARIANTS = {
-    "rdma-devices": config("qwen3-vl-moe-rdma"),
-    "rdma-auto": config("qwen3-vl-moe-rdma", rdmaDevices=["auto"]),
-    "tcp": config("qwen3-vl-moe-rdma", protocol="tcp", rdmaDevices=[]),
+# Blocks of 4 tokens, 8 preallocated, a pool of 64 blocks (256 tokens).
+TRANSFER = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 64}
+MAX_TOKENS = 8
+CASES = {
+    "text": [],
+    "one-image-fits": [png(32, 32, (200, 30, 30))],  # 4 visual tokens
+    "one-image-resumes": [png(64, 48, (10, 200, 30))],  # 12
+    "two-images": [png(64, 48, (0, 0, 250)), png(48, 32, (250, 250, 0))],  # 12 + 6
 }
 
 
-@pytest.mark.parametrize("role", ["encode", "language"])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_sglang_accepts_the_rendered_command_line(variant: str, role: str) -> None:
-    cfg = VARIANTS[variant]
-    result = parse(sglang_command(cfg, role, ["--mem-fraction-static", "0.85"]))
-    assert result.returncode == 0, result.stderr[-3000:]
-    parsed = json.loads(result.stdout.strip().splitlines()[-1])
-    assert parsed["encoder_only"] is (role == "encode")
-    assert parsed["language_only"] is (role == "language")
-    assert parsed["encoder_transfer_backend"] == "mooncake"
-    assert parsed["tp_size"] == (1 if role == "encode" else 4)
-    assert parsed["served_model_name"] == "qwen3-vl"
-    assert parsed["port"] == 8000
-    if role == "language":
-        assert parsed["encoder_bootstrap_port"] == 8998
-    want_devices = "mlx5_0,mlx5_1" if variant == "rdma-devices" else None
-    assert parsed["mooncake_ib_device"] == want_devices
+def chat(images: list[bytes], max_tokens: int = MAX_TOKENS, **extra: Any) -> dict[str, Any]:
+    content: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": data_url(b)}} for b in images
+    ]
+    content.append({"type": "text", "text": "Describe the image."})
+    return {
+        "model": "tiny-qwen3-vl-moe",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": content}],
+        **extra,
+    }
 
 
-def test_sglang_rejects_a_bad_extra_argument() -> None:
-    result = parse(sglang_command(VARIANTS["tcp"], "language", ["--tp-size", "two"]))
-    assert result.returncode == 2
-    assert "invalid int value: 'two'" in result.stderr
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("sglang")
+    model = make_tiny_model(root / "model", seed=0)
+    config_file = root / "config.json"
+    config_file.write_text(sglang_config(model, **TRANSFER).to_json())
+    with (
+        serving_stack(config_file, root, backend="sglang") as (encode, language, router),
+        sglang_server(model, root / "sglang.log") as single,
+    ):
+        yield {
+            "model": model,
+            "root": root,
+            "encode": encode,
+            "language": language,
+            "router": router,
+            "single": single,
+        }
 
 
-BOOTSTRAP = textwrap.dedent(
-    """
-    import sys, time
-    from sglang.srt.disaggregation.encoder.receiver import EncoderBootstrapServer
-    server = EncoderBootstrapServer("127.0.0.1", int(sys.argv[1]), health_check_interval=0)
-    sys.stdin.read()  # until the test closes our stdin
-    """
-)
+def answer(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    status, reply = post(f"{url}/v1/chat/completions", body)
+    assert status == 200, reply
+    assert isinstance(reply, dict)
+    return reply
 
 
-@contextmanager
-def language_pod(port: int) -> Iterator[str]:
-    """SGLang's real EncoderBootstrapServer, as a language pod runs it."""
-    process = subprocess.Popen(
-        [SGLANG_PYTHON, "-c", BOOTSTRAP, str(port)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+@pytest.mark.parametrize("case", CASES)
+def test_answer_equals_sglangs_own_server(stack: dict[str, Any], case: str) -> None:
+    before = stack["language"].metrics()
+    ours = answer(stack["router"].url, chat(CASES[case]))
+    theirs = answer(stack["single"], chat(CASES[case]))
+    print(f"{case}: {ours['choices'][0]['message']['content']!r}")
+    assert ours["choices"][0]["message"]["content"] == theirs["choices"][0]["message"]["content"]
+    assert ours["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"]
+    assert ours["usage"]["completion_tokens"] == theirs["usage"]["completion_tokens"]
+    after = stack["language"].metrics()
+    visual = sum(int(torch.tensor(Image.open(io.BytesIO(b)).size).prod()) for b in CASES[case])
+    visual //= 16 * 16  # merged 8-pixel patches, 2 x 2 per token
+    resumed = sample(after, "deepstack_transfer_resumptions_total") - sample(
+        before, "deepstack_transfer_resumptions_total"
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _listed(url) is not None, timeout=120, what=f"bootstrap server {url}")
-        yield url
-    finally:
-        assert process.stdin is not None
-        process.stdin.close()
-        process.terminate()
-        process.wait(30)
+    assert resumed == (1 if visual > TRANSFER["defaultAllocationTokens"] else 0)
+    if visual:
+        deepstack = sample(after, "deepstack_transfer_bytes_total", payload="deepstack")
+        assert sample(stack["encode"].metrics(), "deepstack_transfer_bytes_total",
+                      payload="deepstack") > 0  # fmt: skip
+        assert deepstack == 0  # bytes are counted by the writer, the encode side
+    for server in ("encode", "language"):
+        assert sample(stack[server].metrics(), "deepstack_buffer_blocks", state="used") == 0
+    assert sample(after, "deepstack_buffer_memory_info", memory="host", device="cpu") == 1
 
 
-def _listed(url: str) -> list[str] | None:
-    try:
-        status, body = get(f"{url}/list_encoder_urls")
-    except OSError:
-        return None
-    return json.loads(body)["encoder_urls"] if status == 200 else None
+@pytest.mark.parametrize("case", ["text", "one-image-resumes", "two-images"])
+def test_answer_equals_transformers(stack: dict[str, Any], case: str) -> None:
+    """With this checkpoint SGLang's answers equal transformers' on images too: the
+    difference seen before came from a transformers comparison that called generate()
+    without mm_token_type_ids (image tokens then get 1-D text positions)."""
+    pre = ReferencePreprocessor(stack["model"])
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in CASES[case]]
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in images]
+    content.append({"type": "text", "text": "Describe the image."})
+    prompt = pre.prepare([{"role": "user", "content": content}], images)
+    want = pre.decode(monolithic_generate(stack["model"], prompt, MAX_TOKENS))
+    assert answer(stack["router"].url, chat(CASES[case]))["choices"][0]["message"]["content"] == (
+        want
+    )
 
 
-def test_encoder_registers_with_language_pods_as_they_come_and_restart() -> None:
-    me = "http://10.1.2.3:8000"
-    port_a, port_b = free_port(), free_port()
-    pods: list[str] = []
+def test_streaming_answer_equals_the_whole_one(stack: dict[str, Any]) -> None:
+    whole = answer(stack["router"].url, chat(CASES["two-images"]))
+    body = json.dumps(chat(CASES["two-images"], stream=True)).encode()
+    import urllib.request
 
-    async def discover() -> list[str]:
-        return list(pods)
+    request = urllib.request.Request(
+        f"{stack['router'].url}/v1/chat/completions", body, {"Content-Type": "application/json"}
+    )
+    text = ""
+    with urllib.request.urlopen(request, timeout=120) as r:
+        for line in r:
+            if line.startswith(b"data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    text += choice["delta"].get("content", "")
+    assert text == whole["choices"][0]["message"]["content"]
 
-    def one_round() -> None:
-        asyncio.run(keep_registered(me, discover, interval=0, rounds=1))
 
-    with language_pod(port_a) as a:
-        pods.append(a)
-        one_round()
-        assert _listed(a) == [me]
-        with language_pod(port_b) as b:  # the language group scaled up
-            pods.append(b)
-            one_round()
-            assert _listed(b) == [me]
-            assert _listed(a) == [me]  # not registered twice
-        pods.remove(b)
-    with language_pod(port_a) as a:  # the same pod, restarted: it forgot us
-        assert _listed(a) == []
-        one_round()
-        assert _listed(a) == [me]
+def test_encoder_output_equals_sglangs_vision_tower(stack: dict[str, Any], tmp_path: Path) -> None:
+    """The encode server's vision tower (transformers) gives what SGLang's own Qwen3-VL
+    vision tower gives for the same pixels: the fused [tokens, hidden x (1 + K)] rows."""
+    pre = ReferencePreprocessor(stack["model"])
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in CASES["two-images"]]
+    prompt = pre.prepare([{"role": "user", "content": [{"type": "image"}] * 2}], images)
+    assert prompt.pixel_values is not None
+    assert prompt.image_grid_thw is not None
+    ours = ReferenceEncoder(stack["model"]).encode(prompt.pixel_values, prompt.image_grid_thw)
+    fused = torch.cat([ours.embeddings, ours.deepstack.flatten(1)], dim=1)  # type: ignore[union-attr]
+    inputs = tmp_path / "inputs.pt"
+    torch.save({"pixels": prompt.pixel_values, "grid": prompt.image_grid_thw}, inputs)
+    out = tmp_path / "sglang.pt"
+    result = subprocess.run(
+        [SGLANG_PYTHON, "-m", "tests.support.sglang_vision",
+         str(stack["model"]), str(inputs), str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, **SGLANG_ENV},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    theirs = torch.load(out)
+    assert theirs.shape == fused.shape
+    diff = (theirs - fused).abs().max().item()
+    print(f"max abs difference to SGLang's vision tower: {diff:.3g}")
+    assert diff <= 1e-5
+
+
+def test_request_larger_than_the_pool_is_refused_and_frees_blocks(stack: dict[str, Any]) -> None:
+    big = png(256, 256, (90, 90, 90))  # 256 visual tokens each; the pool holds 256
+    status, body = post(f"{stack['router'].url}/v1/chat/completions", chat([big, big]))
+    assert status == 400, body
+    assert "oversize" in body["error"]["message"]
+    for server in ("encode", "language"):
+
+        def freed(server: str = server) -> bool:
+            return sample(stack[server].metrics(), "deepstack_buffer_blocks", state="used") == 0
+
+        wait_for(freed, timeout=10, what=f"{server} blocks freed")
+    assert answer(stack["router"].url, chat(CASES["one-image-fits"]))["choices"]  # still serves
+
+
+def test_image_the_processor_rejects_is_a_400(stack: dict[str, Any]) -> None:
+    status, body = post(
+        f"{stack['router'].url}/v1/chat/completions", chat([png(1000, 4, (1, 2, 3))])
+    )
+    assert status == 400, body
+    assert "aspect ratio" in body["error"]["message"]
+
+
+def scheduler_pids(pid: int) -> list[int]:
+    """The SGLang scheduler processes under the language server (SGLang names its
+    processes with setproctitle)."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            if b"scheduler" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(int(child))
+    return found
+
+
+def test_engine_that_dies_mid_request(tmp_path: Path) -> None:
+    """A scheduler killed mid-request: the request gets a 503 that says why, the encode
+    side's blocks are free, and the language server exits non-zero so that its pod
+    restarts with a fresh engine (instead of SGLang killing it without a word)."""
+    model = make_tiny_model(tmp_path / "model", seed=1)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(sglang_config(model, **TRANSFER).to_json())
+    with serving_stack(config_file, tmp_path, backend="sglang") as (encode, language, router):
+        result: dict[str, Any] = {}
+        body = chat(CASES["one-image-resumes"], max_tokens=512, ignore_eos=True)
+        thread = threading.Thread(
+            target=lambda: result.update(reply=post(f"{router.url}/v1/chat/completions", body))
+        )
+        thread.start()
+        wait_for(
+            lambda: sample(language.metrics(), "deepstack_requests_inflight", role="language") == 1,
+            timeout=60,
+            what="the request on the language server",
+        )
+        victims = scheduler_pids(language.process.pid)
+        assert victims, "no SGLang scheduler process found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        thread.join(120)
+        status, reply = result["reply"]
+        assert status == 503, reply
+        assert "SGLang engine stopped" in reply["error"]["message"]
+        assert language.process.wait(120) != 0
+        assert "SGLang engine stopped" in language.logs()
+        assert sample(encode.metrics(), "deepstack_buffer_blocks", state="used") == 0
+        assert get(f"{encode.url}/health")[0] == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -31,15 +32,44 @@ def runtime_config(model_dir: Path, **transfer: Any) -> RuntimeConfig:
     return RuntimeConfig.from_spec("tiny", "default", cr["spec"])
 
 
+def sglang_config(model_dir: Path, **transfer: Any) -> RuntimeConfig:
+    """`runtime_config` on the sglang backend."""
+    return dataclasses.replace(runtime_config(model_dir, **transfer), backend="sglang")
+
+
+# SGLang on these CPUs (see hack/sglang-env.sh): its virtualenv, the stand-in for its
+# kernel package, and the engine settings a CPU needs (float32 to compare with
+# transformers exactly).
+SGLANG_PYTHON = str(REPO / ".venv-sglang" / "bin" / "python")
+SGLANG_ENV = {
+    "PYTHONPATH": str(REPO / "tests" / "support" / "sglang_cpu"),
+    "SGLANG_USE_CPU_ENGINE": "1",
+}
+SGLANG_CPU_ARGS = (
+    "--device", "cpu", "--attention-backend", "torch_native", "--disable-overlap-schedule",
+    "--max-total-tokens", "4096", "--mem-fraction-static", "0.05", "--dtype", "float32",
+)  # fmt: skip
+
+
 class ServerProcess:
-    def __init__(self, role: str, config_file: Path, log: Path, *extra: str) -> None:
+    def __init__(
+        self,
+        role: str,
+        config_file: Path,
+        log: Path,
+        *extra: str,
+        python: str = sys.executable,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 120,
+    ) -> None:
         self.role = role
+        self.startup_timeout = startup_timeout
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = log.open("w")
         args = [
-            sys.executable,
+            python,
             "-m",
             "deepstack_runtime",
             role,
@@ -59,11 +89,11 @@ class ServerProcess:
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "POD_IP": "127.0.0.1"},
+            env={**os.environ, "POD_IP": "127.0.0.1", **(env or {})},
         )
 
     def __enter__(self) -> ServerProcess:
-        wait_for(self.healthy, timeout=120, what=f"{self.role} server /health")
+        wait_for(self.healthy, timeout=self.startup_timeout, what=f"{self.role} server /health")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -98,16 +128,24 @@ class ServerProcess:
         self._log.close()
 
 
+def language_server(config_file: Path, log: Path, backend: str = "reference") -> ServerProcess:
+    """The language server of `backend`; on sglang, SGLang's engine runs on this CPU."""
+    if backend == "sglang":
+        return ServerProcess(
+            "language", config_file, log, *SGLANG_CPU_ARGS,
+            python=SGLANG_PYTHON, env=SGLANG_ENV, startup_timeout=300,
+        )  # fmt: skip
+    return ServerProcess("language", config_file, log)
+
+
 @contextmanager
 def serving_stack(
-    config_file: Path, root: Path, *router_args: str
+    config_file: Path, root: Path, *router_args: str, backend: str = "reference"
 ) -> Iterator[tuple[ServerProcess, ServerProcess, ServerProcess]]:
     """An encode, a language and a router server (pointed at those two), logs in `root`."""
     with ExitStack() as stack:
         encode = stack.enter_context(ServerProcess("encode", config_file, root / "encode.log"))
-        language = stack.enter_context(
-            ServerProcess("language", config_file, root / "language.log")
-        )
+        language = stack.enter_context(language_server(config_file, root / "language.log", backend))
         router = stack.enter_context(
             ServerProcess(
                 "router",
@@ -121,6 +159,41 @@ def serving_stack(
             )
         )
         yield encode, language, router
+
+
+@contextmanager
+def sglang_server(model_dir: Path, log: Path) -> Iterator[str]:
+    """SGLang's own single server (vision and language in one) on this CPU: the answer
+    the disaggregated sglang backend must give."""
+    port = free_port()
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [SGLANG_PYTHON, "-m", "sglang.launch_server", "--model-path", str(model_dir),
+             "--host", "127.0.0.1", "--port", str(port), *SGLANG_CPU_ARGS],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **SGLANG_ENV},
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"SGLang exited {process.returncode}:\n{log.read_text()[-4000:]}"
+                )
+            try:
+                return get(f"{url}/health")[0] == 200
+            except OSError:
+                return False
+
+        try:
+            wait_for(ready, timeout=300, what="SGLang's server /health")
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
 
 
 def get(url: str) -> tuple[int, str]:

@@ -19,10 +19,7 @@ from typing import Any
 import torch
 
 from deepstack_runtime.buffers import MultimodalItem
-
-
-class InputError(ValueError):
-    """A request the model cannot take (the servers answer 4xx with this message)."""
+from deepstack_runtime.errors import InputError
 
 
 @dataclass
@@ -81,7 +78,10 @@ class ReferencePreprocessor:
             raise InputError(f"{len(pieces) - 1} image placeholders for {len(images)} images")
         pixel_values = grid = None
         if images:
-            processed = self.image_processor(images=images, return_tensors="pt")
+            try:
+                processed = self.image_processor(images=images, return_tensors="pt")
+            except ValueError as e:  # for example an aspect ratio it does not take
+                raise InputError(f"the image processor refused the image: {e}") from e
             pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"]
             counts = [int(g.prod()) // self.merge**2 for g in grid]
             text = pieces[0] + "".join(
@@ -95,18 +95,53 @@ class ReferencePreprocessor:
         return text
 
 
+def load_vision_tower(model_dir: str | Path, device: str, dtype: torch.dtype) -> Any:
+    """Only the vision tower of a checkpoint (its `model.visual.*` weights): an encode pod
+    never holds the language model's weights."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (config.json missing)")
+    config = AutoConfig.from_pretrained(path)
+    # The attention implementation picked as for the whole model (from_pretrained).
+    visual: Any = Qwen3VLMoeVisionModel._from_config(  # type: ignore[no-untyped-call]
+        config.vision_config, dtype=dtype
+    )
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - a safetensors handle is not a dict
+                for prefix in ("model.visual.", "visual."):
+                    if key.startswith(prefix):
+                        state[key[len(prefix) :]] = f.get_tensor(key)
+    visual.load_state_dict(state, strict=True)
+    return visual.to(device).eval()
+
+
 class ReferenceEncoder:
-    def __init__(self, model_dir: str | Path) -> None:
-        model = _load_model(model_dir)
-        self.visual = model.model.visual
-        self.image_token_id = int(model.config.image_token_id)
-        self.merge = int(model.config.vision_config.spatial_merge_size)
-        self.hidden_size = int(model.config.text_config.hidden_size)
-        self.num_deepstack = len(model.config.vision_config.deepstack_visual_indexes)
+    """The transformers vision tower of Qwen3-VL-MoE, on `device` in `dtype`."""
+
+    def __init__(
+        self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+        self.visual = load_vision_tower(model_dir, device, dtype)
+        self.device, self.dtype = device, dtype
+        self.image_token_id = int(config.image_token_id)
+        self.merge = int(config.vision_config.spatial_merge_size)
+        self.hidden_size = int(config.text_config.hidden_size)
+        self.num_deepstack = len(config.vision_config.deepstack_visual_indexes)
 
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> MultimodalItem:
-        out = self.visual(pixel_values, grid_thw=image_grid_thw)
+        out = self.visual(
+            pixel_values.to(self.device, self.dtype), grid_thw=image_grid_thw.to(self.device)
+        )
         embeddings = out.pooler_output.contiguous()
         deepstack = torch.stack(list(out.deepstack_features), dim=1).contiguous()
         positions = torch.cat(

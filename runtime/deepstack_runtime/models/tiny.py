@@ -76,7 +76,8 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "head_dim": 16,
-            "moe_intermediate_size": 32,
+            # 2 x 48 != 64: a gate_up_proj stored the wrong way round cannot load.
+            "moe_intermediate_size": 48,
             "num_local_experts": 4,
             "num_experts_per_tok": 2,
             "decoder_sparse_step": 1,
@@ -112,6 +113,7 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     model: Any = Qwen3VLMoeForConditionalGeneration(config)
     model.eval()
     model.save_pretrained(out)
+    _store_experts_in_hub_layout(out / "model.safetensors")
     tokenizer.save_pretrained(out)
     processor = Qwen2VLImageProcessorPil(
         patch_size=PATCH_SIZE,
@@ -126,3 +128,17 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
         + "\n"
     )
     return out
+
+
+def _store_experts_in_hub_layout(path: Path) -> None:
+    """Rewrite the MoE expert weights the way published Qwen3-VL-MoE checkpoints store them
+    (`gate_up_proj` [E, hidden, 2 x I], `down_proj` [E, I, hidden]). transformers 5 saves
+    its internal layout (the last two dimensions swapped), which SGLang's loader cannot
+    read; transformers itself converts the published layout when it loads."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    for name, tensor in tensors.items():
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            tensors[name] = tensor.transpose(1, 2).contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})

@@ -20,8 +20,9 @@ from urllib.parse import urlparse
 import aiohttp
 from aiohttp import web
 
-from deepstack_runtime.backends.reference import InputError, ReferencePreprocessor, decode_image
+from deepstack_runtime.backends.reference import ReferencePreprocessor, decode_image
 from deepstack_runtime.config import RuntimeConfig
+from deepstack_runtime.errors import InputError
 from deepstack_runtime.servers.common import BadRequest, Listen, Server, error, read_json, serve
 from deepstack_runtime.servers.workers import MAX_BODY, encode_tensor
 
@@ -370,7 +371,14 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 async for line in r.content:
                     if not line.strip():
                         continue
-                    tokens.append(int(json.loads(line)["token"]))
+                    message = json.loads(line)
+                    if "error" in message:  # the language side failed mid-stream
+                        failure = {"message": f"/v1/generate: {message['error']}",
+                                   "type": "upstream_error", "code": 503}  # fmt: skip
+                        await response.write(f"data: {json.dumps({'error': failure})}\n\n".encode())
+                        await response.write_eof()
+                        return response
+                    tokens.append(int(message["token"]))
                     now = preprocessor.decode(tokens)
                     if now != text:
                         await send({"content": now[len(text) :]}, None)

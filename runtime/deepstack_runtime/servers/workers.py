@@ -1,11 +1,16 @@
-"""The encode and language servers (reference backend): model + transfer endpoint + HTTP.
+"""The encode and language servers: model + transfer endpoint + HTTP, the same protocol
+on every backend.
 
 encode    POST /v1/encode    {room, pixel_values: {dtype, shape, data(base64)}, image_grid_thw}
           encodes the images, holds the result for the language side of `room`, answers
           once the language side has it.
 language  POST /v1/generate  {room, encoder, input_ids, image_grid_thw, max_tokens, stream}
-          receives the room's embeddings from `encoder` (its bootstrap address),
-          generates greedily; `stream` gives one JSON line per token.
+          receives the room's embeddings from `encoder` (its bootstrap address) into this
+          pod's buffers, generates greedily; `stream` gives one JSON line per token.
+
+The language model is the backend's (`LanguageBackend`): the transformers text model
+(`reference`) or SGLang's engine (`sglang`). The vision tower is the transformers one on
+both, on the pod's device, in the transferred dtype.
 """
 
 from __future__ import annotations
@@ -14,23 +19,19 @@ import asyncio
 import base64
 import json
 import logging
-from functools import partial
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
 
 import torch
 from aiohttp import web
 
-from deepstack_runtime.backends.reference import (
-    InputError,
-    ReferenceEncoder,
-    ReferenceLanguageModel,
-)
-from deepstack_runtime.buffers import BufferLayout, MultimodalDataBuffers
+from deepstack_runtime.backends.reference import ReferenceEncoder, ReferenceLanguageModel
+from deepstack_runtime.buffers import BufferLayout, MultimodalDataBuffers, MultimodalItem
 from deepstack_runtime.config import RuntimeConfig
-from deepstack_runtime.errors import FailureReason, TransferError
+from deepstack_runtime.errors import EngineFailure, FailureReason, InputError, TransferError
 from deepstack_runtime.metrics import TransferMetrics
 from deepstack_runtime.servers.common import BadRequest, Listen, Server, error, read_json, serve
-from deepstack_runtime.transfer.mooncake import MooncakeTransport
+from deepstack_runtime.transfer.mooncake import MooncakeTransport, buffer_device
 from deepstack_runtime.transfer.protocol import check_room
 from deepstack_runtime.transfer.receiver import EmbeddingReceiver
 from deepstack_runtime.transfer.sender import EmbeddingSender
@@ -106,32 +107,39 @@ def _transfer_error(e: TransferError) -> web.Response:
     return error(status, f"transfer failed ({e.reason.value}): {e.message}", "transfer_error")
 
 
-def _check_backend(config: RuntimeConfig) -> None:
-    if config.backend != "reference":
-        raise SystemExit(
-            f"backend {config.backend!r} is served by SGLang: use `deepstack-runtime sglang-launch`"
-        )
+def _transport(config: RuntimeConfig, listen: Listen) -> MooncakeTransport:
+    return MooncakeTransport(
+        listen.advertise_host, config.transfer.protocol, ",".join(config.transfer.rdma_devices)
+    )
+
+
+def _buffers(config: RuntimeConfig, metrics: TransferMetrics) -> MultimodalDataBuffers:
+    """The pool, in device memory where the Mooncake build can register it."""
+    device = buffer_device()
+    buffers = MultimodalDataBuffers(buffer_layout(config), device=device)
+    memory = "host" if device == "cpu" else "device"
+    metrics.set_buffer_memory(memory, device)
+    log.info("buffers: %d MiB in %s memory (%s)", buffers.nbytes >> 20, memory, device)
+    return buffers
 
 
 async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
-    _check_backend(config)
     server = Server("encode")
-    encoder = ReferenceEncoder(config.model.encoder_checkpoint)
     layout = buffer_layout(config)
+    dtype = TENSOR_DTYPES[layout.dtype]
+    encoder = ReferenceEncoder(config.model.encoder_checkpoint, device=encode_device(), dtype=dtype)
     if (encoder.hidden_size, encoder.num_deepstack) != (layout.hidden_size, layout.num_deepstack):
         raise SystemExit(
             f"the checkpoint has hidden size {encoder.hidden_size} and {encoder.num_deepstack} "
             f"DeepStack layers; the configuration says {layout.hidden_size} and "
             f"{layout.num_deepstack}"
         )
-    dtype = TENSOR_DTYPES[layout.dtype]
+    metrics = TransferMetrics(server.registry)
     sender = EmbeddingSender(
-        MultimodalDataBuffers(layout),
-        MooncakeTransport(
-            listen.advertise_host, config.transfer.protocol, ",".join(config.transfer.rdma_devices)
-        ),
+        _buffers(config, metrics),
+        _transport(config, listen),
         transfer_settings(config),
-        TransferMetrics(server.registry),
+        metrics,
         host=listen.host,
         port=listen.bootstrap_port,
     )
@@ -151,10 +159,7 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
         if grid is None or pixels.dim() != 2 or pixels.shape[0] != int(grid.prod(dim=1).sum()):
             raise BadRequest("pixel_values must have one row per patch of image_grid_thw")
         async with model_lock:
-            item = await asyncio.to_thread(encoder.encode, pixels.float(), grid)
-        item.embeddings = item.embeddings.to(dtype)
-        if item.deepstack is not None:
-            item.deepstack = item.deepstack.to(dtype)
+            item = await asyncio.to_thread(encoder.encode, pixels, grid)
         try:
             finished = await sender.submit(room, item)
             await finished
@@ -167,22 +172,113 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
     await serve(server, app, listen, on_stop=sender.stop)
 
 
-async def run_language(config: RuntimeConfig, listen: Listen, max_tokens_limit: int = 512) -> None:
-    _check_backend(config)
+def encode_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class LanguageBackend(Protocol):
+    """What the language server needs of a language model."""
+
+    image_token_id: int
+    hidden_size: int
+    num_deepstack: int
+
+    def stream(
+        self,
+        input_ids: list[int],
+        item: MultimodalItem | None,
+        image_grid_thw: torch.Tensor | None,
+        max_tokens: int,
+        *,
+        ignore_eos: bool = False,
+    ) -> AsyncIterator[int]:
+        """Greedy tokens as they come; InputError for a prompt the model cannot take."""
+        ...
+
+
+class ReferenceLanguageBackend:
+    """The transformers text model; one request at a time (it has no batching)."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.model = ReferenceLanguageModel(model_dir)
+        self.image_token_id = self.model.image_token_id
+        text_config = self.model.model.config.text_config
+        self.hidden_size = int(text_config.hidden_size)
+        self.num_deepstack = len(self.model.model.config.vision_config.deepstack_visual_indexes)
+        self._lock = asyncio.Lock()
+
+    async def stream(
+        self,
+        input_ids: list[int],
+        item: MultimodalItem | None,
+        image_grid_thw: torch.Tensor | None,
+        max_tokens: int,
+        *,
+        ignore_eos: bool = False,
+    ) -> AsyncIterator[int]:
+        if item is not None:
+            item.embeddings = item.embeddings.float()
+            if item.deepstack is not None:
+                item.deepstack = item.deepstack.float()
+        ids = torch.tensor(input_ids, dtype=torch.int64)
+        async with self._lock:
+            steps = self.model.generate_iter(
+                ids, item, image_grid_thw, max_tokens, ignore_eos=ignore_eos
+            )
+            while (token := await asyncio.to_thread(next, steps, None)) is not None:
+                yield token
+
+    async def logits(
+        self, input_ids: list[int], item: MultimodalItem | None, grid: torch.Tensor | None
+    ) -> list[float]:
+        """The next-token logits of the prompt (for fidelity checks)."""
+        ids = torch.tensor(input_ids, dtype=torch.int64)
+        async with self._lock:
+            logits = await asyncio.to_thread(self.model.logits, ids, item, grid)
+        values: list[float] = logits[-1].tolist()
+        return values
+
+
+def language_backend(config: RuntimeConfig, extra_args: Sequence[str]) -> LanguageBackend:
+    if config.backend == "sglang":
+        from deepstack_runtime.backends.sglang import SGLangLanguageModel
+
+        return SGLangLanguageModel(config, extra_args)
+    if extra_args:
+        raise SystemExit(
+            f"the reference backend takes no extra arguments, got {' '.join(extra_args)}"
+        )
+    return ReferenceLanguageBackend(config.model.path)
+
+
+async def run_language(
+    config: RuntimeConfig,
+    listen: Listen,
+    extra_args: Sequence[str] = (),
+    max_tokens_limit: int = 512,
+) -> str:
+    """Serve until stopped; returns why the engine failed, if it did ("" otherwise)."""
     server = Server("language")
-    model = ReferenceLanguageModel(config.model.path)
+    model = language_backend(config, extra_args)
     layout = buffer_layout(config)
-    buffers = MultimodalDataBuffers(layout)
+    if (model.hidden_size, model.num_deepstack) != (layout.hidden_size, layout.num_deepstack):
+        raise SystemExit(
+            f"the checkpoint has hidden size {model.hidden_size} and {model.num_deepstack} "
+            f"DeepStack layers; the configuration says {layout.hidden_size} and "
+            f"{layout.num_deepstack}"
+        )
+    metrics = TransferMetrics(server.registry)
+    buffers = _buffers(config, metrics)
     receiver = EmbeddingReceiver(
-        buffers,
-        MooncakeTransport(
-            listen.advertise_host, config.transfer.protocol, ",".join(config.transfer.rdma_devices)
-        ),
-        transfer_settings(config),
-        TransferMetrics(server.registry),
+        buffers, _transport(config, listen), transfer_settings(config), metrics
     )
     receiver.start()
-    model_lock = asyncio.Lock()
+    attach = getattr(model, "attach", None)
+    if attach is not None:  # SGLang: its result loop and failure handling on our loop
+        attach(asyncio.get_running_loop())
+    server.extra_health = lambda: {}
 
     async def generate(request: web.Request) -> web.StreamResponse:
         body = await read_json(request, MAX_BODY)
@@ -196,9 +292,11 @@ async def run_language(config: RuntimeConfig, listen: Listen, max_tokens_limit: 
         max_tokens = body.get("max_tokens", 16)
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= max_tokens_limit:
             raise BadRequest(f"max_tokens must be an integer in [1, {max_tokens_limit}]")
+        debug_logits = bool(body.get("debug_logits"))
+        if debug_logits and not isinstance(model, ReferenceLanguageBackend):
+            raise BadRequest(f"debug_logits is not available on the {config.backend} backend")
         grid = _grid(body.get("image_grid_thw"))
-        input_ids = torch.tensor(ids, dtype=torch.int64)
-        visual = int((input_ids == model.image_token_id).sum())
+        visual = sum(1 for i in ids if i == model.image_token_id)
         item = None
         if visual:
             room, encoder = body.get("room"), body.get("encoder")
@@ -208,52 +306,46 @@ async def run_language(config: RuntimeConfig, listen: Listen, max_tokens_limit: 
                 item = await receiver.receive(str(room), encoder, buffers.empty_item(visual))
             except TransferError as e:
                 return _transfer_error(e)
-            if item.deepstack is not None:
-                item.deepstack = item.deepstack.float()
-            item.embeddings = item.embeddings.float()
-        ignore_eos = bool(body.get("ignore_eos", False))
+        tokens = model.stream(
+            ids, item, grid, max_tokens, ignore_eos=bool(body.get("ignore_eos", False))
+        )
         if body.get("stream"):
-            return await _stream(
-                request, model, model_lock, input_ids, item, grid, max_tokens, ignore_eos
-            )
-        async with model_lock:
-            try:
-                tokens = await asyncio.to_thread(
-                    partial(model.generate, ignore_eos=ignore_eos),
-                    input_ids,
-                    item,
-                    grid,
-                    max_tokens,
-                )
-            except InputError as e:
-                raise BadRequest(str(e)) from e
-        answer: dict[str, Any] = {"tokens": tokens, "prompt_tokens": len(ids)}
-        if body.get("debug_logits"):  # the next-token logits of the prompt, for checks
-            async with model_lock:
-                logits = await asyncio.to_thread(model.logits, input_ids, item, grid)
-            answer["logits"] = logits[-1].tolist()
+            return await _stream(request, tokens)
+        try:
+            answer: dict[str, Any] = {"tokens": [t async for t in tokens]}
+        except InputError as e:
+            raise BadRequest(str(e)) from e
+        except EngineFailure as e:
+            return error(503, str(e), "engine_error")
+        answer["prompt_tokens"] = len(ids)
+        if debug_logits:
+            assert isinstance(model, ReferenceLanguageBackend)
+            answer["logits"] = await model.logits(ids, item, grid)
         return web.json_response(answer)
 
     app = server.app()
     app.router.add_post("/v1/generate", server.tracked("/v1/generate", generate))
-    await serve(server, app, listen)
+    await serve(server, app, listen, on_stop=getattr(model, "stop", None))
+    return str(getattr(model, "failure", ""))
 
 
-async def _stream(
-    request: web.Request,
-    model: ReferenceLanguageModel,
-    lock: asyncio.Lock,
-    input_ids: torch.Tensor,
-    item: Any,
-    grid: torch.Tensor | None,
-    max_tokens: int,
-    ignore_eos: bool,
-) -> web.StreamResponse:
+async def _stream(request: web.Request, tokens: AsyncIterator[int]) -> web.StreamResponse:
+    """One JSON line per token; a failure after the first byte ends the stream with an
+    `error` line (the status is already sent)."""
+    try:
+        first = await anext(tokens, None)
+    except InputError as e:
+        raise BadRequest(str(e)) from e
+    except EngineFailure as e:
+        return error(503, str(e), "engine_error")
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    async with lock:
-        steps = model.generate_iter(input_ids, item, grid, max_tokens, ignore_eos=ignore_eos)
-        while (token := await asyncio.to_thread(next, steps, None)) is not None:
-            await response.write(json.dumps({"token": token}).encode() + b"\n")
+    try:
+        if first is not None:
+            await response.write(json.dumps({"token": first}).encode() + b"\n")
+            async for token in tokens:
+                await response.write(json.dumps({"token": token}).encode() + b"\n")
+    except (InputError, EngineFailure) as e:
+        await response.write(json.dumps({"error": str(e)}).encode() + b"\n")
     await response.write_eof()
     return response

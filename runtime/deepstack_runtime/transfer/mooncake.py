@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -9,6 +10,23 @@ from typing import Any
 from deepstack_runtime.errors import FailureReason, TransferError
 from deepstack_runtime.transfer.base import Transport
 from deepstack_runtime.transfer.plan import WriteEntry
+
+# The PyPI builds of Mooncake: the CUDA one registers GPU memory, the other host memory only.
+CUDA_DISTRIBUTION = "mooncake-transfer-engine"
+
+
+def buffer_device() -> str:
+    """Where a pool registered with this Mooncake build lives: the GPU when there is one
+    and the installed Mooncake is the CUDA build, host memory otherwise."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    try:
+        importlib.metadata.distribution(CUDA_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "cpu"
+    return f"cuda:{torch.cuda.current_device()}"
 
 
 class MooncakeTransport(Transport):

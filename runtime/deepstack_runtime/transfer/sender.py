@@ -56,6 +56,9 @@ class EmbeddingSender:
         self.allocator = BlockAllocator(self.layout.num_blocks, on_change=self.metrics.set_blocks)
         self._host, self._port = host, port
         self._rooms: dict[str, _Room] = {}
+        # Rooms refused at submit (an item the pool cannot hold, ...), kept for one
+        # handshake timeout so that their receiver hears why at once, not by a timeout.
+        self._refused: dict[str, TransferError] = {}
         self._room_added = asyncio.Condition()
         self._server: asyncio.Server | None = None
         self._on_chunk_written = on_chunk_written
@@ -93,13 +96,20 @@ class EmbeddingSender:
             raise TransferError(FailureReason.DUPLICATE_ROOM, f"room {room} is already submitted")
         if item.num_tokens < 1:
             raise TransferError(FailureReason.BAD_REQUEST, "an item must have at least one token")
-        blocks = self.allocator.alloc(self.layout.blocks_for(item.num_tokens))
+        loop = asyncio.get_running_loop()
+        try:
+            blocks = self.allocator.alloc(self.layout.blocks_for(item.num_tokens))
+        except TransferError as e:
+            self._refused[room] = e
+            loop.call_later(self.settings.handshake_timeout, self._refused.pop, room, None)
+            async with self._room_added:
+                self._room_added.notify_all()
+            raise
         try:
             self.buffers.scatter(blocks, item, checksum=self.settings.checksum)
         except Exception:
             self.allocator.free(blocks)
             raise
-        loop = asyncio.get_running_loop()
         finished: asyncio.Future[None] = loop.create_future()
         # Callers may ignore the outcome; never warn about an unretrieved exception.
         finished.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -136,7 +146,12 @@ class EmbeddingSender:
     async def _wait_for_room(self, room: str) -> _Room:
         async def present() -> _Room:
             async with self._room_added:
-                await self._room_added.wait_for(lambda: room in self._rooms)
+                await self._room_added.wait_for(
+                    lambda: room in self._rooms or room in self._refused
+                )
+            refused = self._refused.get(room)
+            if refused is not None:
+                raise TransferError(refused.reason, f"the encoder refused it: {refused.message}")
             return self._rooms[room]
 
         try:

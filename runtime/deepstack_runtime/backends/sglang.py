@@ -1,0 +1,184 @@
+"""The `sglang` backend, language side: SGLang's in-process engine (`sglang.Engine`) fed
+the embeddings and DeepStack rows that arrived in this pod's Mooncake buffers, as one
+precomputed multimodal embedding per request.
+
+SGLang's Qwen3-VL models take a fused row per visual token, `[embedding | DeepStack 0 |
+... | DeepStack K-1]` (hidden x (1 + K)), split it themselves and add feature i after
+decoder layer i; chunked prefill slices whole rows, so every chunk keeps its own
+DeepStack rows. SGLang computes the M-RoPE positions from the prompt and the image grid.
+
+SGLang is imported only when an engine starts: the rest of the runtime, and the tests
+that do not run SGLang, never need it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import torch
+
+from deepstack_runtime.buffers import MultimodalItem
+from deepstack_runtime.config import RuntimeConfig
+from deepstack_runtime.errors import EngineFailure, InputError
+
+log = logging.getLogger(__name__)
+
+# Server arguments the resource decides; extraArgs may not set them (nothing the API
+# accepted may be silently overridden, and nothing it set may be).
+OWNED_ARGUMENTS = {
+    "--model-path": "model.path",
+    "--model": "model.path",
+    "--tp-size": "language.tensorParallelSize",
+    "--tensor-parallel-size": "language.tensorParallelSize",
+    "--served-model-name": "model.servedModelName",
+    "--host": "the pod",
+    "--port": "the pod",
+    "--skip-tokenizer-init": "the runtime",
+}
+
+
+def check_extra_args(extra_args: Sequence[str]) -> None:
+    for arg in extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in OWNED_ARGUMENTS:
+            raise ValueError(
+                f"language.extraArgs may not set {flag}: it comes from {OWNED_ARGUMENTS[flag]}"
+            )
+
+
+def server_argv(config: RuntimeConfig, extra_args: Sequence[str]) -> list[str]:
+    """SGLang's command line for this language pod (pure): the resource's settings, then
+    the user's extraArgs."""
+    check_extra_args(extra_args)
+    return [
+        "--model-path", config.model.path,
+        "--served-model-name", config.model.served_model_name,
+        "--tp-size", str(config.language_tensor_parallel_size),
+        *extra_args,
+    ]  # fmt: skip
+
+
+def fused_rows(item: MultimodalItem) -> torch.Tensor:
+    """[T, hidden * (1 + K)]: each token's embedding followed by its K DeepStack rows."""
+    rows = [item.embeddings]
+    if item.deepstack is not None:
+        rows.append(item.deepstack.reshape(item.num_tokens, -1))
+    return torch.cat(rows, dim=1)
+
+
+class SGLangLanguageModel:
+    """One `sglang.Engine` per pod; requests stream tokens from it.
+
+    When one of the engine's processes dies, SGLang's own handling kills this whole
+    process at once and every request in flight is cut off without a word. Instead, the
+    requests in flight fail with a reason, the server drains and exits non-zero, and the
+    pod restarts with a fresh engine (`failure` says why)."""
+
+    def __init__(self, config: RuntimeConfig, extra_args: Sequence[str]) -> None:
+        from sglang.srt.entrypoints.engine import Engine
+        from sglang.srt.server_args import prepare_server_args
+
+        server_args = prepare_server_args(server_argv(config, extra_args))
+        log.info("starting the SGLang engine: %s", " ".join(server_argv(config, extra_args)))
+        self._engine: Any = Engine(server_args=server_args)
+        hf_config = self._engine.tokenizer_manager.model_config.hf_config
+        self.image_token_id = int(hf_config.image_token_id)
+        text_config = getattr(hf_config, "text_config", hf_config)
+        self.hidden_size = int(text_config.hidden_size)
+        vision = getattr(hf_config, "vision_config", None)
+        self.num_deepstack = len(getattr(vision, "deepstack_visual_indexes", None) or [])
+
+        self.failure = ""
+        self._stopped: asyncio.Future[None] | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run SGLang's result loop on `loop` from now on. Call before the server installs
+        its SIGTERM handler: SGLang installs its own on first use, which would replace it."""
+        self._engine.tokenizer_manager.auto_create_handle_loop()
+        self._stopped = loop.create_future()
+        # SGLang's children and watchdog signal a failure with SIGQUIT.
+        loop.add_signal_handler(signal.SIGQUIT, self._engine_died)
+
+    def _engine_died(self) -> None:
+        if self.failure:
+            return
+        self.failure = "the SGLang engine stopped: one of its processes exited"
+        log.error("%s; failing the requests in flight and shutting down", self.failure)
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+        os.kill(os.getpid(), signal.SIGTERM)  # drain, stop, exit non-zero (see cli)
+
+    async def stream(
+        self,
+        input_ids: list[int],
+        item: MultimodalItem | None,
+        image_grid_thw: torch.Tensor | None,
+        max_tokens: int,
+        *,
+        ignore_eos: bool = False,
+    ) -> AsyncIterator[int]:
+        """Greedy tokens, one at a time, as SGLang produces them. Closing the iterator
+        early aborts the request inside SGLang."""
+        image_data = None
+        if item is not None:
+            if image_grid_thw is None:
+                raise EngineFailure("image rows arrived without an image grid")
+            # A processor output that carries `precomputed_embeddings`: SGLang 0.5.23
+            # puts a "precomputed_embedding" item's tensor where pixel values go and runs
+            # its vision tower on it (nothing reads that format back).
+            image_data = [
+                {
+                    "format": "processor_output",
+                    "modality": "IMAGE",
+                    "precomputed_embeddings": fused_rows(item),
+                    "image_grid_thw": image_grid_thw,
+                }
+            ]
+        if self.failure:
+            raise EngineFailure(self.failure)
+        assert self._stopped is not None, "attach() the engine to the event loop first"
+        rid = uuid.uuid4().hex
+        sampling = {"max_new_tokens": max_tokens, "temperature": 0.0, "ignore_eos": ignore_eos}
+        sent = 0
+        finished = False
+        try:
+            chunks = await self._engine.async_generate(
+                input_ids=input_ids,
+                image_data=image_data,
+                sampling_params=sampling,
+                stream=True,
+                rid=rid,
+            )
+            iterator = chunks.__aiter__()
+            while True:
+                step = asyncio.ensure_future(iterator.__anext__())
+                await asyncio.wait({step, self._stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    step.cancel()
+                    raise EngineFailure(self.failure)
+                try:
+                    chunk = step.result()
+                except StopAsyncIteration:
+                    break
+                output_ids = chunk.get("output_ids") or []
+                for token in output_ids[sent:]:
+                    yield int(token)
+                sent = len(output_ids)
+                reason = (chunk.get("meta_info") or {}).get("finish_reason") or {}
+                if reason.get("type") == "abort":
+                    raise EngineFailure(f"SGLang aborted the request: {reason.get('message')}")
+            finished = True
+        except ValueError as e:  # SGLang's own validation (a prompt too long, ...)
+            raise InputError(f"SGLang refused the request: {e}") from e
+        finally:
+            if not finished and not self.failure:
+                self._engine.tokenizer_manager.abort_request(rid)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self._engine.shutdown)
