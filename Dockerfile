@@ -25,7 +25,8 @@ USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["deepstack-operator"]
 
-# ---- runtime: CUDA, SGLang, Mooncake with the RDMA user-space libraries -----------------
+# ---- runtime: CUDA, SGLang, the CUDA build of Mooncake (the only one: both builds ship the
+# same module) with the RDMA user-space libraries --------------------------------------
 FROM ${CUDA_IMAGE} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1
 # hadolint ignore=DL3008

@@ -13,6 +13,7 @@ VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
 help:
 	@echo "make demo          install the chart on a local control plane, serve the tiny model, ask it"
+	@echo "                   (DEMO_BACKEND=sglang: SGLang's engine in the language pod, on CPU)"
 	@echo "make demo-down     stop it all"
 	@echo "make test          lint, type-check and run every test (starts what it needs)"
 	@echo "make cluster       start the local control plane (.cluster/kubeconfig)"
@@ -25,11 +26,11 @@ $(VENV_STAMP): pyproject.toml hack/system-deps.sh
 	hack/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-cache-dir --upgrade pip
-	$(BIN)/pip install --quiet --no-cache-dir -e '.[operator,runtime,dev]'
+	$(BIN)/pip install --quiet --no-cache-dir -e '.[operator,runtime,cpu,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# SGLang's own Python code without its GPU dependencies, for the launcher's CPU tests.
+# SGLang 0.5.23 on CPU (without its GPU dependencies) for the sglang backend's tests and demo.
 sglang-env: venv
 	hack/sglang-env.sh
 
@@ -54,8 +55,9 @@ lint: venv
 test: tools venv sglang-env lint
 	$(BIN)/pytest
 
-demo: tools venv cluster
-	$(BIN)/python hack/demo.py up
+DEMO_BACKEND ?= reference
+demo: tools venv cluster $(if $(filter sglang,$(DEMO_BACKEND)),sglang-env)
+	DEMO_BACKEND=$(DEMO_BACKEND) $(BIN)/python hack/demo.py up
 
 demo-down:
 	if [[ -x $(BIN)/python ]]; then $(BIN)/python hack/demo.py down; fi

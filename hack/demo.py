@@ -9,13 +9,17 @@
 6. send a chat request with an image through the router; print the answer,
    `kubectl get dsd` and a transfer summary. Everything stays up until `make demo-down`.
 
-    python hack/demo.py up | down
+    [DEMO_BACKEND=reference|sglang] python hack/demo.py up | down
+
+DEMO_BACKEND=sglang serves with SGLang's engine in the language pod, on this CPU (SGLang's
+virtualenv from `make sglang-env`, the kernel-package stand-in of the tests).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -33,6 +37,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from deepstack_operator.localpods import local_pod, start, token_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the tests' SGLang-on-CPU settings
+from tests.support.sglang_on_cpu import SGLANG_CPU_ARGS, SGLANG_ENV  # noqa: E402
+
 # The end-to-end test runs its own copy beside a developer's: state, namespace and ports
 # can be moved.
 STATE = Path(os.environ.get("DEMO_STATE", REPO / ".cluster" / "demo"))
@@ -41,8 +48,9 @@ MODEL_DIR = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     / "deepstack-disagg"
     / "models"
-    / "tiny-qwen3-vl-moe"
+    / "tiny-qwen3-vl-moe-v2"  # v2: experts in the published layout (SGLang loads it)
 )
+BACKEND = os.environ.get("DEMO_BACKEND", "reference")
 RELEASE, SYSTEM, NAME = "deepstack-disagg", "deepstack-system", "tiny-qwen3-vl-moe"
 NAMESPACE = os.environ.get("DEMO_NAMESPACE", "default")
 BASE = int(os.environ.get("DEMO_PORT_BASE", "18000"))
@@ -150,11 +158,14 @@ def start_runtime() -> None:
         ]["template"]
         pod = local_pod(template, pod_name=pod_name, namespace=NAMESPACE, pod_ip="127.0.0.1",
                         config_file=str(config_file), overrides=overrides)  # fmt: skip
+        if BACKEND == "sglang" and role == "language":  # SGLang's own virtualenv
+            sglang_cli = str(REPO / ".venv-sglang" / "bin" / "deepstack-runtime")
+            pod = dataclasses.replace(pod, argv=[sglang_cli, *pod.argv[1:]])
         process = start(pod, STATE / f"{role}.log", detach=True)
         (STATE / f"{role}.pid").write_text(str(process.pid))
         print(f"started {pod_name}: {' '.join(pod.argv)}")
     for role in plans:
-        wait(lambda r=role: healthy(f"http://127.0.0.1:{PORTS[r]}"), 180, f"the {role} server")
+        wait(lambda r=role: healthy(f"http://127.0.0.1:{PORTS[r]}"), 300, f"the {role} server")
 
     def router_sees_both() -> bool:
         counts = json.loads(urllib.request.urlopen(f"{ROUTER_URL}/health").read())
@@ -229,6 +240,18 @@ def up() -> None:
     start_operator()
     cr = yaml.safe_load((REPO / "crds" / "examples" / "minimal-cpu.yaml").read_text())
     cr["spec"]["model"]["path"] = str(MODEL_DIR)  # where the local "pods" find the weights
+    if BACKEND == "sglang":
+        spec = cr["spec"]
+        spec["runtime"]["backend"] = "sglang"
+        no_gpu = {"limits": {"nvidia.com/gpu": 0}}  # SGLang on this CPU
+        spec["encode"]["resources"] = no_gpu
+        spec["language"] |= {
+            "resources": no_gpu,
+            "extraArgs": list(SGLANG_CPU_ARGS),
+            "env": [{"name": k, "value": v} for k, v in SGLANG_ENV.items()],
+        }
+    elif BACKEND != "reference":
+        sys.exit(f"DEMO_BACKEND must be reference or sglang, not {BACKEND!r}")
     subprocess.run(  # the namespace may exist already
         [tool("kubectl"), "--kubeconfig", str(KUBECONFIG), "create", "namespace", NAMESPACE],
         capture_output=True,

@@ -8,11 +8,8 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +17,10 @@ from typing import Any
 import pytest
 
 from deepstack_operator.localpods import local_pod, start
-from tests.support.cluster import REPO, Cluster, wait_for
+from tests.support.cluster import Cluster, wait_for
+from tests.support.demo import demo_up
 from tests.support.metrics import sample, sample_or_zero
-from tests.support.operator import free_port_block, get_json, wait_for_status
+from tests.support.operator import get_json, wait_for_status
 from tests.support.runtime import data_url, get, png, post
 
 NAME = "tiny-qwen3-vl-moe"
@@ -31,33 +29,8 @@ IMAGE = png(64, 48, (20, 160, 220))
 
 @pytest.fixture(scope="module")
 def demo(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    state = tmp_path_factory.mktemp("demo")
-    # hack/demo.py uses base+0..2 (router, encode, language), +80 (operator) and +998
-    # (bootstrap); the test adds a second language pod at base+3.
-    base = free_port_block((0, 1, 2, 3, 80, 998))
-    env = {
-        **os.environ,
-        "DEMO_STATE": str(state),
-        "DEMO_NAMESPACE": f"e2e-{uuid.uuid4().hex[:6]}",
-        "DEMO_PORT_BASE": str(base),
-    }
-    script = [sys.executable, str(REPO / "hack" / "demo.py")]
-    try:
-        result = subprocess.run(
-            [*script, "up"], env=env, capture_output=True, text=True, timeout=600
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        values = dict(re.findall(r"^(ROUTER_URL|MODEL_DIR|KUBECONFIG)=(.*)$", result.stdout, re.M))
-        yield {
-            "output": result.stdout,
-            "state": state,
-            "namespace": env["DEMO_NAMESPACE"],
-            "base": base,
-            **values,
-        }
-    finally:
-        subprocess.run([*script, "down"], env=env, capture_output=True, timeout=120)
-        cluster.kubectl("delete", "namespace", env["DEMO_NAMESPACE"], "--wait=false", check=False)
+    with demo_up(cluster, tmp_path_factory.mktemp("demo"), "reference") as values:
+        yield values
 
 
 def chat(max_tokens: int = 16, **extra: Any) -> dict[str, Any]:

@@ -277,6 +277,37 @@ INVALID: list[tuple[str, Callable[[Spec], None], str]] = [
         'runtime.backend "reference" does not support tensor parallelism',
     ),
     (
+        "encode-tensor-parallel",
+        both(put("spec.runtime.backend", "sglang"), put("spec.encode.tensorParallelSize", 2)),
+        "encode.tensorParallelSize must be 1: each encode pod runs the vision tower on one device",
+    ),
+    (
+        "sglang-without-deepstack",
+        both(
+            put("spec.runtime.backend", "sglang"),
+            put("spec.deepstack.enabled", False),
+            put("spec.deepstack.numLayers", 0),
+        ),
+        'runtime.backend "sglang" needs deepstack.enabled',
+    ),
+    (
+        "encode-extra-args",
+        both(put("spec.runtime.backend", "sglang"), put("spec.encode.extraArgs", ["--x"])),
+        "encode.extraArgs must be empty",
+    ),
+    (
+        "reference-language-extra-args",
+        put("spec.language.extraArgs", ["--mem-fraction-static", "0.5"]),
+        'language.extraArgs are SGLang server arguments: only runtime.backend "sglang"',
+    ),
+    (
+        "sglang-extra-args-set-what-the-resource-owns",
+        both(
+            put("spec.runtime.backend", "sglang"), put("spec.language.extraArgs", ["--tp-size=2"])
+        ),
+        "language.extraArgs may not set --model-path, --tp-size",
+    ),
+    (
         "autoscaling-min-above-max",
         put("spec.autoscaling", {"encode": {"minReplicas": 4, "maxReplicas": 2}}),
         "autoscaling minReplicas must not exceed maxReplicas",

@@ -28,8 +28,6 @@ from deepstack_runtime.models.tiny import make_tiny_model
 from tests.support.cluster import REPO, wait_for
 from tests.support.metrics import sample
 from tests.support.runtime import (
-    SGLANG_ENV,
-    SGLANG_PYTHON,
     data_url,
     get,
     png,
@@ -38,6 +36,7 @@ from tests.support.runtime import (
     sglang_config,
     sglang_server,
 )
+from tests.support.sglang_on_cpu import SGLANG_ENV, SGLANG_PYTHON
 
 # Blocks of 4 tokens, 8 preallocated, a pool of 64 blocks (256 tokens).
 TRANSFER = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 64}

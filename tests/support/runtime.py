@@ -20,6 +20,7 @@ from typing import Any
 from deepstack_runtime.config import RuntimeConfig
 from tests.support.cluster import REPO, wait_for
 from tests.support.operator import free_port
+from tests.support.sglang_on_cpu import SGLANG_CPU_ARGS, SGLANG_ENV, SGLANG_PYTHON
 from tests.support.specs import example
 
 
@@ -35,20 +36,6 @@ def runtime_config(model_dir: Path, **transfer: Any) -> RuntimeConfig:
 def sglang_config(model_dir: Path, **transfer: Any) -> RuntimeConfig:
     """`runtime_config` on the sglang backend."""
     return dataclasses.replace(runtime_config(model_dir, **transfer), backend="sglang")
-
-
-# SGLang on these CPUs (see hack/sglang-env.sh): its virtualenv, the stand-in for its
-# kernel package, and the engine settings a CPU needs (float32 to compare with
-# transformers exactly).
-SGLANG_PYTHON = str(REPO / ".venv-sglang" / "bin" / "python")
-SGLANG_ENV = {
-    "PYTHONPATH": str(REPO / "tests" / "support" / "sglang_cpu"),
-    "SGLANG_USE_CPU_ENGINE": "1",
-}
-SGLANG_CPU_ARGS = (
-    "--device", "cpu", "--attention-backend", "torch_native", "--disable-overlap-schedule",
-    "--max-total-tokens", "4096", "--mem-fraction-static", "0.05", "--dtype", "float32",
-)  # fmt: skip
 
 
 class ServerProcess:
