@@ -63,7 +63,8 @@ demo-down:
 	if [[ -x $(BIN)/python ]]; then $(BIN)/python hack/demo.py down; fi
 	hack/cluster.sh down
 
-bench: tools venv cluster
+bench: tools venv cluster sglang-env
 	$(BIN)/python benchmarks/transfer.py --json
 	$(BIN)/python benchmarks/operator_scale.py --count 100 --json
 	$(BIN)/python benchmarks/serving.py --json
+	$(BIN)/python benchmarks/serving.py --backend sglang --json

@@ -1,13 +1,15 @@
 """Serving benchmark: the tiny model on CPU, disaggregated vs monolithic, side by side.
 
   disaggregated  our router -> encode server -> Mooncake tcp -> language server (3 processes)
-  monolithic     one process running the undivided transformers model behind the same
-                 HTTP request (same preprocessing, same greedy decoding)
+  monolithic     --backend reference: one process running the undivided transformers model
+                 behind the same HTTP request (same preprocessing, same greedy decoding);
+                 --backend sglang: SGLang's own single server (vision and language in one
+                 engine) on the same CPU, while our language server runs SGLang's engine
 For 1..8 concurrent clients, each sending --requests requests with one image, prints one
 JSON object per concurrency level with requests/s and p50/p99 latency of both, and the
 overhead ratio (disaggregated latency / monolithic latency at p50).
 
-    python benchmarks/serving.py --json
+    python benchmarks/serving.py [--backend reference|sglang] --json
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,6 +49,7 @@ def request_body() -> dict[str, Any]:
     return {
         "model": "tiny-qwen3-vl-moe",
         "max_tokens": MAX_TOKENS,
+        "temperature": 0,  # greedy on both sides (SGLang samples at 1.0 by default)
         "messages": [
             {
                 "role": "user",
@@ -111,7 +115,9 @@ async def wait_healthy(session: aiohttp.ClientSession, url: str, timeout: float 
     while time.monotonic() < deadline:
         try:
             async with session.get(f"{url}/health") as r:
-                body = await r.json(content_type=None)
+                text = await r.text()
+                # Our router lists healthy instances by role; SGLang answers an empty 200.
+                body = json.loads(text) if text.strip() else {}
                 if r.status == 200 and body.get("language", 1) and body.get("encode", 1):
                     return
         except (aiohttp.ClientError, json.JSONDecodeError):
@@ -147,18 +153,35 @@ async def load(
 
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import dataclasses
+
     from deepstack_runtime.models.tiny import make_tiny_model
     from tests.support.runtime import runtime_config
+    from tests.support.sglang_on_cpu import SGLANG_CPU_ARGS, SGLANG_ENV, SGLANG_PYTHON
 
     root = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     model = make_tiny_model(root / "model", seed=0)
     config = root / "config.json"
-    config.write_text(runtime_config(model).to_json())
+    config.write_text(dataclasses.replace(runtime_config(model), backend=args.backend).to_json())
     python = sys.executable
     ports = {role: free_port() for role in ("encode", "language", "router", "monolithic")}
     common = ["--config", str(config), "--host", "127.0.0.1", "--metrics-port", "0"]
     logs = {role: (root / f"{role}.log").open("w") for role in ports}
+    sglang = args.backend == "sglang"
+    sglang_env = {**os.environ, **SGLANG_ENV}
     # fmt: off
+    language = (
+        [SGLANG_PYTHON, "-m", "deepstack_runtime", "language", *common,
+         "--port", str(ports["language"]), *SGLANG_CPU_ARGS]
+        if sglang else
+        [python, "-m", "deepstack_runtime", "language", *common, "--port", str(ports["language"])]
+    )
+    monolithic = (
+        [SGLANG_PYTHON, "-m", "sglang.launch_server", "--model-path", str(model),
+         "--host", "127.0.0.1", "--port", str(ports["monolithic"]), *SGLANG_CPU_ARGS]
+        if sglang else
+        [python, "-c", MONOLITHIC_SERVER, str(model), str(ports["monolithic"]), str(MAX_TOKENS)]
+    )
     procs = [
         subprocess.Popen(
             [python, "-m", "deepstack_runtime", "encode", *common,
@@ -166,9 +189,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             stdout=logs["encode"], stderr=subprocess.STDOUT,
         ),
         subprocess.Popen(
-            [python, "-m", "deepstack_runtime", "language", *common,
-             "--port", str(ports["language"])],
-            stdout=logs["language"], stderr=subprocess.STDOUT,
+            language, stdout=logs["language"], stderr=subprocess.STDOUT,
+            env=sglang_env if sglang else None,
         ),
         subprocess.Popen(
             [python, "-m", "deepstack_runtime", "router", *common, "--port", str(ports["router"]),
@@ -177,9 +199,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             stdout=logs["router"], stderr=subprocess.STDOUT,
         ),
         subprocess.Popen(
-            [python, "-c", MONOLITHIC_SERVER, str(model), str(ports["monolithic"]),
-             str(MAX_TOKENS)],
-            stdout=logs["monolithic"], stderr=subprocess.STDOUT, cwd=REPO,
+            monolithic, stdout=logs["monolithic"], stderr=subprocess.STDOUT, cwd=REPO,
+            env=sglang_env if sglang else None,
         ),
     ]
     # fmt: on
@@ -189,8 +210,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             ours = f"http://127.0.0.1:{ports['router']}"
             base = f"http://127.0.0.1:{ports['monolithic']}"
-            await wait_healthy(session, ours)
-            await wait_healthy(session, base)
+            await wait_healthy(session, ours, 300)
+            await wait_healthy(session, base, 300)
             await load(session, ours, 1, 2)  # warm up both
             await load(session, base, 1, 2)
             for clients in args.clients:
@@ -198,6 +219,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 m = await load(session, base, clients, args.requests)
                 rows.append(
                     {
+                        "backend": args.backend,
                         "concurrency": clients,
                         "disaggregated_rps": round(d["rps"], 2),
                         "monolithic_rps": round(m["rps"], 2),
@@ -219,6 +241,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--backend", choices=["reference", "sglang"], default="reference")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--requests", type=int, default=8, help="requests per client")
     args = parser.parse_args()

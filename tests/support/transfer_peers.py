@@ -40,13 +40,23 @@ def decode_item(data: bytes) -> MultimodalItem:
 
 
 def _peer_main(
-    role: str, layout: BufferLayout, settings: TransferSettings, conn: Connection, die: bool
+    role: str,
+    layout: BufferLayout,
+    settings: TransferSettings,
+    conn: Connection,
+    die: bool,
+    device: str,
 ) -> None:
-    asyncio.run(_peer(role, layout, settings, conn, die))
+    asyncio.run(_peer(role, layout, settings, conn, die, device))
 
 
 async def _peer(
-    role: str, layout: BufferLayout, settings: TransferSettings, conn: Connection, die: bool
+    role: str,
+    layout: BufferLayout,
+    settings: TransferSettings,
+    conn: Connection,
+    die: bool,
+    device: str,
 ) -> None:
     from prometheus_client import generate_latest
 
@@ -60,7 +70,7 @@ async def _peer(
 
     hook = die_now if die else None
     transport = MooncakeTransport("127.0.0.1", "tcp")
-    buffers = MultimodalDataBuffers(layout)
+    buffers = MultimodalDataBuffers(layout, device=device)
     node: EmbeddingSender | EmbeddingReceiver
     if role == "sender":
         node = EmbeddingSender(buffers, transport, settings, on_chunk_written=hook)
@@ -112,12 +122,18 @@ class Peer:
     """A peer process. Use as a context manager: the process is always stopped."""
 
     def __init__(
-        self, role: str, layout: BufferLayout, settings: TransferSettings, *, die: bool = False
+        self,
+        role: str,
+        layout: BufferLayout,
+        settings: TransferSettings,
+        *,
+        die: bool = False,
+        device: str = "cpu",
     ) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.process = ctx.Process(
-            target=_peer_main, args=(role, layout, settings, child, die), daemon=True
+            target=_peer_main, args=(role, layout, settings, child, die, device), daemon=True
         )
         self._ids = itertools.count()
         self._pending: dict[int, tuple[Any, ...]] = {}

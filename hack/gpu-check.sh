@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU check of the sglang backend's encode side (see hack/gpu_check.py), for a machine
+# with one NVIDIA GPU, torch and transformers (it reaches no registry: Mooncake and the
+# other wheels it lacks travel in .cache/gpu-wheels, made here with
+#   pip download --no-deps -d .cache/gpu-wheels mooncake-transfer-engine==0.3.13.post1
+# and the Debian libibverbs1/librdmacm1/libnuma1 .deb files beside them). Under 5 minutes.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+wheels=.cache/gpu-wheels
+if [[ -d $wheels ]]; then
+  for deb in "$wheels"/*.deb; do [[ -e $deb ]] && dpkg -x "$deb" /; done
+  ldconfig
+  pip install --quiet --no-index --no-deps "$wheels"/*.whl
+fi
+pip install --quiet --no-index --no-deps --no-build-isolation -e . 2>/dev/null \
+  || export PYTHONPATH="$PWD/runtime:$PWD/operator:${PYTHONPATH:-}"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+timeout 280 python3 hack/gpu_check.py
