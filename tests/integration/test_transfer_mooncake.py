@@ -265,6 +265,31 @@ def test_submit_beyond_the_whole_sender_pool_is_refused() -> None:
         assert sender.state()["used"] == 0
 
 
+def test_receiver_of_a_refused_room_hears_why_at_once() -> None:
+    """The encoder refused the room (its pool cannot hold the item): its receiver gets
+    the reason, not an unknown room after the handshake timeout; the same room submitted
+    again with an item that fits then goes through."""
+    with (
+        Peer("sender", layout(3, "float32", blocks=8), SETTINGS) as sender,
+        Peer("receiver", layout(3, "float32"), SETTINGS) as receiver,
+    ):
+        status, reason, _ = sender.call(
+            "submit", "r", encode_item(random_item(200, 3, "float32", 6))
+        )
+        assert (status, reason) == ("error", "oversize")
+        started = time.monotonic()
+        status, reason, message = receiver.call("receive", "r", sender.address)
+        assert (status, reason) == ("error", "oversize")
+        assert "the encoder refused it" in message
+        assert time.monotonic() - started < SETTINGS.handshake_timeout / 2
+        assert receiver.state()["used"] == 0
+        item = random_item(40, 3, "float32", seed=7)
+        assert sender.call("submit", "r", encode_item(item)) == ("ok", None)
+        status, got = receiver.call("receive", "r", sender.address)
+        assert status == "ok"
+        assert torch.equal(bits(decode_item(got).embeddings), bits(item.embeddings))
+
+
 def test_bad_and_duplicate_rooms_are_refused() -> None:
     with Peer("sender", layout(0, "float32"), FAST) as sender:
         item = encode_item(random_item(5, 0, "float32", seed=6))

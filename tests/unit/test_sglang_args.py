@@ -58,3 +58,20 @@ def test_fused_rows_are_the_buffers_token_records() -> None:
     stored = record.reshape(8, -1)[:t].contiguous().view(torch.float32)
     assert torch.equal(stored, fused)
     assert torch.equal(fused_rows(item)[:, h : 2 * h], item.deepstack[:, 0])  # type: ignore[index]
+
+
+def test_the_crd_refuses_the_same_flags() -> None:
+    """The API server's rule and the runtime's list stay one list."""
+    import re
+
+    from deepstack_runtime.backends.sglang import OWNED_ARGUMENTS
+    from tests.support.crd import CRD_FILE
+
+    rule = re.search(r"!a\.matches\('(.+?)'\)", CRD_FILE.read_text())
+    assert rule is not None
+    pattern = re.compile(rule.group(1))
+    for flag in OWNED_ARGUMENTS:
+        assert pattern.match(flag), flag
+        assert pattern.match(f"{flag}=x"), flag
+    assert not pattern.match("--mem-fraction-static")
+    assert not pattern.match("--model-loader-extra-config")

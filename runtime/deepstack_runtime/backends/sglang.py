@@ -14,11 +14,12 @@ that do not run SGLang, never need it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import torch
@@ -29,8 +30,9 @@ from deepstack_runtime.errors import EngineFailure, InputError
 
 log = logging.getLogger(__name__)
 
-# Server arguments the resource decides; extraArgs may not set them (nothing the API
-# accepted may be silently overridden, and nothing it set may be).
+# Server arguments that the resource decides, or that would change what the runtime reads
+# back from the engine; extraArgs may not set them (nothing the API accepted may be
+# silently overridden). The CRD's CEL rule refuses the same list.
 OWNED_ARGUMENTS = {
     "--model-path": "model.path",
     "--model": "model.path",
@@ -39,7 +41,9 @@ OWNED_ARGUMENTS = {
     "--served-model-name": "model.servedModelName",
     "--host": "the pod",
     "--port": "the pod",
+    "--config": "the resource (a file could set any of these)",
     "--skip-tokenizer-init": "the runtime",
+    "--incremental-streaming-output": "the runtime",
 }
 
 
@@ -64,6 +68,24 @@ def server_argv(config: RuntimeConfig, extra_args: Sequence[str]) -> list[str]:
     ]  # fmt: skip
 
 
+def check_parsed(config: RuntimeConfig, parsed: Any) -> None:
+    """What SGLang parsed must still be what the resource says (argparse also takes
+    abbreviations of the flags above, such as --tp-s)."""
+    wanted = {
+        "model_path": config.model.path,
+        "served_model_name": config.model.served_model_name,
+        "tp_size": config.language_tensor_parallel_size,
+        "skip_tokenizer_init": False,
+        "incremental_streaming_output": False,
+    }
+    for name, value in wanted.items():
+        if getattr(parsed, name, value) != value:
+            raise ValueError(
+                f"language.extraArgs changed SGLang's {name} to {getattr(parsed, name)!r}; "
+                f"the resource sets {value!r}"
+            )
+
+
 def fused_rows(item: MultimodalItem) -> torch.Tensor:
     """[T, hidden * (1 + K)]: each token's embedding followed by its K DeepStack rows."""
     rows = [item.embeddings]
@@ -84,8 +106,10 @@ class SGLangLanguageModel:
         from sglang.srt.entrypoints.engine import Engine
         from sglang.srt.server_args import prepare_server_args
 
-        server_args = prepare_server_args(server_argv(config, extra_args))
-        log.info("starting the SGLang engine: %s", " ".join(server_argv(config, extra_args)))
+        argv = server_argv(config, extra_args)
+        server_args = prepare_server_args(argv)
+        check_parsed(config, server_args)
+        log.info("starting the SGLang engine: %s", " ".join(argv))
         self._engine: Any = Engine(server_args=server_args)
         hf_config = self._engine.tokenizer_manager.model_config.hf_config
         self.image_token_id = int(hf_config.image_token_id)
@@ -93,6 +117,8 @@ class SGLangLanguageModel:
         self.hidden_size = int(text_config.hidden_size)
         vision = getattr(hf_config, "vision_config", None)
         self.num_deepstack = len(getattr(vision, "deepstack_visual_indexes", None) or [])
+        self.merge_size = int(getattr(vision, "spatial_merge_size", 1))
+        self.vocab_size = int(text_config.vocab_size)
 
         self.failure = ""
         self._stopped: asyncio.Future[None] | None = None
@@ -122,7 +148,7 @@ class SGLangLanguageModel:
         max_tokens: int,
         *,
         ignore_eos: bool = False,
-    ) -> AsyncIterator[int]:
+    ) -> AsyncGenerator[int, None]:
         """Greedy tokens, one at a time, as SGLang produces them. Closing the iterator
         early aborts the request inside SGLang."""
         image_data = None
@@ -147,6 +173,8 @@ class SGLangLanguageModel:
         sampling = {"max_new_tokens": max_tokens, "temperature": 0.0, "ignore_eos": ignore_eos}
         sent = 0
         finished = False
+        chunks: Any = None
+        step: asyncio.Future[Any] | None = None
         try:
             chunks = await self._engine.async_generate(
                 input_ids=input_ids,
@@ -160,25 +188,33 @@ class SGLangLanguageModel:
                 step = asyncio.ensure_future(iterator.__anext__())
                 await asyncio.wait({step, self._stopped}, return_when=asyncio.FIRST_COMPLETED)
                 if not step.done():
-                    step.cancel()
                     raise EngineFailure(self.failure)
                 try:
                     chunk = step.result()
                 except StopAsyncIteration:
                     break
-                output_ids = chunk.get("output_ids") or []
-                for token in output_ids[sent:]:
+                # A copy: SGLang may append to its list while we yield.
+                new = list(chunk.get("output_ids") or [])[sent:]
+                sent += len(new)
+                for token in new:
                     yield int(token)
-                sent = len(output_ids)
                 reason = (chunk.get("meta_info") or {}).get("finish_reason") or {}
                 if reason.get("type") == "abort":
-                    raise EngineFailure(f"SGLang aborted the request: {reason.get('message')}")
+                    message = f"SGLang aborted the request: {reason.get('message')}"
+                    if reason.get("status_code") == 400:
+                        raise InputError(message)
+                    raise EngineFailure(message)
             finished = True
         except ValueError as e:  # SGLang's own validation (a prompt too long, ...)
             raise InputError(f"SGLang refused the request: {e}") from e
         finally:
+            if step is not None and not step.done():
+                step.cancel()
             if not finished and not self.failure:
                 self._engine.tokenizer_manager.abort_request(rid)
+            if chunks is not None and hasattr(chunks, "aclose"):
+                with contextlib.suppress(Exception):  # it may be closed or mid-step
+                    await chunks.aclose()
 
     async def stop(self) -> None:
         await asyncio.to_thread(self._engine.shutdown)

@@ -299,9 +299,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         except LegError as e:
             for task in legs:
                 task.cancel()
-            return error(
-                e.status if e.status in (400, 503, 504) else 502, e.message, "upstream_error"
-            )
+            return error(_upstream_status(e.status), e.message, "upstream_error")
         except asyncio.CancelledError:
             raise
         tokens: list[int] = results[0]["tokens"]
@@ -335,6 +333,19 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         """Relay tokens as the language server produces them (server-sent events in the
         OpenAI streaming format)."""
         language.inflight += 1
+        response: web.StreamResponse | None = None
+
+        async def fail_stream(message: str, status: int) -> web.StreamResponse:
+            """After the first byte the status is sent: an error event ends the stream."""
+            for task in legs:
+                task.cancel()
+            assert response is not None
+            failure = {"message": message, "type": "upstream_error", "code": status}
+            with contextlib.suppress(ConnectionError):
+                await response.write(f"data: {json.dumps({'error': failure})}\n\n".encode())
+                await response.write_eof()
+            return response
+
         try:
             async with session.post(
                 f"{language.url}/v1/generate", json={**payload, "stream": True}
@@ -345,9 +356,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                         task.cancel()
                     message = (body.get("error") or {}).get("message", r.reason)
                     return error(
-                        502 if r.status >= 500 else r.status,
-                        f"/v1/generate: {message}",
-                        "upstream_error",
+                        _upstream_status(r.status), f"/v1/generate: {message}", "upstream_error"
                     )
                 response = web.StreamResponse(
                     headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -355,6 +364,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 await response.prepare(request)
 
                 async def send(delta: dict[str, Any], reason: str | None, **extra: Any) -> None:
+                    assert response is not None
                     chunk = {
                         "id": completion_id,
                         "object": "chat.completion.chunk",
@@ -373,11 +383,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                         continue
                     message = json.loads(line)
                     if "error" in message:  # the language side failed mid-stream
-                        failure = {"message": f"/v1/generate: {message['error']}",
-                                   "type": "upstream_error", "code": 503}  # fmt: skip
-                        await response.write(f"data: {json.dumps({'error': failure})}\n\n".encode())
-                        await response.write_eof()
-                        return response
+                        return await fail_stream(f"/v1/generate: {message['error']}", 503)
                     tokens.append(int(message["token"]))
                     now = preprocessor.decode(tokens)
                     if now != text:
@@ -390,9 +396,12 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 await asyncio.gather(*legs, return_exceptions=True)
                 return response
         except (aiohttp.ClientError, json.JSONDecodeError) as e:
+            message = f"/v1/generate on {language.url} failed: {e}"
+            if response is not None and response.prepared:
+                return await fail_stream(message, 502)
             for task in legs:
                 task.cancel()
-            return error(502, f"/v1/generate on {language.url} failed: {e}", "upstream_error")
+            return error(502, message, "upstream_error")
         finally:
             language.inflight -= 1
 
@@ -419,6 +428,12 @@ class LegError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def _upstream_status(status: int) -> int:
+    """What the client gets for an instance's error status: the caller's own mistakes (4xx)
+    and "unavailable" or "timed out" as they are, any other failure as a bad gateway."""
+    return status if status < 500 or status in (503, 504) else 502
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -127,13 +128,15 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
     server = Server("encode")
     layout = buffer_layout(config)
     dtype = TENSOR_DTYPES[layout.dtype]
-    encoder = ReferenceEncoder(config.model.encoder_checkpoint, device=encode_device(), dtype=dtype)
-    if (encoder.hidden_size, encoder.num_deepstack) != (layout.hidden_size, layout.num_deepstack):
-        raise SystemExit(
-            f"the checkpoint has hidden size {encoder.hidden_size} and {encoder.num_deepstack} "
-            f"DeepStack layers; the configuration says {layout.hidden_size} and "
-            f"{layout.num_deepstack}"
-        )
+    device = encode_device()
+    # On a GPU the tower computes in the transferred dtype (as SGLang's would); on a CPU
+    # in float32, cast when stored (bfloat16 arithmetic is slow there).
+    encoder = ReferenceEncoder(
+        config.model.encoder_checkpoint,
+        device=device,
+        dtype=torch.float32 if device == "cpu" else dtype,
+    )
+    _check_checkpoint(encoder.hidden_size, encoder.num_deepstack, layout)
     metrics = TransferMetrics(server.registry)
     sender = EmbeddingSender(
         _buffers(config, metrics),
@@ -172,6 +175,14 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
     await serve(server, app, listen, on_stop=sender.stop)
 
 
+def _check_checkpoint(hidden_size: int, num_deepstack: int, layout: BufferLayout) -> None:
+    if (hidden_size, num_deepstack) != (layout.hidden_size, layout.num_deepstack):
+        raise SystemExit(
+            f"the checkpoint has hidden size {hidden_size} and {num_deepstack} DeepStack "
+            f"layers; the configuration says {layout.hidden_size} and {layout.num_deepstack}"
+        )
+
+
 def encode_device() -> str:
     import torch
 
@@ -184,6 +195,8 @@ class LanguageBackend(Protocol):
     image_token_id: int
     hidden_size: int
     num_deepstack: int
+    merge_size: int  # visual tokens per image: t x h x w / merge_size**2
+    vocab_size: int
 
     def stream(
         self,
@@ -193,7 +206,7 @@ class LanguageBackend(Protocol):
         max_tokens: int,
         *,
         ignore_eos: bool = False,
-    ) -> AsyncIterator[int]:
+    ) -> AsyncGenerator[int, None]:
         """Greedy tokens as they come; InputError for a prompt the model cannot take."""
         ...
 
@@ -206,7 +219,10 @@ class ReferenceLanguageBackend:
         self.image_token_id = self.model.image_token_id
         text_config = self.model.model.config.text_config
         self.hidden_size = int(text_config.hidden_size)
-        self.num_deepstack = len(self.model.model.config.vision_config.deepstack_visual_indexes)
+        vision_config = self.model.model.config.vision_config
+        self.num_deepstack = len(vision_config.deepstack_visual_indexes)
+        self.merge_size = int(vision_config.spatial_merge_size)
+        self.vocab_size = int(text_config.vocab_size)
         self._lock = asyncio.Lock()
 
     async def stream(
@@ -217,7 +233,7 @@ class ReferenceLanguageBackend:
         max_tokens: int,
         *,
         ignore_eos: bool = False,
-    ) -> AsyncIterator[int]:
+    ) -> AsyncGenerator[int, None]:
         if item is not None:
             item.embeddings = item.embeddings.float()
             if item.deepstack is not None:
@@ -245,7 +261,10 @@ def language_backend(config: RuntimeConfig, extra_args: Sequence[str]) -> Langua
     if config.backend == "sglang":
         from deepstack_runtime.backends.sglang import SGLangLanguageModel
 
-        return SGLangLanguageModel(config, extra_args)
+        try:
+            return SGLangLanguageModel(config, extra_args)
+        except ValueError as e:  # extraArgs that set what the resource owns
+            raise SystemExit(str(e)) from e
     if extra_args:
         raise SystemExit(
             f"the reference backend takes no extra arguments, got {' '.join(extra_args)}"
@@ -263,12 +282,7 @@ async def run_language(
     server = Server("language")
     model = language_backend(config, extra_args)
     layout = buffer_layout(config)
-    if (model.hidden_size, model.num_deepstack) != (layout.hidden_size, layout.num_deepstack):
-        raise SystemExit(
-            f"the checkpoint has hidden size {model.hidden_size} and {model.num_deepstack} "
-            f"DeepStack layers; the configuration says {layout.hidden_size} and "
-            f"{layout.num_deepstack}"
-        )
+    _check_checkpoint(model.hidden_size, model.num_deepstack, layout)
     metrics = TransferMetrics(server.registry)
     buffers = _buffers(config, metrics)
     receiver = EmbeddingReceiver(
@@ -286,17 +300,25 @@ async def run_language(
         if (
             not isinstance(ids, list)
             or not ids
-            or not all(isinstance(i, int) and i >= 0 for i in ids)
+            or not all(isinstance(i, int) and 0 <= i < model.vocab_size for i in ids)
         ):
-            raise BadRequest("input_ids must be a non-empty list of token ids")
+            # An id outside the vocabulary would crash the engine, not just this request.
+            raise BadRequest(
+                f"input_ids must be a non-empty list of token ids below {model.vocab_size}"
+            )
         max_tokens = body.get("max_tokens", 16)
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= max_tokens_limit:
             raise BadRequest(f"max_tokens must be an integer in [1, {max_tokens_limit}]")
         debug_logits = bool(body.get("debug_logits"))
-        if debug_logits and not isinstance(model, ReferenceLanguageBackend):
-            raise BadRequest(f"debug_logits is not available on the {config.backend} backend")
+        if debug_logits and (body.get("stream") or not isinstance(model, ReferenceLanguageBackend)):
+            raise BadRequest("debug_logits needs the reference backend and no stream")
         grid = _grid(body.get("image_grid_thw"))
         visual = sum(1 for i in ids if i == model.image_token_id)
+        if grid is not None and int(grid.prod(dim=1).sum()) != visual * model.merge_size**2:
+            raise BadRequest(
+                f"image_grid_thw describes {int(grid.prod(dim=1).sum()) // model.merge_size**2} "
+                f"visual tokens; input_ids hold {visual}"
+            )
         item = None
         if visual:
             room, encoder = body.get("room"), body.get("encoder")
@@ -309,14 +331,17 @@ async def run_language(
         tokens = model.stream(
             ids, item, grid, max_tokens, ignore_eos=bool(body.get("ignore_eos", False))
         )
-        if body.get("stream"):
-            return await _stream(request, tokens)
-        try:
-            answer: dict[str, Any] = {"tokens": [t async for t in tokens]}
-        except InputError as e:
-            raise BadRequest(str(e)) from e
-        except EngineFailure as e:
-            return error(503, str(e), "engine_error")
+        # Closed on every way out (a client that went away included): the reference
+        # model's lock is released and SGLang aborts the request at once.
+        async with contextlib.aclosing(tokens):
+            if body.get("stream"):
+                return await _stream(request, tokens)
+            try:
+                answer: dict[str, Any] = {"tokens": [t async for t in tokens]}
+            except InputError as e:
+                raise BadRequest(str(e)) from e
+            except EngineFailure as e:
+                return error(503, str(e), "engine_error")
         answer["prompt_tokens"] = len(ids)
         if debug_logits:
             assert isinstance(model, ReferenceLanguageBackend)
@@ -329,7 +354,7 @@ async def run_language(
     return str(getattr(model, "failure", ""))
 
 
-async def _stream(request: web.Request, tokens: AsyncIterator[int]) -> web.StreamResponse:
+async def _stream(request: web.Request, tokens: AsyncGenerator[int, None]) -> web.StreamResponse:
     """One JSON line per token; a failure after the first byte ends the stream with an
     `error` line (the status is already sent)."""
     try:

@@ -101,10 +101,11 @@ class EmbeddingSender:
             blocks = self.allocator.alloc(self.layout.blocks_for(item.num_tokens))
         except TransferError as e:
             self._refused[room] = e
-            loop.call_later(self.settings.handshake_timeout, self._refused.pop, room, None)
+            loop.call_later(self.settings.handshake_timeout, self._forget_refusal, room, e)
             async with self._room_added:
                 self._room_added.notify_all()
             raise
+        self._refused.pop(room, None)  # submitted again, and this time it fits
         try:
             self.buffers.scatter(blocks, item, checksum=self.settings.checksum)
         except Exception:
@@ -120,6 +121,10 @@ class EmbeddingSender:
         async with self._room_added:
             self._room_added.notify_all()
         return finished
+
+    def _forget_refusal(self, room: str, error: TransferError) -> None:
+        if self._refused.get(room) is error:
+            del self._refused[room]
 
     def _expire(self, room: str) -> None:
         entry = self._rooms.get(room)
@@ -149,10 +154,10 @@ class EmbeddingSender:
                 await self._room_added.wait_for(
                     lambda: room in self._rooms or room in self._refused
                 )
-            refused = self._refused.get(room)
-            if refused is not None:
-                raise TransferError(refused.reason, f"the encoder refused it: {refused.message}")
-            return self._rooms[room]
+            if room in self._rooms:
+                return self._rooms[room]
+            refused = self._refused[room]
+            raise TransferError(refused.reason, f"the encoder refused it: {refused.message}")
 
         try:
             return await asyncio.wait_for(present(), self.settings.handshake_timeout)
