@@ -305,7 +305,7 @@ INVALID: list[tuple[str, Callable[[Spec], None], str]] = [
         both(
             put("spec.runtime.backend", "sglang"), put("spec.language.extraArgs", ["--tp-size=2"])
         ),
-        "language.extraArgs may not set --model-path, --tp-size",
+        "language.extraArgs may not set --model-path (--model), --tp-size",
     ),
     (
         "autoscaling-min-above-max",
