@@ -88,7 +88,7 @@ class TransferMetrics:
             self.bytes.labels(payload=payload)
         for reason in FailureReason:
             self.failures.labels(reason=reason.value)
-        for state in ("used", "free"):
+        for state in ("used", "free", "fenced"):
             self.blocks.labels(state=state)
 
     def record_chunk(self, stats: ChunkStats) -> None:
@@ -102,6 +102,10 @@ class TransferMetrics:
 
     def set_buffer_memory(self, memory: str, device: str) -> None:
         self.buffer_memory.labels(memory=memory, device=device).set(1)
+
+    def set_fenced(self, fenced: int) -> None:
+        """Used blocks kept until their encoder can no longer write into them."""
+        self.blocks.labels(state="fenced").set(fenced)
 
     def set_blocks(self, used: int, free: int) -> None:
         self.blocks.labels(state="used").set(used)

@@ -3,8 +3,12 @@
 Each peer process runs one EmbeddingSender or EmbeddingReceiver on a real Mooncake
 TransferEngine (tcp, 127.0.0.1) and executes commands concurrently:
     ("submit", room, item)      sender
-    ("receive", room, address)  receiver -> item
-    ("state",)                  -> {"used", "free", "rooms", "metrics": exposition text}
+    ("receive", room, address[, give_up_after])  receiver -> item; with give_up_after
+                                the receive is cancelled after that many seconds, as an
+                                abandoned request's is
+    ("slow_next_write", seconds)  sender: its next write starts that much later (a late
+                                write, as from an overloaded or stalled peer)
+    ("state",)                  -> {"used", "free", "fenced", "rooms", "metrics": text}
 A peer can be told to die (os._exit) right after its first chunk, to inject faults.
 """
 
@@ -16,6 +20,7 @@ import io
 import itertools
 import multiprocessing as mp
 import os
+import time
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
@@ -69,7 +74,17 @@ async def _peer(
         os._exit(DIE_EXIT_CODE)
 
     hook = die_now if die else None
-    transport = MooncakeTransport("127.0.0.1", "tcp")
+
+    class StallableTransport(MooncakeTransport):
+        delay_next = 0.0
+
+        def write(self, target_session: str, entries: Any) -> None:
+            delay, StallableTransport.delay_next = StallableTransport.delay_next, 0.0
+            if delay:
+                time.sleep(delay)  # on the write thread, as a stalled write would
+            super().write(target_session, entries)
+
+    transport = StallableTransport("127.0.0.1", "tcp")
     buffers = MultimodalDataBuffers(layout, device=device)
     node: EmbeddingSender | EmbeddingReceiver
     if role == "sender":
@@ -89,9 +104,23 @@ async def _peer(
                 result: tuple[Any, ...] = ("ok", None)
             elif cmd[0] == "receive":
                 assert isinstance(node, EmbeddingReceiver)
-                result = ("ok", encode_item(await node.receive(cmd[1], cmd[2])))
+                receiving = node.receive(cmd[1], cmd[2])
+                if len(cmd) > 3:
+                    try:
+                        got = await asyncio.wait_for(receiving, cmd[3])
+                    except TimeoutError:
+                        result = ("error", "abandoned", f"given up after {cmd[3]}s")
+                        conn.send((cmd_id, result))
+                        return
+                else:
+                    got = await receiving
+                result = ("ok", encode_item(got))
+            elif cmd[0] == "slow_next_write":
+                StallableTransport.delay_next = float(cmd[1])
+                result = ("ok", None)
             elif cmd[0] == "state":
                 state = {
+                    "fenced": node.fenced_blocks if isinstance(node, EmbeddingReceiver) else 0,
                     "used": node.allocator.used_blocks,
                     "free": node.allocator.free_blocks,
                     "rooms": node.rooms if isinstance(node, EmbeddingSender) else 0,

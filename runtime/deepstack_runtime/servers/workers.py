@@ -168,6 +168,9 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
             await finished
         except TransferError as e:
             return _transfer_error(e)
+        except asyncio.CancelledError:  # the requester went away
+            sender.abort(room, "the encode request was abandoned")
+            raise
         return web.json_response({"room": room, "tokens": item.num_tokens})
 
     app = server.app()
@@ -350,7 +353,14 @@ async def run_language(
 
     app = server.app()
     app.router.add_post("/v1/generate", server.tracked("/v1/generate", generate))
-    await serve(server, app, listen, on_stop=getattr(model, "stop", None))
+
+    async def stop() -> None:
+        await receiver.close()  # no block is left to a write still in flight
+        engine_stop = getattr(model, "stop", None)
+        if engine_stop is not None:
+            await engine_stop()
+
+    await serve(server, app, listen, on_stop=stop)
     return str(getattr(model, "failure", ""))
 
 

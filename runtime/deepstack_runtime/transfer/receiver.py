@@ -1,11 +1,20 @@
 """The language side: preallocates `default_tokens`, receives what fits, and asks the encode
-side to resume into newly allocated blocks until the whole sequence is in place."""
+side to resume into newly allocated blocks until the whole sequence is in place.
+
+A receipt goes CONNECTING -> RECEIVING (waiting for a chunk) <-> RESUMING (allocating
+more, asking for it) -> DONE, or FAILED (timeout, abort, cancellation, peer lost). The
+fence: after a failure while the encoder may still be writing, the blocks are freed only
+once the encoder closes the control connection, which it does only when no write of its
+can still be in flight (sender.py); until then they count as `fenced`. A closed
+connection or a dead encoder process frees them at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import time
 from collections.abc import Callable
 
@@ -20,6 +29,20 @@ from deepstack_runtime.transfer.settings import TransferSettings
 
 # Called when a chunk has arrived, before the receiver answers: (room, round).
 ChunkObserver = Callable[[str, int], None]
+
+
+class ReceiptState(enum.Enum):
+    CONNECTING = "connecting"
+    RECEIVING = "receiving"  # the encoder may be writing into our blocks
+    RESUMING = "resuming"  # a chunk arrived; no write until we ask for the next
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass
+class _Receipt:
+    room: str
+    state: ReceiptState = ReceiptState.CONNECTING
 
 
 class EmbeddingReceiver:
@@ -39,6 +62,8 @@ class EmbeddingReceiver:
         self.metrics = metrics or TransferMetrics()
         self.allocator = BlockAllocator(self.layout.num_blocks, on_change=self.metrics.set_blocks)
         self._freed = asyncio.Event()
+        self._fenced = 0  # blocks waiting for their encoder to close the connection
+        self._fences: set[asyncio.Task[None]] = set()
         self._on_chunk_received = on_chunk_received
         self._default_blocks = self.layout.blocks_for(settings.default_tokens)
         if self._default_blocks > self.layout.num_blocks:
@@ -46,6 +71,11 @@ class EmbeddingReceiver:
                 f"default_tokens={settings.default_tokens} needs {self._default_blocks} blocks; "
                 f"the pool has {self.layout.num_blocks}"
             )
+
+    @property
+    def fenced_blocks(self) -> int:
+        """Blocks held until their encoder can no longer write into them."""
+        return self._fenced
 
     def start(self) -> None:
         self.transport.register(self.buffers.base_ptr, self.buffers.nbytes)
@@ -60,39 +90,109 @@ class EmbeddingReceiver:
         protocol.check_room(room)
         started = time.monotonic()
         held: list[int] = []
+        reader: asyncio.StreamReader | None = None
         writer: asyncio.StreamWriter | None = None
+        failure: TransferError | None = None
+        receipt = _Receipt(room)
         self.metrics.inflight.inc()
         try:
             async with asyncio.timeout(self.settings.transfer_timeout):
                 held += await self._alloc(self._default_blocks)
                 reader, writer = await self._connect(sender_address)
-                item = await self._receive_rounds(room, held, reader, writer, out)
+                item = await self._receive_rounds(receipt, held, reader, writer, out)
             self.metrics.duration.observe(time.monotonic() - started)
             return item
         except TimeoutError:
-            error = TransferError(
+            failure = TransferError(
                 FailureReason.TIMEOUT,
                 f"room {room}: not received within {self.settings.transfer_timeout:g}s",
             )
-            await self._fail(error, writer)
-            raise error from None
+            raise failure from None
         except TransferError as error:
-            await self._fail(error, writer)
+            failure = error
+            raise
+        except asyncio.CancelledError:  # the request was abandoned
+            failure = TransferError(FailureReason.ABORTED, f"room {room}: the request went away")
             raise
         finally:
-            if held:
-                self.allocator.free(held)
-                self._freed.set()
             self.metrics.inflight.dec()
-            if writer is not None:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+            writing_possible = receipt.state is ReceiptState.RECEIVING
+            receipt.state = ReceiptState.FAILED if failure is not None else ReceiptState.DONE
+            if failure is not None:
+                self.metrics.record_failure(failure.reason)
+            self._release(held, reader, writer, failure, writing_possible)
 
-    async def _fail(self, error: TransferError, writer: asyncio.StreamWriter | None) -> None:
-        self.metrics.record_failure(error.reason)
-        if writer is not None and error.reason is not FailureReason.PEER_LOST:
-            await protocol.send_error_quietly(writer, error)
+    def _release(
+        self,
+        held: list[int],
+        reader: asyncio.StreamReader | None,
+        writer: asyncio.StreamWriter | None,
+        failure: TransferError | None,
+        writing_possible: bool,
+    ) -> None:
+        """Free the blocks now when no write can land in them any more (done, between
+        rounds, or the encoder's side of the connection is gone); else tell the encoder and
+        free them when it closes the connection (the fence)."""
+        if writer is None or reader is None:
+            self._free(held)
+            return
+        gone = reader.at_eof() or (
+            failure is not None and failure.reason is FailureReason.PEER_LOST
+        )
+        if failure is None or gone or not writing_possible:
+            self._free(held)
+            if failure is not None and not gone:
+                task = asyncio.get_running_loop().create_task(self._tell(writer, failure))
+                self._fences.add(task)
+                task.add_done_callback(self._fences.discard)
+            else:
+                writer.close()
+            return
+        self._fenced += len(held)
+        self.metrics.set_fenced(self._fenced)
+        task = asyncio.get_running_loop().create_task(self._fence(held, reader, writer, failure))
+        self._fences.add(task)
+        task.add_done_callback(self._fences.discard)
+
+    async def _fence(
+        self,
+        held: list[int],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        failure: TransferError,
+    ) -> None:
+        try:
+            await protocol.send_error_quietly(writer, failure)
+            with contextlib.suppress(OSError, ValueError):
+                while await reader.read(1 << 16):  # until the encoder closes it
+                    pass
+        finally:
+            self._fenced -= len(held)
+            self.metrics.set_fenced(self._fenced)
+            self._free(held)
+            writer.close()
+
+    @staticmethod
+    async def _tell(writer: asyncio.StreamWriter, failure: TransferError) -> None:
+        try:
+            await protocol.send_error_quietly(writer, failure)
+        finally:
+            writer.close()
+
+    def _free(self, held: list[int]) -> None:
+        if held:
+            self.allocator.free(held)
+            self._freed.set()
+
+    async def close(self) -> None:
+        """Wait (up to the transfer timeout) for the fences still up: their encoders close
+        their connections once their writes are over."""
+        if self._fences:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*self._fences, return_exceptions=True),
+                    self.settings.transfer_timeout,
+                )
 
     async def _connect(self, address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, _, port = address.rpartition(":")
@@ -131,12 +231,14 @@ class EmbeddingReceiver:
 
     async def _receive_rounds(
         self,
-        room: str,
+        receipt: _Receipt,
         held: list[int],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         out: MultimodalItem | None,
     ) -> MultimodalItem:
+        room = receipt.room
+        receipt.state = ReceiptState.RECEIVING  # from the hello on, the encoder may write
         await protocol.send(
             writer,
             "hello",
@@ -152,6 +254,7 @@ class EmbeddingReceiver:
         waiting = self.settings.transfer_timeout
         while True:
             msg = await protocol.receive(reader, waiting, "written")
+            receipt.state = ReceiptState.RESUMING
             if msg["op"] != "written" or protocol.int_field(msg, "offset") != received:
                 raise TransferError(
                     FailureReason.BAD_REQUEST, f"unexpected {msg} at offset {received}"
@@ -195,6 +298,7 @@ class EmbeddingReceiver:
             self.metrics.resumptions.inc()
             more = await self._alloc(needed)
             held += more
+            receipt.state = ReceiptState.RECEIVING
             await protocol.send(writer, "resume", offset=received, blocks=more)
             waiting = self.settings.resume_timeout
 

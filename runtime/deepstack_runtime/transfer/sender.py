@@ -1,12 +1,22 @@
 """The encode side: holds encoded items in its pool until a receiver asks for them, then
-writes them into the receiver's blocks, in as many rounds as the receiver needs."""
+writes them into the receiver's blocks, in as many rounds as the receiver needs.
+
+A room goes WAITING (submitted, no receiver yet) -> SENDING (a write in flight) <->
+AWAITING (the receiver has the chunk; resume or done?) -> DONE, or FAILED from any state
+(timeout, abort from either side, peer lost). The fence: a room's blocks are freed, and
+its control connection closed, only once no write of it can still be in flight, so a
+write can never land in receiver blocks that were freed and reused. The receiver frees
+its blocks when it sees the connection close (see receiver.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from deepstack_runtime.allocator import BlockAllocator
@@ -20,10 +30,17 @@ from deepstack_runtime.transfer.settings import TransferSettings
 
 # Called after a chunk's bytes are in the receiver's memory, before it is told: (room, round).
 ChunkObserver = Callable[[str, int], None]
-# Smaller writes run on the event loop: they take less time than handing them to a thread
-# (measured: 64 KiB 0.07 ms inline vs 0.17 ms through a thread); larger ones must not
-# block other requests.
-_WRITE_OFF_LOOP_BYTES = 1 << 20
+# Writes run on these threads, never on the event loop: one slow peer must not stall the
+# other transfers or the health probes.
+WRITE_THREADS = 4
+
+
+class SenderState(enum.Enum):
+    WAITING = "waiting"
+    SENDING = "sending"
+    AWAITING = "awaiting"
+    DONE = "done"
+    FAILED = "failed"
 
 
 @dataclass
@@ -31,7 +48,11 @@ class _Room:
     blocks: list[int]
     num_tokens: int
     finished: asyncio.Future[None]
+    state: SenderState = SenderState.WAITING
     claimed: bool = False
+    aborted: str = ""  # why, when this side gave up on the room
+    writing: Future[None] | None = None  # the write in flight, if any (the fence)
+    task: asyncio.Task[None] | None = None  # serving its receiver
     expiry: asyncio.TimerHandle | None = None
     submitted_at: float = field(default_factory=time.monotonic)
 
@@ -63,6 +84,7 @@ class EmbeddingSender:
         self._server: asyncio.Server | None = None
         self._on_chunk_written = on_chunk_written
         self._region = region_of(buffers)
+        self._write_pool = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="mooncake-write")
 
     async def start(self) -> None:
         self.transport.register(self.buffers.base_ptr, self.buffers.nbytes)
@@ -74,9 +96,27 @@ class EmbeddingSender:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
         for room in list(self._rooms):
-            self._drop(room, TransferError(FailureReason.ABORTED, "the encoder is stopping"))
+            self.abort(room, "the encoder is stopping")
+        if self._server is not None:
+            await self._server.wait_closed()
+        self._write_pool.shutdown(wait=True)  # the fence: no write outlives the sender
+
+    def abort(self, room: str, why: str) -> None:
+        """Give up on `room` (its requester went away, say): a room no receiver has claimed
+        is dropped now; one being sent stops after the write in flight, and the receiver
+        is told why."""
+        entry = self._rooms.get(room)
+        if entry is None:
+            return
+        if not entry.claimed:
+            error = TransferError(FailureReason.ABORTED, f"room {room}: {why}")
+            self._drop(room, error)
+            self.metrics.record_failure(error.reason)
+        elif not entry.aborted:
+            entry.aborted = why
+            if entry.task is not None:  # the fence in _serve waits for a write in flight
+                entry.task.cancel()
 
     @property
     def address(self) -> str:
@@ -159,20 +199,22 @@ class EmbeddingSender:
             refused = self._refused[room]
             raise TransferError(refused.reason, f"the encoder refused it: {refused.message}")
 
+        # Nearly as long as the receiver waits for its first chunk (the encode request may
+        # still be queued behind other images), so that the receiver hears why in time.
+        wait = self.settings.room_wait
         try:
-            return await asyncio.wait_for(present(), self.settings.handshake_timeout)
+            return await asyncio.wait_for(present(), wait)
         except TimeoutError:
             raise TransferError(
                 FailureReason.UNKNOWN_ROOM,
-                f"room {room} was not submitted to this encoder within "
-                f"{self.settings.handshake_timeout:g}s",
+                f"room {room} was not submitted to this encoder within {wait:g}s",
             ) from None
 
     # --- one receiver connection ------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         room: str | None = None
-        claimed = False
+        entry: _Room | None = None
         failure: TransferError | None = None
         self.metrics.inflight.inc()
         try:
@@ -181,12 +223,14 @@ class EmbeddingSender:
                 raise TransferError(FailureReason.BAD_REQUEST, f"expected hello, got {hello['op']}")
             room = protocol.check_room(hello.get("room"))
             session, dst_region, theirs = self._check_hello(hello)
-            entry = await self._wait_for_room(room)
-            if entry.claimed:
+            found = await self._wait_for_room(room)
+            if found.claimed:
                 raise TransferError(
                     FailureReason.DUPLICATE_ROOM, f"room {room} already has a receiver"
                 )
-            entry.claimed = claimed = True
+            entry = found
+            entry.claimed = True
+            entry.task = asyncio.current_task()
             if entry.expiry is not None:
                 entry.expiry.cancel()
             await asyncio.wait_for(
@@ -200,17 +244,37 @@ class EmbeddingSender:
             )
         except TransferError as error:
             failure = error
+        except asyncio.CancelledError:
+            if entry is None or not entry.aborted:
+                raise  # the server is going away, not an abort of ours
+            failure = TransferError(FailureReason.ABORTED, f"room {room}: {entry.aborted}")
         finally:
+            if entry is not None:
+                await self._fence(entry)
+                entry.state = SenderState.FAILED if failure is not None else SenderState.DONE
             if failure is not None:
                 self.metrics.record_failure(failure.reason)
                 if failure.reason is not FailureReason.PEER_LOST:
                     await protocol.send_error_quietly(writer, failure)
-            if claimed and room is not None:
+            if entry is not None and room is not None:
                 self._drop(room, failure)
             self.metrics.inflight.dec()
+            # Only now may the receiver reuse its blocks: no write of ours is in flight.
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    @staticmethod
+    async def _fence(entry: _Room) -> None:
+        """Wait until the room's write in flight, if any, has finished."""
+        pending = entry.writing
+        while pending is not None and not pending.done():
+            try:
+                await asyncio.shield(asyncio.wrap_future(pending))
+            except asyncio.CancelledError:
+                continue  # cancelled again: the write still has to end first
+            except Exception:
+                break
 
     def _check_hello(self, hello: protocol.Message) -> tuple[str, RegionInfo, BufferLayout]:
         session = hello.get("session")
@@ -267,10 +331,10 @@ class EmbeddingSender:
             src = entry.blocks[offset // b : offset // b + self.layout.blocks_for(tokens)]
             dst = dst_blocks[: len(src)]
             entries = plan_chunk(self._region, dst_region, src, dst, tokens, b)
-            if sum(e.nbytes for e in entries) < _WRITE_OFF_LOOP_BYTES:
-                self.transport.write(session, entries)  # a thread hop would cost more
-            else:
-                await asyncio.to_thread(self.transport.write, session, entries)
+            entry.state = SenderState.SENDING
+            entry.writing = self._write_pool.submit(self.transport.write, session, entries)
+            await asyncio.wrap_future(entry.writing)
+            entry.state = SenderState.AWAITING
             by_payload = self.layout.payload_bytes(tokens)
             self.metrics.record_chunk(ChunkStats(by_payload, resumed=round_no > 0))
             if self._on_chunk_written is not None:

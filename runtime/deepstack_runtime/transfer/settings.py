@@ -21,3 +21,9 @@ class TransferSettings:
             raise ValueError("timeouts must be > 0")
         if self.max_rounds < 0:
             raise ValueError("max_rounds must be >= 0")
+
+    @property
+    def room_wait(self) -> float:
+        """How long an encoder waits for a receiver's room to be submitted: the receiver's
+        deadline less one handshake, so that its answer arrives before that deadline."""
+        return max(self.transfer_timeout - self.handshake_timeout, self.handshake_timeout)
