@@ -27,10 +27,12 @@ class FailureReason(StrEnum):
 class TransferError(Exception):
     """A transfer that did not complete. Its blocks have been freed when this is raised."""
 
-    def __init__(self, reason: FailureReason, message: str) -> None:
+    def __init__(self, reason: FailureReason, message: str, *, from_peer: bool = False) -> None:
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
         self.message = message
+        # Reported by the other side, which says so only once it has stopped writing.
+        self.from_peer = from_peer
 
 
 class InputError(ValueError):

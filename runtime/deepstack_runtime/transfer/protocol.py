@@ -64,7 +64,7 @@ async def receive(reader: asyncio.StreamReader, timeout: float, waiting_for: str
         raise TransferError(FailureReason.BAD_REQUEST, "control message without an op")
     if msg["op"] == "error":
         reason = _reason(msg.get("reason"))
-        raise TransferError(reason, f"peer reported: {msg.get('message', '')}")
+        raise TransferError(reason, f"peer reported: {msg.get('message', '')}", from_peer=True)
     return msg
 
 

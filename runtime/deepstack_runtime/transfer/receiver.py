@@ -137,7 +137,7 @@ class EmbeddingReceiver:
             self._free(held)
             return
         gone = reader.at_eof() or (
-            failure is not None and failure.reason is FailureReason.PEER_LOST
+            failure is not None and (failure.from_peer or failure.reason is FailureReason.PEER_LOST)
         )
         if failure is None or gone or not writing_possible:
             self._free(held)

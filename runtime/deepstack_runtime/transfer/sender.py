@@ -223,7 +223,7 @@ class EmbeddingSender:
                 raise TransferError(FailureReason.BAD_REQUEST, f"expected hello, got {hello['op']}")
             room = protocol.check_room(hello.get("room"))
             session, dst_region, theirs = self._check_hello(hello)
-            found = await self._wait_for_room(room)
+            found = await self._wait_for_room_or_abort(room, reader)
             if found.claimed:
                 raise TransferError(
                     FailureReason.DUPLICATE_ROOM, f"room {room} already has a receiver"
@@ -263,6 +263,26 @@ class EmbeddingSender:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    async def _wait_for_room_or_abort(self, room: str, reader: asyncio.StreamReader) -> _Room:
+        """Wait for the room, unless the receiver gives up first (it says why, or hangs
+        up): nothing has been written for it, so it need not wait for us."""
+        waiting = asyncio.ensure_future(self._wait_for_room(room))
+        hearing = asyncio.ensure_future(
+            protocol.receive(reader, self.settings.transfer_timeout, "the room")
+        )
+        try:
+            await asyncio.wait({waiting, hearing}, return_when=asyncio.FIRST_COMPLETED)
+            if waiting.done():
+                return waiting.result()
+            message = hearing.result()  # raises the receiver's error, or PEER_LOST
+            raise TransferError(FailureReason.BAD_REQUEST, f"unexpected {message['op']}")
+        finally:
+            for task in (waiting, hearing):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, TransferError):
+                        await task
 
     @staticmethod
     async def _fence(entry: _Room) -> None:
