@@ -290,6 +290,29 @@ def test_receiver_of_a_refused_room_hears_why_at_once() -> None:
         assert torch.equal(bits(decode_item(got).embeddings), bits(item.embeddings))
 
 
+def test_receivers_under_pool_pressure_never_hold_and_wait() -> None:
+    """Four receivers of 6-block items on an 8-block pool, 4 blocks preallocated each: if
+    each took its first blocks and waited for the rest, all would stall and fail; admitted
+    whole, in arrival order, all four get their item."""
+    pool = layout(3, "float32", blocks=8)
+    items = {f"p{i}": random_item(6 * BLOCK, 3, "float32", seed=20 + i) for i in range(4)}
+    with (
+        Peer("sender", layout(3, "float32"), SETTINGS) as sender,
+        Peer("receiver", pool, SETTINGS) as receiver,
+    ):
+        pending = {
+            room: receiver.send("receive", room, sender.address, None, 6 * BLOCK) for room in items
+        }
+        for room, item in items.items():
+            assert sender.call("submit", room, encode_item(item)) == ("ok", None)
+        for room, item in items.items():
+            status, got = receiver.result(pending[room], timeout=60)
+            assert status == "ok", got
+            assert torch.equal(bits(decode_item(got).embeddings), bits(item.embeddings))
+        assert receiver.state()["used"] == 0
+        assert failures(receiver, "pool_exhausted") == 0
+
+
 def test_bad_and_duplicate_rooms_are_refused() -> None:
     with Peer("sender", layout(0, "float32"), FAST) as sender:
         item = encode_item(random_item(5, 0, "float32", seed=6))

@@ -3,9 +3,10 @@
 Each peer process runs one EmbeddingSender or EmbeddingReceiver on a real Mooncake
 TransferEngine (tcp, 127.0.0.1) and executes commands concurrently:
     ("submit", room, item)      sender
-    ("receive", room, address[, give_up_after])  receiver -> item; with give_up_after
-                                the receive is cancelled after that many seconds, as an
-                                abandoned request's is
+    ("receive", room, address[, give_up_after[, tokens]])  receiver -> item; with
+                                give_up_after the receive is cancelled after that many
+                                seconds, as an abandoned request's is; with tokens the
+                                length is known beforehand (as the language server knows it)
     ("slow_next_write", seconds)  sender: its next write starts that much later (a late
                                 write, as from an overloaded or stalled peer)
     ("state",)                  -> {"used", "free", "fenced", "rooms", "metrics": text}
@@ -104,8 +105,11 @@ async def _peer(
                 result: tuple[Any, ...] = ("ok", None)
             elif cmd[0] == "receive":
                 assert isinstance(node, EmbeddingReceiver)
-                receiving = node.receive(cmd[1], cmd[2])
-                if len(cmd) > 3:
+                # ("receive", room, address, give_up_after or None, tokens or None): with
+                # tokens, the length is known beforehand, as the language server knows it.
+                out = node.buffers.empty_item(cmd[4]) if len(cmd) > 4 and cmd[4] else None
+                receiving = node.receive(cmd[1], cmd[2], out)
+                if len(cmd) > 3 and cmd[3] is not None:
                     try:
                         got = await asyncio.wait_for(receiving, cmd[3])
                     except TimeoutError:

@@ -7,6 +7,12 @@ fence: after a failure while the encoder may still be writing, the blocks are fr
 once the encoder closes the control connection, which it does only when no write of its
 can still be in flight (sender.py); until then they count as `fenced`. A closed
 connection or a dead encoder process frees them at once.
+
+Allocation cannot deadlock: when the sequence length is known (the language side knows it
+from the prompt), a receipt is admitted only once the pool can hold all of it, in arrival
+order, and the blocks of its later rounds are reserved then, so no receipt ever holds
+blocks while it waits for more (no hold-and-wait). Without a known length, a round waits
+for blocks at most `resume_timeout` and then fails, freeing what it held.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class ReceiptState(enum.Enum):
 class _Receipt:
     room: str
     state: ReceiptState = ReceiptState.CONNECTING
+    reserved: int = 0  # blocks admitted for it and not yet taken
 
 
 class EmbeddingReceiver:
@@ -63,6 +70,8 @@ class EmbeddingReceiver:
         self.allocator = BlockAllocator(self.layout.num_blocks, on_change=self.metrics.set_blocks)
         self._freed = asyncio.Event()
         self._fenced = 0  # blocks waiting for their encoder to close the connection
+        self._promised = 0  # blocks reserved by admitted receipts, not yet allocated
+        self._queue: list[object] = []  # receipts waiting for admission, in arrival order
         self._fences: set[asyncio.Task[None]] = set()
         self._on_chunk_received = on_chunk_received
         self._default_blocks = self.layout.blocks_for(settings.default_tokens)
@@ -97,7 +106,11 @@ class EmbeddingReceiver:
         self.metrics.inflight.inc()
         try:
             async with asyncio.timeout(self.settings.transfer_timeout):
-                held += await self._alloc(self._default_blocks)
+                first = self._default_blocks
+                if out is not None:
+                    receipt.reserved = await self._admit(self.layout.blocks_for(out.num_tokens))
+                    first = min(first, receipt.reserved)
+                held += await self._take(receipt, first)
                 reader, writer = await self._connect(sender_address)
                 item = await self._receive_rounds(receipt, held, reader, writer, out)
             self.metrics.duration.observe(time.monotonic() - started)
@@ -115,6 +128,7 @@ class EmbeddingReceiver:
             failure = TransferError(FailureReason.ABORTED, f"room {room}: the request went away")
             raise
         finally:
+            self._unreserve(receipt.reserved)
             self.metrics.inflight.dec()
             writing_possible = receipt.state is ReceiptState.RECEIVING
             receipt.state = ReceiptState.FAILED if failure is not None else ReceiptState.DONE
@@ -213,21 +227,79 @@ class EmbeddingReceiver:
                 FailureReason.CONNECT_FAILED, f"cannot reach encoder {address}: {e}"
             ) from e
 
-    async def _alloc(self, count: int) -> list[int]:
-        """Allocate, waiting for blocks freed by other requests up to the resume timeout."""
+    def _available(self) -> int:
+        return self.allocator.free_blocks - self._promised
+
+    async def _admit(self, blocks: int) -> int:
+        """Reserve `blocks` for one receipt, waiting in arrival order (up to the resume
+        timeout) until the pool can hold them all; returns the reservation."""
+        if blocks > self.layout.num_blocks:
+            raise TransferError(
+                FailureReason.OVERSIZE,
+                f"{blocks} blocks needed; the whole pool has {self.layout.num_blocks}",
+            )
+        ticket = object()
+        self._queue.append(ticket)
         deadline = time.monotonic() + self.settings.resume_timeout
-        while True:
-            try:
-                return self.allocator.alloc(count)
-            except TransferError as e:
-                if e.reason is not FailureReason.POOL_EXHAUSTED:
-                    raise
+        try:
+            while self._queue[0] is not ticket or self._available() < blocks:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise
+                    raise TransferError(
+                        FailureReason.POOL_EXHAUSTED,
+                        f"{blocks} blocks needed, {self._available()} of "
+                        f"{self.layout.num_blocks} free for {self.settings.resume_timeout:g}s",
+                    )
                 self._freed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._freed.wait(), left)
+            self._promised += blocks
+            return blocks
+        finally:
+            self._queue.remove(ticket)
+            self._freed.set()  # the next in line may fit now
+
+    def _unreserve(self, blocks: int) -> None:
+        if blocks:
+            self._promised -= blocks
+            self._freed.set()
+
+    async def _take(self, receipt: _Receipt, count: int) -> list[int]:
+        """`count` blocks for `receipt`: from its reservation, which never waits, or (for a
+        receipt of unknown length) from the pool, waiting up to the resume timeout."""
+        from_reservation = min(count, receipt.reserved)
+        blocks = []
+        if from_reservation:
+            receipt.reserved -= from_reservation
+            self._promised -= from_reservation
+            blocks = self.allocator.alloc(from_reservation)  # free >= promised: never fails
+        if count > from_reservation:
+            try:
+                blocks += await self._alloc(count - from_reservation)
+            except BaseException:
+                self._free(blocks)
+                raise
+        return blocks
+
+    async def _alloc(self, count: int) -> list[int]:
+        """Allocate from what no reservation holds, waiting for blocks freed by other
+        requests up to the resume timeout."""
+        deadline = time.monotonic() + self.settings.resume_timeout
+        while True:
+            if count <= self._available():
+                return self.allocator.alloc(count)
+            if count > self.layout.num_blocks:
+                return self.allocator.alloc(count)  # raises OVERSIZE
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransferError(
+                    FailureReason.POOL_EXHAUSTED,
+                    f"{count} blocks requested, {self._available()} of "
+                    f"{self.layout.num_blocks} free",
+                )
+            self._freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), left)
 
     async def _receive_rounds(
         self,
@@ -296,7 +368,7 @@ class EmbeddingReceiver:
                     f"the whole pool has {self.layout.num_blocks}",
                 )
             self.metrics.resumptions.inc()
-            more = await self._alloc(needed)
+            more = await self._take(receipt, needed)
             held += more
             receipt.state = ReceiptState.RECEIVING
             await protocol.send(writer, "resume", offset=received, blocks=more)
