@@ -245,9 +245,10 @@ class EmbeddingSender:
         except TransferError as error:
             failure = error
         except asyncio.CancelledError:
+            why = entry.aborted if entry is not None and entry.aborted else "the encoder stopped"
+            failure = TransferError(FailureReason.ABORTED, f"room {room}: {why}")
             if entry is None or not entry.aborted:
                 raise  # the server is going away, not an abort of ours
-            failure = TransferError(FailureReason.ABORTED, f"room {room}: {entry.aborted}")
         finally:
             if entry is not None:
                 await self._fence(entry)
