@@ -240,19 +240,11 @@ class EmbeddingReceiver:
             )
         ticket = object()
         self._queue.append(ticket)
-        deadline = time.monotonic() + self.settings.resume_timeout
         try:
-            while self._queue[0] is not ticket or self._available() < blocks:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TransferError(
-                        FailureReason.POOL_EXHAUSTED,
-                        f"{blocks} blocks needed, {self._available()} of "
-                        f"{self.layout.num_blocks} free for {self.settings.resume_timeout:g}s",
-                    )
-                self._freed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._freed.wait(), left)
+            await self._wait_until(
+                lambda: self._queue[0] is ticket and self._available() >= blocks,
+                f"{blocks} blocks needed",
+            )
             self._promised += blocks
             return blocks
         finally:
@@ -284,18 +276,21 @@ class EmbeddingReceiver:
     async def _alloc(self, count: int) -> list[int]:
         """Allocate from what no reservation holds, waiting for blocks freed by other
         requests up to the resume timeout."""
+        if count <= self.layout.num_blocks:
+            await self._wait_until(lambda: self._available() >= count, f"{count} blocks needed")
+        return self.allocator.alloc(count)  # OVERSIZE beyond the whole pool
+
+    async def _wait_until(self, ready: Callable[[], bool], need: str) -> None:
+        """Wait until `ready()`, re-checked whenever blocks are freed, up to the resume
+        timeout; then POOL_EXHAUSTED."""
         deadline = time.monotonic() + self.settings.resume_timeout
-        while True:
-            if count <= self._available():
-                return self.allocator.alloc(count)
-            if count > self.layout.num_blocks:
-                return self.allocator.alloc(count)  # raises OVERSIZE
+        while not ready():
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TransferError(
                     FailureReason.POOL_EXHAUSTED,
-                    f"{count} blocks requested, {self._available()} of "
-                    f"{self.layout.num_blocks} free",
+                    f"{need}, {self._available()} of {self.layout.num_blocks} free for "
+                    f"{self.settings.resume_timeout:g}s",
                 )
             self._freed.clear()
             with contextlib.suppress(TimeoutError):
