@@ -51,6 +51,7 @@ class TransferConfig:
     bootstrap_port: int = 8998
     handshake_timeout_seconds: int = 10
     transfer_timeout_seconds: int = 60
+    max_queued_requests: int = 64
     resume_max_rounds: int = 8
     resume_timeout_seconds: int = 30
 
@@ -182,6 +183,7 @@ class RuntimeConfig:
                 bootstrap_port=transfer.get("bootstrapPort", 8998),
                 handshake_timeout_seconds=transfer.get("handshakeTimeoutSeconds", 10),
                 transfer_timeout_seconds=transfer.get("transferTimeoutSeconds", 60),
+                max_queued_requests=transfer.get("maxQueuedRequests", 64),
                 resume_max_rounds=resumption.get("maxRounds", 8),
                 resume_timeout_seconds=resumption.get("timeoutSeconds", 30),
             ),

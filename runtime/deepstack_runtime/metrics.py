@@ -83,6 +83,11 @@ class TransferMetrics:
             "Transfers in progress.",
             registry=r,
         )
+        self.queued = Gauge(
+            "deepstack_transfer_queued_requests",
+            "Receivers waiting for enough free blocks to be admitted (language side).",
+            registry=r,
+        )
         # Every series exists from the start, at zero.
         for payload in PAYLOAD_LABELS:
             self.bytes.labels(payload=payload)

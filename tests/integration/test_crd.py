@@ -99,6 +99,7 @@ def test_defaults_appear_on_the_stored_object(custom_api: Any, namespace: str) -
     assert transfer["blockTokens"] == 256
     assert transfer["defaultAllocationTokens"] == 4096
     assert transfer["poolBlocks"] == 1024
+    assert transfer["maxQueuedRequests"] == 64
     assert transfer["resumption"] == {"maxRounds": 8, "timeoutSeconds": 30}
     for role in ("encode", "language"):
         assert spec[role]["replicas"] == 1
@@ -232,6 +233,11 @@ INVALID: list[tuple[str, Callable[[Spec], None], str]] = [
         "default-allocation-exceeds-pool",
         put("spec.transfer.poolBlocks", 2),
         "transfer.defaultAllocationTokens must fit in the pool",
+    ),
+    (
+        "no-queue",
+        put("spec.transfer.maxQueuedRequests", 0),
+        "spec.transfer.maxQueuedRequests: Invalid value: 0",
     ),
     (
         "deepstack-layers-when-disabled",

@@ -8,11 +8,12 @@ in-flight ones to finish (up to a deadline), then exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,13 +49,36 @@ class ServingMetrics:
             registry=registry,
         )
         self.inflight.labels(role=role)
+        self.queued = Gauge(
+            "deepstack_requests_queued",
+            "Requests waiting for their turn at the model, by role.",
+            ["role"],
+            registry=registry,
+        )
+        self.queued.labels(role=role)
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
+# What a client told "busy" is asked to wait before it retries (seconds).
+RETRY_AFTER_SECONDS = 1
+
+
+def error(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     """An OpenAI-style error body with a reason a person can act on."""
     return web.json_response(
-        {"error": {"message": message, "type": kind, "code": status}}, status=status
+        {"error": {"message": message, "type": kind, "code": status}},
+        status=status,
+        headers=headers,
     )
+
+
+def busy(message: str) -> web.Response:
+    """503 with Retry-After: the server is full now, not broken."""
+    return error(503, message, "overloaded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
@@ -81,6 +105,41 @@ class Listen:
 
 class BadRequest(Exception):
     """Raised by handlers: answered 400 with the message."""
+
+
+class Busy(Exception):
+    """Raised by handlers: answered 503 with Retry-After and the message."""
+
+
+class Admission:
+    """One request at a time through a resource (a model), at most `max_waiting` waiting
+    in arrival order; the next is refused at once (Busy) rather than queued without bound."""
+
+    def __init__(self, what: str, max_waiting: int, queued: Gauge | None = None) -> None:
+        self.what = what
+        self.max_waiting = max_waiting
+        self.waiting = 0
+        self._lock = asyncio.Lock()
+        self._queued = queued
+
+    def _count(self, change: int) -> None:
+        self.waiting += change
+        if self._queued is not None:
+            self._queued.set(self.waiting)
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        if self.waiting >= self.max_waiting:
+            raise Busy(f"{self.waiting} requests already wait for {self.what}; retry later")
+        self._count(+1)
+        try:
+            await self._lock.acquire()
+        finally:
+            self._count(-1)
+        try:
+            yield
+        finally:
+            self._lock.release()
 
 
 @dataclass
@@ -115,6 +174,8 @@ class Server:
                     response = await handler(request)
                 except BadRequest as e:
                     response = error(400, str(e))
+                except Busy as e:
+                    response = busy(str(e))
                 except web.HTTPException as e:
                     response = error(e.status, e.reason)
             finally:

@@ -223,7 +223,11 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 body = await r.json(content_type=None)
                 if r.status != 200:
                     message = (body.get("error") or {}).get("message", r.reason)
-                    raise LegError(r.status, f"{path} on {instance.url}: {message}")
+                    raise LegError(
+                        r.status,
+                        f"{path} on {instance.url}: {message}",
+                        r.headers.get("Retry-After"),
+                    )
                 result: dict[str, Any] = body
                 return result
         except (aiohttp.ClientError, json.JSONDecodeError) as e:
@@ -299,7 +303,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         except LegError as e:
             for task in legs:
                 task.cancel()
-            return error(_upstream_status(e.status), e.message, "upstream_error")
+            return _upstream_error(e.status, e.message, e.retry_after)
         except asyncio.CancelledError:
             raise
         tokens: list[int] = results[0]["tokens"]
@@ -355,8 +359,8 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                     for task in legs:
                         task.cancel()
                     message = (body.get("error") or {}).get("message", r.reason)
-                    return error(
-                        _upstream_status(r.status), f"/v1/generate: {message}", "upstream_error"
+                    return _upstream_error(
+                        r.status, f"/v1/generate: {message}", r.headers.get("Retry-After")
                     )
                 response = web.StreamResponse(
                     headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -424,10 +428,18 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
 
 
 class LegError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
+
+
+def _upstream_error(status: int, message: str, retry_after: str | None) -> web.Response:
+    """An instance's error, as the client gets it; "busy, retry after" passes through."""
+    status = _upstream_status(status)
+    headers = {"Retry-After": retry_after} if status == 503 and retry_after else None
+    return error(status, message, "upstream_error", headers=headers)
 
 
 def _upstream_status(status: int) -> int:

@@ -31,7 +31,16 @@ from deepstack_runtime.buffers import BufferLayout, MultimodalDataBuffers, Multi
 from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.errors import EngineFailure, FailureReason, InputError, TransferError
 from deepstack_runtime.metrics import TransferMetrics
-from deepstack_runtime.servers.common import BadRequest, Listen, Server, error, read_json, serve
+from deepstack_runtime.servers.common import (
+    Admission,
+    BadRequest,
+    Listen,
+    Server,
+    busy,
+    error,
+    read_json,
+    serve,
+)
 from deepstack_runtime.transfer.mooncake import MooncakeTransport, buffer_device
 from deepstack_runtime.transfer.protocol import check_room
 from deepstack_runtime.transfer.receiver import EmbeddingReceiver
@@ -41,7 +50,7 @@ from deepstack_runtime.transfer.settings import TransferSettings
 log = logging.getLogger(__name__)
 MAX_BODY = 64 << 20
 TENSOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Transfer failures the caller may retry elsewhere (502) versus its own mistakes (400).
+# Transfer failures that are the caller's own mistakes (400); most others may be retried.
 _CLIENT_REASONS = {FailureReason.BAD_REQUEST, FailureReason.DUPLICATE_ROOM, FailureReason.OVERSIZE}
 
 
@@ -53,6 +62,7 @@ def transfer_settings(config: RuntimeConfig) -> TransferSettings:
         transfer_timeout=t.transfer_timeout_seconds,
         resume_timeout=t.resume_timeout_seconds,
         max_rounds=t.resume_max_rounds,
+        max_queued=t.max_queued_requests,
     )
 
 
@@ -102,10 +112,13 @@ def _grid(value: Any) -> torch.Tensor | None:
 
 
 def _transfer_error(e: TransferError) -> web.Response:
+    message = f"transfer failed ({e.reason.value}): {e.message}"
+    if e.reason is FailureReason.POOL_EXHAUSTED:
+        return busy(message)  # full now, free again soon: retry later or elsewhere
     status = (
         400 if e.reason in _CLIENT_REASONS else 504 if e.reason is FailureReason.TIMEOUT else 502
     )
-    return error(status, f"transfer failed ({e.reason.value}): {e.message}", "transfer_error")
+    return error(status, message, "transfer_error")
 
 
 def _transport(config: RuntimeConfig, listen: Listen) -> MooncakeTransport:
@@ -149,7 +162,12 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
     await sender.start()
     bootstrap = f"{listen.advertise_host}:{sender.address.rsplit(':', 1)[1]}"
     server.extra_health = lambda: {"bootstrap": bootstrap}
-    model_lock = asyncio.Lock()  # one forward at a time; requests queue here
+    # One forward at a time; a bounded number of requests wait their turn.
+    tower = Admission(
+        "the vision tower",
+        config.transfer.max_queued_requests,
+        server.metrics.queued.labels(role=server.role),
+    )
 
     async def encode(request: web.Request) -> web.Response:
         body = await read_json(request, MAX_BODY)
@@ -161,7 +179,7 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
         grid = _grid(body.get("image_grid_thw"))
         if grid is None or pixels.dim() != 2 or pixels.shape[0] != int(grid.prod(dim=1).sum()):
             raise BadRequest("pixel_values must have one row per patch of image_grid_thw")
-        async with model_lock:
+        async with tower.turn():
             item = await asyncio.to_thread(encoder.encode, pixels, grid)
         try:
             finished = await sender.submit(room, item)

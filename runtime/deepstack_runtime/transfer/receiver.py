@@ -11,8 +11,10 @@ connection or a dead encoder process frees them at once.
 Allocation cannot deadlock: when the sequence length is known (the language side knows it
 from the prompt), a receipt is admitted only once the pool can hold all of it, in arrival
 order, and the blocks of its later rounds are reserved then, so no receipt ever holds
-blocks while it waits for more (no hold-and-wait). Without a known length, a round waits
-for blocks at most `resume_timeout` and then fails, freeing what it held.
+blocks while it waits for more (no hold-and-wait). At most `max_queued` receipts wait;
+the next is refused at once (POOL_EXHAUSTED, which the server answers 503 + Retry-After).
+Without a known length, a round waits for blocks at most `resume_timeout` and then
+fails, freeing what it held.
 """
 
 from __future__ import annotations
@@ -238,8 +240,16 @@ class EmbeddingReceiver:
                 FailureReason.OVERSIZE,
                 f"{blocks} blocks needed; the whole pool has {self.layout.num_blocks}",
             )
+        if len(self._queue) >= self.settings.max_queued:
+            # Bounded: a client told "busy" at once can go elsewhere or retry later.
+            raise TransferError(
+                FailureReason.POOL_EXHAUSTED,
+                f"{len(self._queue)} requests already wait for blocks "
+                f"({self._available()} of {self.layout.num_blocks} free)",
+            )
         ticket = object()
         self._queue.append(ticket)
+        self.metrics.queued.set(len(self._queue))
         try:
             await self._wait_until(
                 lambda: self._queue[0] is ticket and self._available() >= blocks,
@@ -249,6 +259,7 @@ class EmbeddingReceiver:
             return blocks
         finally:
             self._queue.remove(ticket)
+            self.metrics.queued.set(len(self._queue))
             self._freed.set()  # the next in line may fit now
 
     def _unreserve(self, blocks: int) -> None:
