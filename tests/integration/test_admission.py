@@ -9,6 +9,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -45,6 +46,10 @@ def open_request(
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     return connection
+
+
+def blocks_free(server: ServerProcess) -> bool:
+    return metric(server, "deepstack_buffer_blocks", state="used") == 0
 
 
 def hang_up(connection: http.client.HTTPConnection) -> None:
@@ -102,8 +107,8 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(
              timeout=10, interval=0.05, what="the waiter admitted")  # fmt: skip
     hang_up(waiter)
     for server in (language, stack["encode"]):
-        wait_for(lambda s=server: metric(s, "deepstack_buffer_blocks", state="used") == 0,
-                 timeout=10, interval=0.05, what=f"{server.role} blocks freed")  # fmt: skip
+        wait_for(partial(blocks_free, server), timeout=10, interval=0.05,
+                 what=f"{server.role} blocks freed")  # fmt: skip
     with urllib.request.urlopen(request, timeout=60) as r:
         answer = json.loads(r.read())
     assert answer["usage"]["completion_tokens"] == 2
