@@ -1,21 +1,23 @@
 """Transfer benchmark: our full path against the raw baselines, side by side in one run.
 
 For each request size, between two OS processes on 127.0.0.1:
-  ours      scatter into the sender's pool, transfer (Mooncake tcp), "written" notice,
-            gather into the receiver's output rows (the clock stops there, in the
-            receiver; the "done" ack that frees the sender's blocks is off that path).
-            The receiver's handshake is posted before the clock starts, as in service,
-            where it overlaps the encoding; the output rows exist already, as the
-            prompt's embeddings do.
+  ours      submit (the encoder's one copy: its output rows into token records), one
+            Mooncake transfer call (tcp), the "written" notice, and the receiver holding
+            the item in place in its blocks (a lease of views: no copy on the language
+            side). The clock stops there, in the receiver. The receiver's hello is posted
+            before the clock starts, as in service, where it overlaps the encoding.
   mooncake  one bare TransferEngine.transfer_sync_write of the same bytes
   socket    the same bytes over a plain loopback TCP socket, with a one-byte ack
   memcpy    one in-process copy of the same bytes
-  copies    our scatter plus our gather of the same item, alone (no transfer): the two
-            copies our path must make on top of the wire. `ceiling_vs_mooncake` =
-            mooncake / (mooncake + copies) is the most our path can reach where copies
-            and wire share the same CPUs; `ours_vs_ceiling` is how close it comes.
-Prints one JSON object per size with --json, else a table: throughput from the median of
---repeat runs (4x as many below 16 MiB), and the ratio of the best runs as well.
+  encode_copy  the encoder's copy alone (submit's scatter into token records)
+`added_latency_ms_p50` is the median of (ours - mooncake) over paired runs; what it is
+made of: `encode_copy_ms` and the rest (`control_ms`: the "written" notice, the write
+thread's hand-back to the event loop, bookkeeping). A second line per size, `inflight: 8`,
+has 8 requests in flight at once against 8 bare writes in flight at once (aggregate
+throughput, from the first start to the last arrival).
+
+Prints JSON objects with --json, else tables: throughput from the median of --repeat runs
+(4x as many below 16 MiB).
 
     python benchmarks/transfer.py --json
 """
@@ -26,10 +28,12 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import socket
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -46,26 +50,40 @@ K = 3
 DTYPE = "bfloat16"
 BLOCK_TOKENS = 256
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
+INFLIGHT = 8
+# Each timed run starts from a quiet machine: on 2 cores, threads still busy from the run
+# before (torch's OpenMP workers spin after a parallel copy) took a core from Mooncake's
+# and doubled single runs. The same pause, then one tiny write to wake Mooncake's
+# threads, precede ours and the bare write.
+SETTLE = 0.03
 
 
 def token_bytes() -> int:
-    return (1 + K) * HIDDEN * 2 + 8 + 3 * 8  # embedding + deepstack + fill id + positions
+    return BufferLayout(1, 1, HIDDEN, K, DTYPE).token_bytes
 
 
 def tokens_for(size: int) -> int:
     return max(1, size // token_bytes())
 
 
-def layout_for(max_size: int) -> BufferLayout:
-    blocks = -(-tokens_for(max_size) // BLOCK_TOKENS) + 1
-    return BufferLayout(blocks, BLOCK_TOKENS, HIDDEN, K, DTYPE)
+def pool_blocks(max_size: int, inflight_max: int) -> int:
+    one = -(-tokens_for(max_size) // BLOCK_TOKENS)
+    many = INFLIGHT * -(-tokens_for(min(max_size, inflight_max)) // BLOCK_TOKENS)
+    return max(one, many) + INFLIGHT
 
 
-def settings_for(max_size: int) -> TransferSettings:
+def raw_bytes(max_size: int, inflight_max: int) -> int:
+    return max(max_size, INFLIGHT * min(max_size, inflight_max)) + (1 << 20)
+
+
+def settings_for(blocks: int) -> TransferSettings:
     # Large enough that no request needs resumption: this measures the path itself.
-    lay = layout_for(max_size)
     return TransferSettings(
-        default_tokens=(lay.num_blocks - 1) * BLOCK_TOKENS, transfer_timeout=120, resume_timeout=60
+        default_tokens=blocks * BLOCK_TOKENS,
+        transfer_timeout=300,
+        handshake_timeout=60,
+        resume_timeout=60,
+        max_queued=64,
     )
 
 
@@ -82,20 +100,21 @@ def make_item(tokens: int) -> MultimodalItem:
 # --- receiver process ----------------------------------------------------------------------
 
 
-def receiver_main(max_size: int, conn: Connection) -> None:
-    asyncio.run(_receiver(max_size, conn))
+def receiver_main(blocks: int, raw: int, conn: Connection) -> None:
+    asyncio.run(_receiver(blocks, raw, conn))
 
 
-async def _receiver(max_size: int, conn: Connection) -> None:
+async def _receiver(blocks: int, raw: int, conn: Connection) -> None:
     transport = MooncakeTransport("127.0.0.1", "tcp")
-    buffers = MultimodalDataBuffers(layout_for(max_size))
-    receiver = EmbeddingReceiver(buffers, transport, settings_for(max_size))
+    buffers = MultimodalDataBuffers(BufferLayout(blocks, BLOCK_TOKENS, HIDDEN, K, DTYPE))
+    buffers.arena.fill_(0)  # touch the pages once, as a live pod's pool is
+    receiver = EmbeddingReceiver(buffers, transport, settings_for(blocks))
     receiver.start()
-    raw_dst = torch.empty(max_size + (1 << 20), dtype=torch.uint8)  # target of the bare baseline
+    raw_dst = torch.zeros(raw, dtype=torch.uint8)  # target of the bare baseline
     transport.register(raw_dst.data_ptr(), raw_dst.numel())
     # Raw socket sink: read N bytes, ack with one byte.
     sink = socket.create_server(("127.0.0.1", 0))
-    sink_buf = bytearray(max_size)
+    sink_buf = bytearray(raw)
 
     def serve_sink() -> None:
         while True:
@@ -120,116 +139,168 @@ async def _receiver(max_size: int, conn: Connection) -> None:
             "sink": sink.getsockname()[1],
         }
     )
-    outputs: dict[int, MultimodalItem] = {}
+
+    async def receive(room: str, address: str, tokens: int) -> None:
+        async with receiver.lease(room, address, tokens) as item:
+            # perf_counter is CLOCK_MONOTONIC: comparable between processes of one machine.
+            conn.send(("ok", room, item.num_tokens, time.perf_counter()))
+
+    tasks = set()
     while True:
         cmd = await asyncio.to_thread(conn.recv)
         if cmd[0] == "stop":
+            conn.send(("gathered", receiver.metrics.gathered._value.get()))
             break
-        _, room, address, tokens = cmd
-        if tokens not in outputs:
-            outputs[tokens] = buffers.empty_item(tokens)
-            for t in (outputs[tokens].embeddings, outputs[tokens].deepstack):
-                if t is not None:
-                    t.zero_()  # touch the pages once, as a live model's buffers are
-        item = await receiver.receive(room, address, outputs[tokens])
-        # perf_counter is CLOCK_MONOTONIC: comparable between processes of one machine.
-        conn.send(("ok", item.num_tokens, time.perf_counter()))
+        task = asyncio.create_task(receive(*cmd[1:]))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
 
 # --- sender process (does the timing) --------------------------------------------------------
 
 
-def sender_main(max_size: int, repeat: int, conn: Connection, peer: dict[str, Any]) -> None:
-    asyncio.run(_sender(max_size, repeat, conn, peer))
+def sender_main(
+    blocks: int, raw: int, args: argparse.Namespace, conn: Connection, peer: dict[str, Any]
+) -> None:
+    asyncio.run(_sender(blocks, raw, args, conn, peer))
 
 
-async def _sender(max_size: int, repeat: int, conn: Connection, peer: dict[str, Any]) -> None:
+def _median_ms(values: list[float]) -> float:
+    return round(statistics.median(values) * 1e3, 3)
+
+
+async def _sender(
+    blocks: int, raw: int, args: argparse.Namespace, conn: Connection, peer: dict[str, Any]
+) -> None:
     transport = MooncakeTransport("127.0.0.1", "tcp")
-    buffers = MultimodalDataBuffers(layout_for(max_size))
-    sender = EmbeddingSender(buffers, transport, settings_for(max_size))
+    buffers = MultimodalDataBuffers(BufferLayout(blocks, BLOCK_TOKENS, HIDDEN, K, DTYPE))
+    buffers.arena.fill_(0)
+    sender = EmbeddingSender(buffers, transport, settings_for(blocks))
     await sender.start()
-    raw = torch.ones(max_size + (1 << 20), dtype=torch.uint8)
-    transport.register(raw.data_ptr(), raw.numel())
-    copy_dst = torch.empty_like(raw)
+    src = torch.ones(raw, dtype=torch.uint8)
+    transport.register(src.data_ptr(), src.numel())
+    copy_dst = torch.empty_like(src)
     sock = socket.create_connection(("127.0.0.1", peer["sink"]))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     engine = transport._engine  # the bare baseline calls the engine itself
-    rows = []
+    writers = ThreadPoolExecutor(INFLIGHT)
     room_ids = iter(range(1 << 30))
-    for size in [s for s in SIZES if s <= max_size]:
+
+    def bare_write(offset: int, nbytes: int) -> None:
+        rc = engine.transfer_sync_write(
+            peer["session"], src.data_ptr() + offset, peer["raw_dst"] + offset, nbytes
+        )
+        assert rc == 0, rc
+
+    def wake() -> None:
+        """One tiny write just before a timed run, ours or bare alike: Mooncake's threads on
+        both sides are awake, as they are under steady traffic."""
+        bare_write(raw - 64, 64)
+
+    async def ours_once(items: list[MultimodalItem]) -> float:
+        """Seconds from the first submit to the last item held by the receiver."""
+        rooms = [f"bench-{next(room_ids)}" for _ in items]
+        for room, item in zip(rooms, items, strict=True):
+            conn.send(("receive", room, sender.address, item.num_tokens))
+        await asyncio.sleep(SETTLE + 0.01 * len(items))  # the hellos arrive, wait for rooms
+        wake()
+        t0 = time.perf_counter()
+        finished = [
+            await sender.submit(room, item) for room, item in zip(rooms, items, strict=True)
+        ]
+        await asyncio.gather(*finished)
+        arrivals = [conn.recv() for _ in items]
+        assert all(a[0] == "ok" for a in arrivals), arrivals
+        return max(a[3] for a in arrivals) - t0
+
+    rows = []
+    for size in [s for s in SIZES if s <= args.max_size]:
         item = make_item(tokens_for(size))
         nbytes = item.num_tokens * token_bytes()
-        ours, bare, sock_t, copy_t, copies_t, calls = [], [], [], [], [], []
-        gathered = buffers.empty_item(item.num_tokens)
-        for t in (gathered.embeddings, gathered.deepstack):
-            if t is not None:
-                t.zero_()  # touched once, like the receiver's output rows
+        calls_before = transport.calls
+        ours, bare, sock_t, copy_t, scatter_t = [], [], [], [], []
         # Small transfers are quick and noisy (Mooncake's tcp latency is bimodal here):
         # take more samples of them.
-        runs = repeat if size >= 16 << 20 else repeat * 4
+        runs = args.repeat if size >= 16 << 20 else args.repeat * 4
         for _ in range(runs + 1):  # the first round warms up connections
-            room = f"bench-{next(room_ids)}"
-            conn.send(("receive", room, sender.address, item.num_tokens))
-            await asyncio.sleep(0.01)  # let the receiver's hello arrive: it waits for the room
-            before = transport.calls
-            t0 = time.perf_counter()
-            finished = await sender.submit(room, item)
-            await finished
-            status, _, delivered = conn.recv()
-            assert status == "ok"
-            ours.append(delivered - t0)  # until the receiver holds the data in its rows
-            calls.append(transport.calls - before)
+            ours.append(await ours_once([item]))
 
+            time.sleep(SETTLE)
+            wake()
             t0 = time.perf_counter()
-            rc = engine.transfer_sync_write(
-                peer["session"], raw.data_ptr(), peer["raw_dst"], nbytes
-            )
+            bare_write(0, nbytes)
             bare.append(time.perf_counter() - t0)
-            assert rc == 0, rc
 
             t0 = time.perf_counter()
             sock.sendall(nbytes.to_bytes(8, "little"))
-            sock.sendall(memoryview(raw.numpy())[:nbytes])
+            sock.sendall(memoryview(src.numpy())[:nbytes])
             assert sock.recv(1) == b"k"
             sock_t.append(time.perf_counter() - t0)
 
             t0 = time.perf_counter()
-            copy_dst[:nbytes].copy_(raw[:nbytes])
+            copy_dst[:nbytes].copy_(src[:nbytes])
             copy_t.append(time.perf_counter() - t0)
 
-            # The request's blocks are free again: the same copies, on the same memory.
-            blocks = sender.allocator.alloc(buffers.layout.blocks_for(item.num_tokens))
+            # The request's blocks are free again: the encoder's copy, alone.
+            taken = sender.allocator.alloc(buffers.layout.blocks_for(item.num_tokens))
             t0 = time.perf_counter()
-            buffers.scatter(blocks, item)
-            buffers.gather(blocks, item.num_tokens, gathered)
-            copies_t.append(time.perf_counter() - t0)
-            sender.allocator.free(blocks)
-        med = [statistics.median(x[1:]) for x in (ours, bare, sock_t, copy_t, copies_t)]
-        ceiling = med[1] + med[4]  # seconds: the bare write plus our two copies
-        best = [min(x[1:]) for x in (ours, bare)]
+            buffers.scatter(taken, item)
+            scatter_t.append(time.perf_counter() - t0)
+            sender.allocator.free(taken)
+        calls = (transport.calls - calls_before) / (runs + 1)
+        ours, bare, sock_t, copy_t, scatter_t = (
+            x[1:] for x in (ours, bare, sock_t, copy_t, scatter_t)
+        )
+        med = [statistics.median(x) for x in (ours, bare, sock_t, copy_t)]
+        added = statistics.median(o - b for o, b in zip(ours, bare, strict=True))
         gbps = [nbytes / t / 1e9 for t in med]
         rows.append(
             {
                 "size_bytes": nbytes,
                 "tokens": item.num_tokens,
-                "blocks": layout_for(max_size).blocks_for(item.num_tokens),
                 "ours_gbps": round(gbps[0], 3),
                 "mooncake_gbps": round(gbps[1], 3),
                 "socket_gbps": round(gbps[2], 3),
                 "memcpy_gbps": round(gbps[3], 3),
-                "ours_vs_mooncake": round(gbps[0] / gbps[1], 3),
-                "ours_vs_mooncake_best": round(best[1] / best[0], 3),
-                "ceiling_vs_mooncake": round(med[1] / ceiling, 3),
-                "ours_vs_ceiling": round(ceiling / med[0], 3),
-                "transfer_calls": max(calls[1:]),
-                "ours_ms": round(med[0] * 1e3, 3),
-                "mooncake_ms": round(med[1] * 1e3, 3),
-                "copies_ms": round(med[4] * 1e3, 3),
+                "ours_vs_mooncake": round(med[1] / med[0], 3),
+                "added_latency_ms_p50": round(added * 1e3, 3),
+                "ours_ms": _median_ms(ours),
+                "mooncake_ms": _median_ms(bare),
+                "encode_copy_ms": _median_ms(scatter_t),
+                "control_ms": round((added - statistics.median(scatter_t)) * 1e3, 3),
+                "transfer_calls_per_request": calls,
+            }
+        )
+        if size > args.inflight_max_size:
+            continue
+        many = [make_item(item.num_tokens) for _ in range(INFLIGHT)]
+        ours_many, bare_many = [], []
+        for _ in range(max(3, args.repeat // 2) + 1):
+            ours_many.append(await ours_once(many))
+            time.sleep(SETTLE)
+            wake()
+            t0 = time.perf_counter()
+            list(
+                writers.map(bare_write, [i * nbytes for i in range(INFLIGHT)], [nbytes] * INFLIGHT)
+            )
+            bare_many.append(time.perf_counter() - t0)
+        o, b = statistics.median(ours_many[1:]), statistics.median(bare_many[1:])
+        rows.append(
+            {
+                "size_bytes": nbytes,
+                "inflight": INFLIGHT,
+                "ours_gbps": round(INFLIGHT * nbytes / o / 1e9, 3),
+                "mooncake_gbps": round(INFLIGHT * nbytes / b / 1e9, 3),
+                "ours_vs_mooncake": round(b / o, 3),
             }
         )
     conn.send(("stop",))
+    gathered = conn.recv()
     await sender.stop()
-    print_rows(rows, as_json=bool(peer["json"]))
+    # The language side read every item where it landed: no copy there.
+    for row in rows:
+        row["receiver_copies"] = gathered[1]
+    print_rows(rows, as_json=args.json)
 
 
 def print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
@@ -237,26 +308,38 @@ def print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
         for row in rows:
             print(json.dumps(row))
         return
-    cols = list(rows[0])
-    print(" | ".join(cols))
-    for row in rows:
-        print(" | ".join(str(row[c]) for c in cols))
+    for kind in (False, True):
+        chosen = [r for r in rows if ("inflight" in r) == kind]
+        if chosen:
+            cols = list(chosen[0])
+            print(" | ".join(cols))
+            for row in chosen:
+                print(" | ".join(str(row[c]) for c in cols))
 
 
 def main() -> None:
+    # Idle OpenMP workers sleep instead of spinning (inherited by both processes).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="one JSON object per size")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--max-size", type=int, default=SIZES[-1], help="largest request, bytes")
+    parser.add_argument(
+        "--inflight-max-size",
+        type=int,
+        default=64 << 20,
+        help=f"largest request measured with {INFLIGHT} in flight (memory: {INFLIGHT}x per side)",
+    )
     parser.add_argument("--repeat", type=int, default=9, help="timed runs per size")
     args = parser.parse_args()
+    blocks = pool_blocks(args.max_size, args.inflight_max_size)
+    raw = raw_bytes(args.max_size, args.inflight_max_size)
     ctx = mp.get_context("spawn")
     to_receiver, receiver_end = ctx.Pipe()
-    receiver = ctx.Process(target=receiver_main, args=(args.max_size, receiver_end), daemon=True)
+    receiver = ctx.Process(target=receiver_main, args=(blocks, raw, receiver_end), daemon=True)
     receiver.start()
     peer = to_receiver.recv()
-    peer["json"] = args.json
     sender = ctx.Process(
-        target=sender_main, args=(args.max_size, args.repeat, to_receiver, peer), daemon=True
+        target=sender_main, args=(blocks, raw, args, to_receiver, peer), daemon=True
     )
     sender.start()
     sender.join()

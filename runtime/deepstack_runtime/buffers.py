@@ -1,27 +1,26 @@
 """Preallocated, block-based storage for what the encode side sends the language side.
 
-One byte arena, registered once with the transfer engine. A block is a small header (the
-aux record) followed by `block_tokens` token records; a token record holds everything
-about one visual token, its DeepStack rows included:
+One arena of token records, registered once with the transfer engine. A record holds
+everything about one visual token, its DeepStack rows included; a block is `block_tokens`
+consecutive records, and blocks sit end to end:
 
-    block   = | aux header (64 B) | token 0 | token 1 | ... | token B-1 |
-    token   = | fill id (int64) | M-RoPE position t,h,w (3 x int64) | embedding (hidden)
-              | DeepStack feature 0..K-1 (K x hidden) | padding to 16 B |
+    token = | fill id (int64) | M-RoPE position t,h,w (3 x int64) | embedding (hidden)
+            | DeepStack feature 0..K-1 (K x hidden) | padding to 16 B |
 
-So the first t tokens of a run of consecutive blocks are one contiguous byte range: a
-chunk of a sequence moves as one transfer entry with exactly its own bytes, and a chunk
-always carries the DeepStack rows of its own tokens. Typed views give per-payload access:
+So the tokens of a run of consecutive blocks are one contiguous byte range: a chunk of a
+sequence moves as one transfer entry of exactly its own bytes, always with the DeepStack
+rows of its own tokens, and a sequence received into one run is read where it landed
+(`views`: row-strided tensors, no copy). Only token records go on the wire; where a
+chunk belongs and its checksums travel in the control messages. Typed views:
 
     embeddings [num_blocks, block_tokens, hidden]        deepstack [.., K, hidden] (None if K=0)
     fill_ids   [num_blocks, block_tokens] int64          positions [.., 3] int64
-    aux        [num_blocks, AUX_FIELDS] int64
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 
 import numpy as np
 import torch
@@ -40,19 +39,8 @@ _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 # the copy itself; above it, two threads copy about twice as fast.
 PARALLEL_COPY_BYTES = 8 << 20
 
-HEADER_BYTES = 64
 _META_BYTES = 32  # fill id + 3 positions
 _ALIGN = 16
-
-
-class AuxField(IntEnum):
-    TOKEN_OFFSET = 0  # index in the sequence of the block's first token
-    NUM_TOKENS = 1  # valid tokens in this block
-    TOTAL_TOKENS = 2  # length of the whole sequence
-    CHECKSUM = 3  # integer sum of the block's embedding and DeepStack bits
-
-
-AUX_FIELDS = len(AuxField)
 
 
 @dataclass(frozen=True)
@@ -89,18 +77,18 @@ class BufferLayout:
 
     @property
     def block_bytes(self) -> int:
-        return HEADER_BYTES + self.block_tokens * self.token_bytes
+        return self.block_tokens * self.token_bytes
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_tokens)
 
     def chunk_bytes(self, tokens: int) -> int:
-        """Bytes that move for `tokens` tokens starting at a block boundary."""
-        return self.blocks_for(tokens) * HEADER_BYTES + tokens * self.token_bytes
+        """Bytes that move for `tokens` tokens."""
+        return tokens * self.token_bytes
 
     def payload_bytes(self, tokens: int) -> dict[str, int]:
         """`chunk_bytes(tokens)` split by payload (metric labels): the rows of embeddings
-        and DeepStack features; everything else (ids, positions, headers, padding) is aux."""
+        and DeepStack features; everything else (ids, positions, padding) is aux."""
         embedding = tokens * self.embedding_bytes
         deepstack = embedding * self.num_deepstack
         return {
@@ -144,18 +132,22 @@ class MultimodalDataBuffers:
         )
         dtype = DTYPES[layout.dtype]
         eb = layout.embedding_bytes
-        self.arena = torch.zeros((n, layout.block_bytes), dtype=torch.uint8, device=device)
-        tokens = self.arena[:, HEADER_BYTES:].view(n, b, layout.token_bytes)
-        self.aux = self.arena[:, : AUX_FIELDS * 8].view(torch.int64)
-        self.fill_ids = tokens[:, :, 0:8].view(torch.int64)[:, :, 0]
-        self.positions = tokens[:, :, 8:_META_BYTES].view(torch.int64)
-        self.embeddings = tokens[:, :, _META_BYTES : _META_BYTES + eb].view(dtype)
-        # K == 0 leaves no room in the record and adds nothing to a transfer.
-        self.deepstack = (
-            tokens[:, :, _META_BYTES + eb : _META_BYTES + eb * (1 + k)].view(dtype).view(n, b, k, h)
-            if k
-            else None
-        )
+        r = layout.token_bytes
+        # [all tokens, record]: blocks end to end, so runs of blocks are runs of records.
+        self.arena = torch.zeros((n * b, r), dtype=torch.uint8, device=device)
+        self._words = self.arena.view(torch.int64)  # exact checksums of whole records
+        self._flat: list[torch.Tensor] = [  # per payload, [all tokens, ...]
+            self.arena[:, _META_BYTES : _META_BYTES + eb].view(dtype),
+            self.arena[:, 0:8].view(torch.int64)[:, 0],
+            self.arena[:, 8:_META_BYTES].view(torch.int64),
+        ]
+        if k:  # K == 0 leaves no room in the record and adds nothing to a transfer
+            flat_ds = self.arena[:, _META_BYTES + eb : _META_BYTES + eb * (1 + k)].view(dtype)
+            self._flat.append(flat_ds.view(n * b, k, h))
+        self.embeddings = self._flat[0].view(n, b, h)
+        self.fill_ids = self._flat[1].view(n, b)
+        self.positions = self._flat[2].view(n, b, 3)
+        self.deepstack = self._flat[3].view(n, b, k, h) if k else None
 
     @property
     def base_ptr(self) -> int:
@@ -174,10 +166,9 @@ class MultimodalDataBuffers:
         *,
         start: int = 0,
         count: int | None = None,
-        checksum: bool = False,
     ) -> None:
         """Copy tokens [start, start + count) of `item` (default: all of it) into `blocks`,
-        in order, and fill each block's aux record. `start` is a block boundary."""
+        in order. `start` is a block boundary."""
         self.check_item(item)
         t = item.num_tokens - start if count is None else count
         b = self.layout.block_tokens
@@ -189,13 +180,6 @@ class MultimodalDataBuffers:
             )
         for dst, src in self._pieces(blocks, start, t, item):
             copy_rows(dst, src)
-        for i, block in enumerate(blocks):
-            n = min(b, t - i * b)
-            aux = self.aux[block]
-            aux[AuxField.TOKEN_OFFSET] = start + i * b
-            aux[AuxField.NUM_TOKENS] = n
-            aux[AuxField.TOTAL_TOKENS] = item.num_tokens
-            aux[AuxField.CHECKSUM] = self.block_checksum(block, n) if checksum else 0
 
     def gather(
         self,
@@ -206,9 +190,7 @@ class MultimodalDataBuffers:
         start: int = 0,
     ) -> MultimodalItem:
         """Copy the first `num_tokens` tokens held by `blocks` (in order) into rows
-        [start, start + num_tokens) of `out`, or into new tensors. Passing the consumer's
-        own memory (for example the rows of the prompt's input embeddings) saves an
-        allocation and a copy."""
+        [start, start + num_tokens) of `out`, or into new tensors."""
         if len(blocks) < self.layout.blocks_for(num_tokens):
             raise ValueError(f"{num_tokens} tokens do not fit in {len(blocks)} blocks")
         if out is None:
@@ -222,6 +204,22 @@ class MultimodalDataBuffers:
         for stored, result in self._pieces(blocks, start, num_tokens, out):
             copy_rows(result, stored)
         return out
+
+    def views(self, blocks: Sequence[int], num_tokens: int) -> MultimodalItem | None:
+        """The first `num_tokens` tokens held by `blocks`, in place: row-strided views of
+        the arena, valid while the blocks are held. None when the blocks are not one run
+        of consecutive ids (then `gather` copies them)."""
+        used = blocks[: self.layout.blocks_for(num_tokens)]
+        if not used or len(_runs(used)) != 1:
+            return None
+        lo = used[0] * self.layout.block_tokens
+        rows = [flat[lo : lo + num_tokens] for flat in self._flat]
+        return MultimodalItem(
+            embeddings=rows[0],
+            fill_ids=rows[1],
+            positions=rows[2],
+            deepstack=rows[3] if len(rows) > 3 else None,
+        )
 
     def empty_item(self, num_tokens: int) -> MultimodalItem:
         """Uninitialised tensors of the right shapes for `num_tokens` tokens."""
@@ -237,39 +235,29 @@ class MultimodalDataBuffers:
     def _pieces(
         self, blocks: Sequence[int], start: int, t: int, item: MultimodalItem
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(view into blocks, view into item) pairs covering t tokens, item rows from
-        `start`: one pair per payload per run of whole consecutive blocks, plus one per
-        payload for a partial last block."""
+        """(rows of the arena, rows of the item) pairs covering t tokens, item rows from
+        `start`: one pair per payload per run of consecutive blocks."""
         b = self.layout.block_tokens
+        given = [item.embeddings, item.fill_ids, item.positions, item.deepstack]
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        stored = [self.embeddings, self.fill_ids, self.positions]
-        given = [item.embeddings, item.fill_ids, item.positions]
-        if self.deepstack is not None and item.deepstack is not None:
-            stored.append(self.deepstack)
-            given.append(item.deepstack)
         for first, index, count in _runs(blocks[: self.layout.blocks_for(t)]):
             lo = index * b
-            full = min(count, (t - lo) // b)
-            if full:
-                for s, g in zip(stored, given, strict=True):
-                    rows = g[start + lo : start + lo + full * b]
-                    pairs.append((s[first : first + full], rows.view(full, b, *rows.shape[1:])))
-            if full < count:  # the sequence ends inside this run's last block
-                tail_lo = lo + full * b
-                n = t - tail_lo
-                for s, g in zip(stored, given, strict=True):
-                    pairs.append((s[first + full, :n], g[start + tail_lo : start + tail_lo + n]))
+            n = min(count * b, t - lo)
+            for flat, g in zip(self._flat, given[: len(self._flat)], strict=True):
+                assert g is not None  # check_item: DeepStack rows whenever K > 0
+                pairs.append((flat[first * b : first * b + n], g[start + lo : start + lo + n]))
         return pairs
 
-    def block_checksum(self, block: int, num_tokens: int | None = None) -> int:
-        """Exact integer sum of the bits of the block's first `num_tokens` embedding and
-        DeepStack rows (default: as many as its aux record says)."""
-        n = int(self.aux[block, AuxField.NUM_TOKENS]) if num_tokens is None else num_tokens
-        view = _INT_VIEW[self.layout.element_size]
-        total = int(self.embeddings[block, :n].view(view).sum(dtype=torch.int64))
-        if self.deepstack is not None:
-            total += int(self.deepstack[block, :n].view(view).sum(dtype=torch.int64))
-        return total
+    def checksums(self, blocks: Sequence[int], num_tokens: int) -> list[int]:
+        """Per block, the exact integer sum of the words of its share of the first
+        `num_tokens` tokens (whole records: ids, positions, embeddings, DeepStack rows)."""
+        b = self.layout.block_tokens
+        sums = []
+        for i, block in enumerate(blocks[: self.layout.blocks_for(num_tokens)]):
+            n = min(b, num_tokens - i * b)
+            words = self._words[block * b : block * b + n]
+            sums.append(int(words.sum(dtype=torch.int64)))
+        return sums
 
     def check_item(self, item: MultimodalItem) -> None:
         t, h, k = item.num_tokens, self.layout.hidden_size, self.layout.num_deepstack
@@ -288,6 +276,28 @@ class MultimodalDataBuffers:
             tensor = getattr(item, name)
             if tensor is not None and not tensor.is_contiguous():
                 raise ValueError(f"{name} must be contiguous")
+
+
+def copy_item(src: MultimodalItem, out: MultimodalItem | None = None) -> MultimodalItem:
+    """`src` copied into `out` (same shapes), or into new contiguous tensors."""
+    if out is None:
+        out = MultimodalItem(
+            embeddings=torch.empty_like(src.embeddings, memory_format=torch.contiguous_format),
+            deepstack=None
+            if src.deepstack is None
+            else torch.empty_like(src.deepstack, memory_format=torch.contiguous_format),
+            fill_ids=torch.empty_like(src.fill_ids, memory_format=torch.contiguous_format),
+            positions=torch.empty_like(src.positions, memory_format=torch.contiguous_format),
+        )
+    elif out.num_tokens != src.num_tokens:
+        raise ValueError(f"out holds {out.num_tokens} tokens, not {src.num_tokens}")
+    pairs = [(out.embeddings, src.embeddings), (out.fill_ids, src.fill_ids)]
+    pairs.append((out.positions, src.positions))
+    if src.deepstack is not None and out.deepstack is not None:
+        pairs.append((out.deepstack, src.deepstack))
+    for dst, rows in pairs:
+        copy_rows(dst, rows)
+    return out
 
 
 def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:

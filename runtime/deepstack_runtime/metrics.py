@@ -83,6 +83,12 @@ class TransferMetrics:
             "Transfers in progress.",
             registry=r,
         )
+        self.gathered = Counter(
+            "deepstack_transfer_gathered",
+            "Received items copied out of the pool because their blocks were not one run "
+            "(the others are read where they landed).",
+            registry=r,
+        )
         self.queued = Gauge(
             "deepstack_transfer_queued_requests",
             "Receivers waiting for enough free blocks to be admitted (language side).",

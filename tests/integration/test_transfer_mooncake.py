@@ -71,16 +71,15 @@ def assert_identical(got: MultimodalItem, want: MultimodalItem) -> None:
 
 def payload_bytes(tokens: int, k: int, dtype: str) -> dict[str, int]:
     """What moving `tokens` tokens must cost, exactly: their embedding and DeepStack rows;
-    as aux, their fill id and positions (32 bytes, padded with the rows to 16 bytes) and
-    the 64-byte header of every block they occupy."""
+    as aux, their fill id and positions (32 bytes, padded with the rows to 16 bytes);
+    nothing else (no per-block header goes on the wire)."""
     es = torch.empty(0, dtype=DTYPES[dtype]).element_size()
     rows = HIDDEN * es * (1 + k)
     record = -(-(32 + rows) // 16) * 16
-    blocks = -(-tokens // BLOCK)
     return {
         "embedding": tokens * HIDDEN * es,
         "deepstack": tokens * k * HIDDEN * es,
-        "aux": tokens * (record - rows) + blocks * 64,
+        "aux": tokens * (record - rows),
     }
 
 
@@ -207,6 +206,25 @@ def test_sender_killed_mid_transfer_frees_receiver_blocks() -> None:
         assert sender.process.exitcode == DIE_EXIT_CODE
         assert receiver.state()["used"] == 0
         assert failures(receiver, "peer_lost") == 1
+
+
+def test_a_byte_changed_on_the_way_fails_the_checksum_and_frees_both_sides() -> None:
+    with (
+        Peer("sender", layout(3, "float32"), FAST) as sender,
+        Peer("receiver", layout(3, "float32"), FAST) as receiver,
+    ):
+        assert sender.call("corrupt_next_write") == ("ok", None)
+        status, reason, message = transfer(
+            sender, receiver, "flipped", random_item(9, 3, "float32", seed=4)
+        )
+        assert (status, reason) == ("error", "transfer_error"), message
+        assert "checksum mismatch" in message
+        no_blocks_held(sender)
+        no_blocks_held(receiver)
+        item = random_item(9, 3, "float32", seed=5)  # the next one is whole again
+        status, got = transfer(sender, receiver, "whole", item)
+        assert status == "ok"
+        assert_identical(decode_item(got), item)
 
 
 def test_handshake_for_a_room_never_submitted_times_out() -> None:

@@ -9,6 +9,8 @@ TransferEngine (tcp, 127.0.0.1) and executes commands concurrently:
                                 length is known beforehand (as the language server knows it)
     ("slow_next_write", seconds)  sender: its next write starts that much later (a late
                                 write, as from an overloaded or stalled peer)
+    ("corrupt_next_write",)     sender: its next write sends one byte other than the one
+                                it checksummed (a bit flipped on the way)
     ("state",)                  -> {"used", "free", "fenced", "rooms", "metrics": text}
 A peer can be told to die (os._exit) right after its first chunk, to inject faults.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import io
 import itertools
 import multiprocessing as mp
@@ -78,11 +81,16 @@ async def _peer(
 
     class StallableTransport(MooncakeTransport):
         delay_next = 0.0
+        corrupt_next = False
 
         def write(self, target_session: str, entries: Any) -> None:
             delay, StallableTransport.delay_next = StallableTransport.delay_next, 0.0
             if delay:
                 time.sleep(delay)  # on the write thread, as a stalled write would
+            if StallableTransport.corrupt_next and device == "cpu":
+                StallableTransport.corrupt_next = False
+                flipped = ctypes.c_uint8.from_address(entries[0].src_ptr + 40)  # an embedding
+                flipped.value ^= 0x10
             super().write(target_session, entries)
 
     transport = StallableTransport("127.0.0.1", "tcp")
@@ -121,6 +129,9 @@ async def _peer(
                 result = ("ok", encode_item(got))
             elif cmd[0] == "slow_next_write":
                 StallableTransport.delay_next = float(cmd[1])
+                result = ("ok", None)
+            elif cmd[0] == "corrupt_next_write":
+                StallableTransport.corrupt_next = True
                 result = ("ok", None)
             elif cmd[0] == "state":
                 state = {

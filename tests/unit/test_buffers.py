@@ -5,7 +5,6 @@ import torch
 
 from deepstack_runtime.buffers import (
     PARALLEL_COPY_BYTES,
-    AuxField,
     BufferLayout,
     MultimodalDataBuffers,
     MultimodalItem,
@@ -30,7 +29,7 @@ def item(
 def test_scatter_then_gather_is_identity(k: int, blocks: list[int]) -> None:
     buffers = MultimodalDataBuffers(BufferLayout(8, 4, 8, k, "float32"))
     original = item(10, k)
-    buffers.scatter(blocks, original, checksum=True)
+    buffers.scatter(blocks, original)
     back = buffers.gather(blocks, 10)
     assert torch.equal(back.embeddings, original.embeddings)
     assert torch.equal(back.positions, original.positions)
@@ -40,11 +39,18 @@ def test_scatter_then_gather_is_identity(k: int, blocks: list[int]) -> None:
         assert torch.equal(back.deepstack, original.deepstack)
     else:
         assert back.deepstack is None
-    aux = buffers.aux[blocks[2]]
-    assert aux[AuxField.TOKEN_OFFSET] == 8
-    assert aux[AuxField.NUM_TOKENS] == 2
-    assert aux[AuxField.TOTAL_TOKENS] == 10
-    assert aux[AuxField.CHECKSUM] == buffers.block_checksum(blocks[2])
+    views = buffers.views(blocks, 10)
+    if blocks == sorted(blocks) and blocks[-1] - blocks[0] == len(blocks) - 1:
+        assert views is not None  # one run: read in place
+        assert torch.equal(views.embeddings, original.embeddings)
+        assert views.embeddings.data_ptr() == buffers.embeddings[blocks[0], 0].data_ptr()
+        if k:
+            assert views.deepstack is not None
+            assert original.deepstack is not None
+            assert torch.equal(views.deepstack, original.deepstack)
+        assert torch.equal(views.positions, original.positions)
+    else:
+        assert views is None  # scattered blocks are gathered instead
 
 
 def test_no_deepstack_costs_nothing() -> None:
@@ -70,9 +76,8 @@ def test_views_share_the_arena() -> None:
     assert buffers.deepstack is not None
     buffers.deepstack[1, 1].fill_(2.0)
     buffers.fill_ids[1, 1] = 7
-    assert buffers.arena[0].sum() == 0
-    assert buffers.arena[2:].sum() == 0
-    assert buffers.aux[1].sum() == 0  # the header is untouched
+    assert buffers.arena[:2].sum() == 0  # block 0
+    assert buffers.arena[4:].sum() == 0  # blocks 2, 3
     again = buffers.gather([1], 2)
     assert again.fill_ids.tolist() == [0, 7]
     assert again.embeddings[1].tolist() == [1.0] * 8
@@ -81,10 +86,24 @@ def test_views_share_the_arena() -> None:
 def test_checksum_ignores_stale_rows_past_the_end() -> None:
     buffers = MultimodalDataBuffers(BufferLayout(2, 4, 8, 0, "float32"))
     buffers.embeddings.fill_(7.0)  # stale data from an earlier request
-    buffers.scatter([0], item(2, 0), checksum=True)
+    buffers.scatter([0], item(2, 0))
     clean = MultimodalDataBuffers(BufferLayout(2, 4, 8, 0, "float32"))
-    clean.scatter([0], item(2, 0), checksum=True)
-    assert buffers.aux[0, AuxField.CHECKSUM] == clean.aux[0, AuxField.CHECKSUM]
+    clean.scatter([0], item(2, 0))
+    assert buffers.checksums([0], 2) == clean.checksums([0], 2)
+
+
+def test_checksums_see_every_part_of_a_record() -> None:
+    buffers = MultimodalDataBuffers(BufferLayout(4, 4, 8, 3, "bfloat16"))
+    buffers.scatter([0, 1], item(6, 3, dtype=torch.bfloat16))
+    before = buffers.checksums([0, 1], 6)
+    assert len(before) == 2
+    for view in (buffers.embeddings, buffers.fill_ids, buffers.positions, buffers.deepstack):
+        assert view is not None
+        saved = view[1, 1].clone()
+        view[1, 1] = view[1, 1] + 1
+        assert buffers.checksums([0, 1], 6)[1] != before[1]
+        view[1, 1] = saved
+    assert buffers.checksums([0, 1], 6) == before
 
 
 @pytest.mark.parametrize(
@@ -113,8 +132,6 @@ def test_chunks_of_an_item_scatter_and_gather_at_their_offsets() -> None:
     original = item(10, 3)
     buffers.scatter([6, 7], original, start=0, count=8)
     buffers.scatter([2], original, start=8)
-    assert buffers.aux[2, AuxField.TOKEN_OFFSET] == 8
-    assert buffers.aux[2, AuxField.TOTAL_TOKENS] == 10
     out = buffers.empty_item(10)
     buffers.gather([2], 2, out, start=8)
     buffers.gather([6, 7], 8, out, start=0)

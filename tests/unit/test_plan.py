@@ -20,26 +20,26 @@ def test_coalesce(src: list[int], dst: list[int], runs: list[Run]) -> None:
     assert coalesce(src, dst) == runs
 
 
-# Blocks of 4 tokens: a 64-byte header then 4 records of 16 bytes.
-SRC = RegionInfo(base_ptr=1000, block_bytes=128, header_bytes=64, token_bytes=16)
-DST = RegionInfo(base_ptr=9000, block_bytes=128, header_bytes=64, token_bytes=16)
+# Blocks of 4 records of 32 bytes, end to end: a block is 128 bytes.
+SRC = RegionInfo(base_ptr=1000, block_tokens=4, token_bytes=32)
+DST = RegionInfo(base_ptr=9000, block_tokens=4, token_bytes=32)
 
 
 @pytest.mark.parametrize(
     ("src_blocks", "dst_blocks", "tokens", "entries"),
     [
-        # One token: its block's header and one record.
-        ([0], [0], 1, [WriteEntry(1000, 9000, 64 + 16)]),
+        # One token: one record.
+        ([0], [0], 1, [WriteEntry(1000, 9000, 32)]),
         # A full block.
         ([1], [2], 4, [WriteEntry(1000 + 128, 9000 + 256, 128)]),
         # 10 tokens, 3 consecutive blocks, the last partial: one entry, exact bytes.
-        ([2, 3, 4], [0, 1, 2], 10, [WriteEntry(1000 + 256, 9000, 2 * 128 + 64 + 2 * 16)]),
+        ([2, 3, 4], [0, 1, 2], 10, [WriteEntry(1000 + 256, 9000, 10 * 32)]),
         # A fragmented destination splits the run.
         (
             [0, 1, 2],
             [5, 6, 0],
             9,
-            [WriteEntry(1000, 9000 + 5 * 128, 256), WriteEntry(1000 + 256, 9000, 64 + 16)],
+            [WriteEntry(1000, 9000 + 5 * 128, 256), WriteEntry(1000 + 256, 9000, 32)],
         ),
     ],
 )
@@ -53,7 +53,7 @@ def test_entry_count_does_not_grow_with_blocks() -> None:
     n = 1000
     entries = plan_chunk(SRC, DST, list(range(n)), list(range(n, 2 * n)), n * 4 - 1, 4)
     assert len(entries) == 1
-    assert entries[0].nbytes == n * 64 + (n * 4 - 1) * 16
+    assert entries[0].nbytes == (n * 4 - 1) * 32
 
 
 @pytest.mark.parametrize(
@@ -74,4 +74,4 @@ def test_inconsistent_chunks_are_refused(
 
 def test_mismatched_block_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="block sizes differ"):
-        plan_chunk(SRC, RegionInfo(9000, 256, 64, 48), [0], [0], 4, 4)
+        plan_chunk(SRC, RegionInfo(9000, 4, 48), [0], [0], 4, 4)

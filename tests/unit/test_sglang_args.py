@@ -54,8 +54,7 @@ def test_fused_rows_are_the_buffers_token_records() -> None:
     assert fused.shape == (t, h * (1 + k))
     buffers = MultimodalDataBuffers(BufferLayout(2, 4, h, k, "float32"))
     buffers.scatter([0, 1], item)
-    record = buffers.arena[:, 64:].view(2, 4, buffers.layout.token_bytes)[:, :, 32 : 32 + 4 * h * 4]
-    stored = record.reshape(8, -1)[:t].contiguous().view(torch.float32)
+    stored = buffers.arena[:t, 32 : 32 + 4 * h * 4].contiguous().view(torch.float32)
     assert torch.equal(stored, fused)
     assert torch.equal(fused_rows(item)[:, h : 2 * h], item.deepstack[:, 0])  # type: ignore[index]
 

@@ -228,7 +228,9 @@ class LanguageBackend(Protocol):
         *,
         ignore_eos: bool = False,
     ) -> AsyncGenerator[int, None]:
-        """Greedy tokens as they come; InputError for a prompt the model cannot take."""
+        """Greedy tokens as they come; InputError for a prompt the model cannot take.
+        `item` may be views of the receive pool: read it before the first token, never
+        after (the rows go back to the pool then)."""
         ...
 
 
@@ -340,33 +342,39 @@ async def run_language(
                 f"image_grid_thw describes {int(grid.prod(dim=1).sum()) // model.merge_size**2} "
                 f"visual tokens; input_ids hold {visual}"
             )
-        item = None
-        if visual:
-            room, encoder = body.get("room"), body.get("encoder")
-            if not isinstance(encoder, str) or grid is None:
-                raise BadRequest("a prompt with images needs room, encoder and image_grid_thw")
-            try:
-                item = await receiver.receive(str(room), encoder, buffers.empty_item(visual))
-            except TransferError as e:
-                return _transfer_error(e)
-        tokens = model.stream(
-            ids, item, grid, max_tokens, ignore_eos=bool(body.get("ignore_eos", False))
-        )
-        # Closed on every way out (a client that went away included): the reference
-        # model's lock is released and SGLang aborts the request at once.
-        async with contextlib.aclosing(tokens):
-            if body.get("stream"):
-                return await _stream(request, tokens)
-            try:
-                answer: dict[str, Any] = {"tokens": [t async for t in tokens]}
-            except InputError as e:
-                raise BadRequest(str(e)) from e
-            except EngineFailure as e:
-                return error(503, str(e), "engine_error")
-        answer["prompt_tokens"] = len(ids)
-        if debug_logits:
-            assert isinstance(model, ReferenceLanguageBackend)
-            answer["logits"] = await model.logits(ids, item, grid)
+        async with contextlib.AsyncExitStack() as lease:
+            item = None
+            if visual:
+                room, encoder = body.get("room"), body.get("encoder")
+                if not isinstance(encoder, str) or grid is None:
+                    raise BadRequest("a prompt with images needs room, encoder and image_grid_thw")
+                try:
+                    # Read where it landed: the backend copies the rows into its own input.
+                    item = await lease.enter_async_context(
+                        receiver.lease(str(room), encoder, visual)
+                    )
+                except TransferError as e:
+                    return _transfer_error(e)
+            tokens = model.stream(
+                ids, item, grid, max_tokens, ignore_eos=bool(body.get("ignore_eos", False))
+            )
+            if not debug_logits:  # which reads the rows again after the last token
+                tokens = _returning_at_first_token(tokens, lease)
+            # Closed on every way out (a client that went away included): the reference
+            # model's lock is released and SGLang aborts the request at once.
+            async with contextlib.aclosing(tokens):
+                if body.get("stream"):
+                    return await _stream(request, tokens)
+                try:
+                    answer: dict[str, Any] = {"tokens": [t async for t in tokens]}
+                except InputError as e:
+                    raise BadRequest(str(e)) from e
+                except EngineFailure as e:
+                    return error(503, str(e), "engine_error")
+            answer["prompt_tokens"] = len(ids)
+            if debug_logits:
+                assert isinstance(model, ReferenceLanguageBackend)
+                answer["logits"] = await model.logits(ids, item, grid)
         return web.json_response(answer)
 
     app = server.app()
@@ -380,6 +388,17 @@ async def run_language(
 
     await serve(server, app, listen, on_stop=stop)
     return str(getattr(model, "failure", ""))
+
+
+async def _returning_at_first_token(
+    tokens: AsyncGenerator[int, None], lease: contextlib.AsyncExitStack
+) -> AsyncGenerator[int, None]:
+    """`tokens`, with the received rows given back to the pool at the first token: a
+    backend has read them into its own input by then (LanguageBackend.stream)."""
+    async with contextlib.aclosing(tokens):
+        async for token in tokens:
+            await lease.aclose()  # at once on the first; a no-op after
+            yield token
 
 
 async def _stream(request: web.Request, tokens: AsyncGenerator[int, None]) -> web.StreamResponse:

@@ -3,7 +3,7 @@
 A chunk is a run of tokens that starts at a block boundary. Source block i holds the same
 tokens as destination block i. Blocks consecutive on both sides merge into one entry, so
 the number of entries depends on fragmentation, never on the number of blocks; an entry
-covers exactly the block headers and token records of its tokens (see buffers.py).
+covers exactly the token records of its tokens (see buffers.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from deepstack_runtime.buffers import HEADER_BYTES, MultimodalDataBuffers
+from deepstack_runtime.buffers import MultimodalDataBuffers
 
 
 @dataclass(frozen=True)
@@ -19,14 +19,17 @@ class RegionInfo:
     """A pool's arena, as the receiver describes it to the sender."""
 
     base_ptr: int
-    block_bytes: int
-    header_bytes: int
+    block_tokens: int
     token_bytes: int
+
+    @property
+    def block_bytes(self) -> int:
+        return self.block_tokens * self.token_bytes
 
 
 def region_of(buffers: MultimodalDataBuffers) -> RegionInfo:
     layout = buffers.layout
-    return RegionInfo(buffers.base_ptr, layout.block_bytes, HEADER_BYTES, layout.token_bytes)
+    return RegionInfo(buffers.base_ptr, layout.block_tokens, layout.token_bytes)
 
 
 @dataclass(frozen=True)
@@ -77,21 +80,16 @@ def plan_chunk(
     `src_blocks` to `dst_blocks`."""
     if tokens < 1 or -(-tokens // block_tokens) != len(src_blocks):
         raise ValueError(f"{tokens} tokens do not fill {len(src_blocks)} blocks of {block_tokens}")
-    shape = (src.block_bytes, src.header_bytes, src.token_bytes)
-    if shape != (dst.block_bytes, dst.header_bytes, dst.token_bytes):
+    if (src.block_tokens, src.token_bytes) != (dst.block_tokens, dst.token_bytes):
         raise ValueError("block sizes differ between the two pools")
     entries: list[WriteEntry] = []
     for run in coalesce(src_blocks, dst_blocks):
         run_tokens = min(tokens - run.index * block_tokens, run.count * block_tokens)
-        last_tokens = run_tokens - (run.count - 1) * block_tokens
-        nbytes = (
-            (run.count - 1) * src.block_bytes + src.header_bytes + last_tokens * src.token_bytes
-        )
         entries.append(
             WriteEntry(
                 src.base_ptr + run.src_block * src.block_bytes,
                 dst.base_ptr + run.dst_block * dst.block_bytes,
-                nbytes,
+                run_tokens * src.token_bytes,
             )
         )
     return entries

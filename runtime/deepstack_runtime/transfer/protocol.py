@@ -3,7 +3,8 @@
 Newline-delimited JSON over one TCP connection per room:
 
     receiver -> sender  hello   {room, session, layout, regions, blocks}
-    sender -> receiver  written {offset, tokens, total}        after the bytes are in place
+    sender -> receiver  written {offset, tokens, total, checksums}   after the bytes are in place
+                        (checksums: one per block of the chunk, empty when they are off)
     receiver -> sender  resume  {offset, blocks}               when total > received
     receiver -> sender  done                                   sender frees its blocks
     either way          error   {reason, message}
@@ -37,8 +38,13 @@ def check_room(room: object) -> str:
     return room
 
 
+def encode(op: str, **fields: Any) -> bytes:
+    """One message, as it goes on the wire."""
+    return json.dumps({"op": op, **fields}, separators=(",", ":")).encode() + b"\n"
+
+
 async def send(writer: asyncio.StreamWriter, op: str, **fields: Any) -> None:
-    writer.write(json.dumps({"op": op, **fields}, separators=(",", ":")).encode() + b"\n")
+    writer.write(encode(op, **fields))
     await writer.drain()
 
 

@@ -24,10 +24,10 @@ import contextlib
 import dataclasses
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from deepstack_runtime.allocator import BlockAllocator
-from deepstack_runtime.buffers import AuxField, MultimodalDataBuffers, MultimodalItem
+from deepstack_runtime.buffers import MultimodalDataBuffers, MultimodalItem, copy_item
 from deepstack_runtime.errors import FailureReason, TransferError
 from deepstack_runtime.metrics import TransferMetrics
 from deepstack_runtime.transfer import protocol
@@ -94,10 +94,38 @@ class EmbeddingReceiver:
     async def receive(
         self, room: str, sender_address: str, out: MultimodalItem | None = None
     ) -> MultimodalItem:
-        """Receive the item of `room` from the encoder at `sender_address` ("host:port"),
-        into `out` if given (it must hold exactly the sequence's tokens: the language side
-        knows the count from the image grid). Raises TransferError; every block it took is
-        free again when it returns or raises."""
+        """`lease`, copied into `out` if given (it must hold exactly the sequence's tokens)
+        or into new tensors; every block it took is free again when it returns or raises."""
+        async with self.lease(
+            room, sender_address, None if out is None else out.num_tokens
+        ) as lent:
+            return copy_item(lent, out)
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, room: str, sender_address: str, num_tokens: int | None = None
+    ) -> AsyncIterator[MultimodalItem]:
+        """Receive the item of `room` from the encoder at `sender_address` ("host:port")
+        and lend it: views of this pool's blocks, where it landed, when they are one run
+        (no copy; `deepstack_transfer_gathered_total` counts the other case, a copy). The
+        blocks are free again when the block exits. `num_tokens`, when the language
+        side knows it from the image grid, admits the request only once the pool can
+        hold all of it. Raises TransferError, having freed every block it took."""
+        held, total = await self._receive(room, sender_address, num_tokens)
+        try:
+            lent = self.buffers.views(held, total)
+            if lent is None:
+                self.metrics.gathered.inc()
+                lent = self.buffers.gather(held, total)
+            yield lent
+        finally:
+            self._free(held)
+
+    async def _receive(
+        self, room: str, sender_address: str, num_tokens: int | None
+    ) -> tuple[list[int], int]:
+        """The blocks holding the room's sequence, in order, and its length; on failure
+        every block is freed (or fenced) and TransferError raised."""
         protocol.check_room(room)
         started = time.monotonic()
         held: list[int] = []
@@ -109,14 +137,14 @@ class EmbeddingReceiver:
         try:
             async with asyncio.timeout(self.settings.transfer_timeout):
                 first = self._default_blocks
-                if out is not None:
-                    receipt.reserved = await self._admit(self.layout.blocks_for(out.num_tokens))
+                if num_tokens is not None:
+                    receipt.reserved = await self._admit(self.layout.blocks_for(num_tokens))
                     first = min(first, receipt.reserved)
                 held += await self._take(receipt, first)
                 reader, writer = await self._connect(sender_address)
-                item = await self._receive_rounds(receipt, held, reader, writer, out)
+                total = await self._receive_rounds(receipt, held, reader, writer, num_tokens)
             self.metrics.duration.observe(time.monotonic() - started)
-            return item
+            return held, total
         except TimeoutError:
             failure = TransferError(
                 FailureReason.TIMEOUT,
@@ -136,28 +164,28 @@ class EmbeddingReceiver:
             receipt.state = ReceiptState.FAILED if failure is not None else ReceiptState.DONE
             if failure is not None:
                 self.metrics.record_failure(failure.reason)
-            self._release(held, reader, writer, failure, writing_possible)
+                self._release(held, reader, writer, failure, writing_possible)
+            elif writer is not None:
+                writer.close()  # done: the blocks are the lease's now
 
     def _release(
         self,
         held: list[int],
         reader: asyncio.StreamReader | None,
         writer: asyncio.StreamWriter | None,
-        failure: TransferError | None,
+        failure: TransferError,
         writing_possible: bool,
     ) -> None:
-        """Free the blocks now when no write can land in them any more (done, between
-        rounds, or the encoder's side of the connection is gone); else tell the encoder and
-        free them when it closes the connection (the fence)."""
+        """After a failure: free the blocks now when no write can land in them any more
+        (between rounds, or the encoder's side of the connection is gone); else tell the
+        encoder and free them when it closes the connection (the fence)."""
         if writer is None or reader is None:
             self._free(held)
             return
-        gone = reader.at_eof() or (
-            failure is not None and (failure.from_peer or failure.reason is FailureReason.PEER_LOST)
-        )
-        if failure is None or gone or not writing_possible:
+        gone = reader.at_eof() or failure.from_peer or failure.reason is FailureReason.PEER_LOST
+        if gone or not writing_possible:
             self._free(held)
-            if failure is not None and not gone:
+            if not gone:
                 task = asyncio.get_running_loop().create_task(self._tell(writer, failure))
                 self._fences.add(task)
                 task.add_done_callback(self._fences.discard)
@@ -313,8 +341,9 @@ class EmbeddingReceiver:
         held: list[int],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        out: MultimodalItem | None,
-    ) -> MultimodalItem:
+        expected: int | None,
+    ) -> int:
+        """Run the rounds until the whole sequence is in `held` (in order); its length."""
         room = receipt.room
         receipt.state = ReceiptState.RECEIVING  # from the hello on, the encoder may write
         await protocol.send(
@@ -328,6 +357,7 @@ class EmbeddingReceiver:
         )
         received = 0
         round_no = 0
+        chunk_blocks = held  # where the encoder writes this round
         # The encoder may still be encoding: the first answer may take until the deadline.
         waiting = self.settings.transfer_timeout
         while True:
@@ -338,28 +368,28 @@ class EmbeddingReceiver:
                     FailureReason.BAD_REQUEST, f"unexpected {msg} at offset {received}"
                 )
             tokens, total = protocol.int_field(msg, "tokens"), protocol.int_field(msg, "total")
-            if out is not None and out.num_tokens != total:
+            if expected is not None and expected != total:
                 raise TransferError(
                     FailureReason.BAD_REQUEST,
-                    f"room {room}: the encoder sends {total} tokens, {out.num_tokens} expected",
+                    f"room {room}: the encoder sends {total} tokens, {expected} expected",
                 )
             if (
                 tokens < 1
                 or received + tokens > total
                 or received + tokens > len(held) * self.layout.block_tokens
+                or tokens > len(chunk_blocks) * self.layout.block_tokens
             ):
                 raise TransferError(
                     FailureReason.BAD_REQUEST, f"bad chunk {msg} for {len(held)} blocks"
                 )
+            if self.settings.checksum:
+                self._verify(chunk_blocks, tokens, msg.get("checksums"))
             if self._on_chunk_received is not None:
                 self._on_chunk_received(room, round_no)
             received += tokens
             if received == total:
-                item = self.buffers.gather(held, total, out)
-                if self.settings.checksum:
-                    self._verify(held, total)
                 await protocol.send(writer, "done")
-                return item
+                return total
             round_no += 1
             if round_no > self.settings.max_rounds:
                 raise TransferError(
@@ -374,21 +404,19 @@ class EmbeddingReceiver:
                     f"the whole pool has {self.layout.num_blocks}",
                 )
             self.metrics.resumptions.inc()
-            more = await self._take(receipt, needed)
-            held += more
+            chunk_blocks = await self._take(receipt, needed)
+            held += chunk_blocks
             receipt.state = ReceiptState.RECEIVING
-            await protocol.send(writer, "resume", offset=received, blocks=more)
+            await protocol.send(writer, "resume", offset=received, blocks=chunk_blocks)
             waiting = self.settings.resume_timeout
 
-    def _verify(self, blocks: list[int], total: int) -> None:
-        for i, block in enumerate(blocks[: self.layout.blocks_for(total)]):
-            aux = self.buffers.aux[block]
-            if (
-                int(aux[AuxField.TOKEN_OFFSET]) != i * self.layout.block_tokens
-                or int(aux[AuxField.TOTAL_TOKENS]) != total
-            ):
-                raise TransferError(
-                    FailureReason.TRANSFER_ERROR, f"block {i}: aux record out of place"
-                )
-            if self.buffers.block_checksum(block) != int(aux[AuxField.CHECKSUM]):
+    def _verify(self, blocks: list[int], tokens: int, sent: object) -> None:
+        """Compare each block of a chunk with the checksum its encoder computed."""
+        mine = self.buffers.checksums(blocks, tokens)
+        if not isinstance(sent, list) or len(sent) != len(mine):
+            raise TransferError(
+                FailureReason.BAD_REQUEST, f"a chunk of {len(mine)} blocks needs as many checksums"
+            )
+        for i, (got, want) in enumerate(zip(mine, sent, strict=True)):
+            if got != want:
                 raise TransferError(FailureReason.TRANSFER_ERROR, f"block {i}: checksum mismatch")

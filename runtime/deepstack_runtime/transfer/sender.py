@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,10 +26,11 @@ from deepstack_runtime.errors import FailureReason, TransferError
 from deepstack_runtime.metrics import ChunkStats, TransferMetrics
 from deepstack_runtime.transfer import protocol
 from deepstack_runtime.transfer.base import Transport
-from deepstack_runtime.transfer.plan import RegionInfo, plan_chunk, region_of
+from deepstack_runtime.transfer.plan import RegionInfo, WriteEntry, plan_chunk, region_of
 from deepstack_runtime.transfer.settings import TransferSettings
 
-# Called after a chunk's bytes are in the receiver's memory, before it is told: (room, round).
+# Called on the write thread after a chunk's bytes are in the receiver's memory, before
+# it is told: (room, round).
 ChunkObserver = Callable[[str, int], None]
 # Writes run on these threads, never on the event loop: one slow peer must not stall the
 # other transfers or the health probes.
@@ -48,10 +50,11 @@ class _Room:
     blocks: list[int]
     num_tokens: int
     finished: asyncio.Future[None]
+    checksums: list[int]  # per block, when checksums are on
     state: SenderState = SenderState.WAITING
     claimed: bool = False
     aborted: str = ""  # why, when this side gave up on the room
-    writing: Future[None] | None = None  # the write in flight, if any (the fence)
+    writing: Future[bytes] | None = None  # the write in flight, if any (the fence)
     task: asyncio.Task[None] | None = None  # serving its receiver
     expiry: asyncio.TimerHandle | None = None
     submitted_at: float = field(default_factory=time.monotonic)
@@ -147,14 +150,18 @@ class EmbeddingSender:
             raise
         self._refused.pop(room, None)  # submitted again, and this time it fits
         try:
-            self.buffers.scatter(blocks, item, checksum=self.settings.checksum)
+            # The one copy on this side: the vision tower's output rows into token records.
+            self.buffers.scatter(blocks, item)
+            checksums = (
+                self.buffers.checksums(blocks, item.num_tokens) if self.settings.checksum else []
+            )
         except Exception:
             self.allocator.free(blocks)
             raise
         finished: asyncio.Future[None] = loop.create_future()
         # Callers may ignore the outcome; never warn about an unretrieved exception.
         finished.add_done_callback(lambda f: f.cancelled() or f.exception())
-        entry = _Room(blocks, item.num_tokens, finished)
+        entry = _Room(blocks, item.num_tokens, finished, checksums)
         # Nobody came for it: free the blocks.
         entry.expiry = loop.call_later(self.settings.transfer_timeout, self._expire, room)
         self._rooms[room] = entry
@@ -297,6 +304,34 @@ class EmbeddingSender:
             except Exception:
                 break
 
+    def _write_then_tell(
+        self,
+        room: str,
+        round_no: int,
+        session: str,
+        entries: list[WriteEntry],
+        writer: asyncio.StreamWriter,
+        notice: bytes,
+    ) -> bytes:
+        """On a write thread: the chunk's one transfer call, then the "written" notice
+        straight onto the control socket, so that the receiver hears of it without a hop
+        back through this event loop. Returns what could not be sent now (usually
+        nothing). Safe: while a room is SENDING nothing else writes to its connection,
+        and the connection is closed only after the write has ended (the fence)."""
+        self.transport.write(session, entries)
+        if self._on_chunk_written is not None:
+            self._on_chunk_written(room, round_no)
+        sock = writer.get_extra_info("socket")
+        if sock is None or writer.transport.get_write_buffer_size():
+            return notice
+        try:
+            sent = os.write(sock.fileno(), notice)  # non-blocking: never waits
+        except (BlockingIOError, InterruptedError):
+            return notice
+        except OSError:
+            return b""  # the receiver is gone: its next message (none) says so
+        return notice[sent:]
+
     def _check_hello(self, hello: protocol.Message) -> tuple[str, RegionInfo, BufferLayout]:
         session = hello.get("session")
         if not isinstance(session, str) or not session:
@@ -312,20 +347,11 @@ class EmbeddingSender:
             )
         try:
             r = hello["region"]
-            region = RegionInfo(
-                int(r["base_ptr"]),
-                int(r["block_bytes"]),
-                int(r["header_bytes"]),
-                int(r["token_bytes"]),
-            )
+            region = RegionInfo(int(r["base_ptr"]), int(r["block_tokens"]), int(r["token_bytes"]))
         except (KeyError, TypeError, ValueError) as e:
             raise TransferError(FailureReason.BAD_REQUEST, f"hello with a bad region: {e}") from e
         mine = self._region
-        if (region.block_bytes, region.header_bytes, region.token_bytes) != (
-            mine.block_bytes,
-            mine.header_bytes,
-            mine.token_bytes,
-        ):
+        if (region.block_tokens, region.token_bytes) != (mine.block_tokens, mine.token_bytes):
             raise TransferError(
                 FailureReason.LAYOUT_MISMATCH, "the receiver's blocks are sized differently"
             )
@@ -352,15 +378,25 @@ class EmbeddingSender:
             src = entry.blocks[offset // b : offset // b + self.layout.blocks_for(tokens)]
             dst = dst_blocks[: len(src)]
             entries = plan_chunk(self._region, dst_region, src, dst, tokens, b)
+            first = offset // b
+            notice = protocol.encode(
+                "written",
+                offset=offset,
+                tokens=tokens,
+                total=total,
+                checksums=entry.checksums[first : first + len(src)],
+            )
             entry.state = SenderState.SENDING
-            entry.writing = self._write_pool.submit(self.transport.write, session, entries)
-            await asyncio.wrap_future(entry.writing)
+            entry.writing = self._write_pool.submit(
+                self._write_then_tell, room, round_no, session, entries, writer, notice
+            )
+            unsent = await asyncio.wrap_future(entry.writing)
             entry.state = SenderState.AWAITING
+            if unsent:  # the socket was full: the rest goes the usual way, in order
+                writer.write(unsent)
+                await writer.drain()
             by_payload = self.layout.payload_bytes(tokens)
             self.metrics.record_chunk(ChunkStats(by_payload, resumed=round_no > 0))
-            if self._on_chunk_written is not None:
-                self._on_chunk_written(room, round_no)
-            await protocol.send(writer, "written", offset=offset, tokens=tokens, total=total)
             offset += tokens
             reply = await protocol.receive(
                 reader,
