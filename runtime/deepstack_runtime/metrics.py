@@ -83,6 +83,12 @@ class TransferMetrics:
             "Transfers in progress.",
             registry=r,
         )
+        self.scattered = Counter(
+            "deepstack_transfer_scattered",
+            "Encoded items copied into the pool (encode side): the vision tower could not "
+            "write them in place (another dtype, or no single run of free blocks).",
+            registry=r,
+        )
         self.gathered = Counter(
             "deepstack_transfer_gathered",
             "Received items copied out of the pool because their blocks were not one run "

@@ -117,3 +117,11 @@ def test_disaggregated_equals_monolithic(stack: dict[str, Any], case: str) -> No
     visual = int((prompt.input_ids == pre.image_token_id).sum())
     assert resumed == (1 if visual > TRANSFER["defaultAllocationTokens"] else 0)
     assert sample(after, "deepstack_buffer_blocks", state="used") == 0
+    # No copy on either side: the tower (float32, as the pool) wrote its rows into the
+    # blocks they were sent from, and the model read them where they landed (a resumed
+    # sequence may span two runs of blocks, and is then copied out once).
+    assert sample(stack["encode"].metrics(), "deepstack_transfer_scattered_total") == 0
+    gathered = sample(after, "deepstack_transfer_gathered_total") - sample(
+        before, "deepstack_transfer_gathered_total"
+    )
+    assert gathered <= resumed

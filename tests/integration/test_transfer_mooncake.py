@@ -119,7 +119,9 @@ def test_round_trip_is_bit_identical_and_accounted(
     before_s, before_r = sender.state(), receiver.state()
     item = random_item(length, k, dtype, seed=length)
 
-    status, data = transfer(sender, receiver, f"room-{k}-{dtype}-{length}", item)
+    result = transfer(sender, receiver, f"room-{k}-{dtype}-{length}", item)
+    assert result[0] == "ok", result
+    status, data = result
 
     assert status == "ok", data
     assert_identical(decode_item(data), item)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from deepstack_runtime.buffers import MultimodalItem
+from deepstack_runtime.buffers import MultimodalItem, copy_item
 from deepstack_runtime.errors import InputError
 
 
@@ -121,6 +121,23 @@ def load_vision_tower(model_dir: str | Path, device: str, dtype: torch.dtype) ->
     return visual.to(device).eval()
 
 
+class _OutputInPlace(torch.nn.Module):
+    """A merger's last linear layer that can write its rows straight into given memory
+    (row-strided views of a transfer pool: `torch.addmm` writes strided rows directly)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.target: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.target is None:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        if self.bias is None:
+            return torch.mm(x, self.weight.t(), out=self.target)
+        return torch.addmm(self.bias, x, self.weight.t(), out=self.target)
+
+
 class ReferenceEncoder:
     """The transformers vision tower of Qwen3-VL-MoE, on `device` in `dtype`."""
 
@@ -136,19 +153,66 @@ class ReferenceEncoder:
         self.merge = int(config.vision_config.spatial_merge_size)
         self.hidden_size = int(config.text_config.hidden_size)
         self.num_deepstack = len(config.vision_config.deepstack_visual_indexes)
+        # The last layers of the main merger and of the K DeepStack mergers, in that order.
+        self._outputs = []
+        for merger in [self.visual.merger, *self.visual.deepstack_merger_list]:
+            merger.linear_fc2 = _OutputInPlace(merger.linear_fc2)
+            self._outputs.append(merger.linear_fc2)
+
+    def num_tokens(self, image_grid_thw: torch.Tensor) -> int:
+        """Visual tokens the tower makes of these images; ValueError for a grid it cannot
+        merge."""
+        if bool((image_grid_thw[:, 1:] % self.merge).any()):
+            raise ValueError(
+                f"image_grid_thw heights and widths must be multiples of the merge size "
+                f"{self.merge}"
+            )
+        return int(image_grid_thw.prod(dim=1).sum()) // self.merge**2
+
+    def writes_in_place(self, out: MultimodalItem) -> bool:
+        """Whether `encode` can put its rows straight into `out` (same dtype and device:
+        a GPU computing in the pool's dtype), with no copy."""
+        rows = out.embeddings
+        return rows.dtype == self.dtype and rows.device == torch.empty(0, device=self.device).device
 
     @torch.no_grad()
-    def encode(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> MultimodalItem:
-        out = self.visual(
-            pixel_values.to(self.device, self.dtype), grid_thw=image_grid_thw.to(self.device)
-        )
-        embeddings = out.pooler_output.contiguous()
-        deepstack = torch.stack(list(out.deepstack_features), dim=1).contiguous()
+    def encode(
+        self,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+        out: MultimodalItem | None = None,
+    ) -> MultimodalItem:
+        """The item of these images: written into `out` (for example views of the
+        encoder's transfer pool) when given, else into new tensors. With
+        `writes_in_place(out)` the mergers' last layers write their rows there directly;
+        otherwise the rows are cast and copied into it."""
         positions = torch.cat(
             [self._grid_positions(int(t), int(h), int(w)) for t, h, w in image_grid_thw.tolist()]
         )
+        in_place = out is not None and self.writes_in_place(out)
+        if in_place:
+            assert out is not None
+            features = () if out.deepstack is None else out.deepstack.unbind(dim=1)
+            targets = [out.embeddings, *features]
+            for layer, target in zip(self._outputs, targets, strict=True):
+                layer.target = target
+        try:
+            result = self.visual(
+                pixel_values.to(self.device, self.dtype), grid_thw=image_grid_thw.to(self.device)
+            )
+        finally:
+            for layer in self._outputs:
+                layer.target = None
+        if in_place:
+            assert out is not None
+            out.fill_ids.fill_(self.image_token_id)
+            out.positions.copy_(positions)
+            return out
+        embeddings = result.pooler_output.contiguous()
+        deepstack = torch.stack(list(result.deepstack_features), dim=1).contiguous()
         fill = torch.full((embeddings.shape[0],), self.image_token_id, dtype=torch.int64)
-        return MultimodalItem(embeddings, deepstack, fill, positions)
+        item = MultimodalItem(embeddings, deepstack, fill, positions)
+        return item if out is None else copy_item(item, out)
 
     def _grid_positions(self, t: int, h: int, w: int) -> torch.Tensor:
         """(t, h, w) of every merged visual token of one image, in sequence order."""

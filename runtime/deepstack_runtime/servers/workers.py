@@ -20,8 +20,8 @@ import base64
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, Awaitable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import torch
 from aiohttp import web
@@ -48,6 +48,7 @@ from deepstack_runtime.transfer.sender import EmbeddingSender
 from deepstack_runtime.transfer.settings import TransferSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 MAX_BODY = 64 << 20
 TENSOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Transfer failures that are the caller's own mistakes (400); most others may be retried.
@@ -179,10 +180,26 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
         grid = _grid(body.get("image_grid_thw"))
         if grid is None or pixels.dim() != 2 or pixels.shape[0] != int(grid.prod(dim=1).sum()):
             raise BadRequest("pixel_values must have one row per patch of image_grid_thw")
-        async with tower.turn():
-            item = await asyncio.to_thread(encoder.encode, pixels, grid)
         try:
-            finished = await sender.submit(room, item)
+            tokens = encoder.num_tokens(grid)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        try:
+            async with tower.turn():
+                # The tower's rows go straight into the blocks they are sent from, when
+                # it computes in the pool's dtype (a GPU); else they are copied there.
+                reserved = await sender.reserve(room, tokens)
+                if reserved is not None and not encoder.writes_in_place(reserved.item):
+                    sender.release(reserved)
+                    reserved = None
+                try:
+                    out = None if reserved is None else reserved.item
+                    item = await _finished(asyncio.to_thread(encoder.encode, pixels, grid, out))
+                except BaseException:
+                    if reserved is not None:
+                        sender.release(reserved)
+                    raise
+            finished = await sender.submit(room, item, reserved)
             await finished
         except TransferError as e:
             return _transfer_error(e)
@@ -194,6 +211,24 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
     app = server.app()
     app.router.add_post("/v1/encode", server.tracked("/v1/encode", encode))
     await serve(server, app, listen, on_stop=sender.stop)
+
+
+async def _finished(work: Awaitable[T]) -> T:
+    """`await work`, but when cancelled, only once a thread doing it has finished too:
+    the vision tower writes into a reservation and holds the tower's turn until then."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True  # wait for the thread, then give up
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 def _check_checkpoint(hidden_size: int, num_deepstack: int, layout: BufferLayout) -> None:

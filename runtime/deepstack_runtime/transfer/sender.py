@@ -55,9 +55,31 @@ class _Room:
     claimed: bool = False
     aborted: str = ""  # why, when this side gave up on the room
     writing: Future[bytes] | None = None  # the write in flight, if any (the fence)
+    sending: int = 0  # tokens of that write
     task: asyncio.Task[None] | None = None  # serving its receiver
     expiry: asyncio.TimerHandle | None = None
     submitted_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """Blocks lent to an encoder for one room's item, and views of them to write into."""
+
+    room: str
+    blocks: list[int]
+    item: MultimodalItem
+
+
+@dataclass
+class _Target:
+    """A receiver's side of a room, from its hello: where to write, how to tell it."""
+
+    session: str
+    region: RegionInfo
+    blocks: list[int]  # where the first round goes
+    writer: asyncio.StreamWriter
+    task: asyncio.Task[None] | None  # the connection's serving task
+    entry: _Room | None = None  # the room, once claimed
 
 
 class EmbeddingSender:
@@ -84,6 +106,9 @@ class EmbeddingSender:
         # handshake timeout so that their receiver hears why at once, not by a timeout.
         self._refused: dict[str, TransferError] = {}
         self._room_added = asyncio.Condition()
+        # Receivers whose hello came before their room: submit starts their first write
+        # itself, with no hop through the serving task.
+        self._parked: dict[str, _Target] = {}
         self._server: asyncio.Server | None = None
         self._on_chunk_written = on_chunk_written
         self._region = region_of(buffers)
@@ -130,28 +155,46 @@ class EmbeddingSender:
     def rooms(self) -> int:
         return len(self._rooms)
 
-    async def submit(self, room: str, item: MultimodalItem) -> asyncio.Future[None]:
-        """Hold `item` for the receiver of `room`. Raises TransferError (and keeps nothing)
-        for a bad or duplicate room or an item the pool cannot hold. The returned future
-        completes when the receiver has the whole item, or fails with TransferError."""
-        protocol.check_room(room)
-        if room in self._rooms:
-            raise TransferError(FailureReason.DUPLICATE_ROOM, f"room {room} is already submitted")
-        if item.num_tokens < 1:
-            raise TransferError(FailureReason.BAD_REQUEST, "an item must have at least one token")
+    async def reserve(self, room: str, num_tokens: int) -> Reserved | None:
+        """Blocks for the item of `room`, lent as views for the encoder to write its rows
+        into where they will be sent from (then `submit(room, reserved.item, reserved)`:
+        no copy). None when no single run of blocks is free now: encode, then submit the
+        item (one copy). Raises TransferError, which `room`'s receiver hears at once,
+        when the pool cannot hold the item."""
+        self._check_new(room, num_tokens)
+        blocks = await self._alloc(room, num_tokens)
+        views = self.buffers.views(blocks, num_tokens)
+        if views is None:
+            self.allocator.free(blocks)
+            return None
+        return Reserved(room, blocks, views)
+
+    def release(self, reserved: Reserved) -> None:
+        """Give back a reservation that will not be submitted (the encoding failed)."""
+        self.allocator.free(reserved.blocks)
+
+    async def submit(
+        self, room: str, item: MultimodalItem, reserved: Reserved | None = None
+    ) -> asyncio.Future[None]:
+        """Hold `item` for the receiver of `room`: in `reserved`, where the encoder wrote
+        it, or copied into blocks taken now. Raises TransferError (and keeps nothing, the
+        reservation included) for a bad or duplicate room or an item the pool cannot
+        hold. The returned future completes when the receiver has the whole item, or
+        fails with TransferError."""
         loop = asyncio.get_running_loop()
+        if reserved is not None:
+            if reserved.room != room or reserved.item is not item:
+                self.release(reserved)
+                raise ValueError("submit a reservation with its own room and item")
+            blocks = reserved.blocks
+        else:
+            self._check_new(room, item.num_tokens)
+            blocks = await self._alloc(room, item.num_tokens)
         try:
-            blocks = self.allocator.alloc(self.layout.blocks_for(item.num_tokens))
-        except TransferError as e:
-            self._refused[room] = e
-            loop.call_later(self.settings.handshake_timeout, self._forget_refusal, room, e)
-            async with self._room_added:
-                self._room_added.notify_all()
-            raise
-        self._refused.pop(room, None)  # submitted again, and this time it fits
-        try:
-            # The one copy on this side: the vision tower's output rows into token records.
-            self.buffers.scatter(blocks, item)
+            if reserved is None:
+                # The encoder's rows could not be written in place: one copy.
+                self.buffers.scatter(blocks, item)
+                self.metrics.scattered.inc()
             checksums = (
                 self.buffers.checksums(blocks, item.num_tokens) if self.settings.checksum else []
             )
@@ -165,9 +208,36 @@ class EmbeddingSender:
         # Nobody came for it: free the blocks.
         entry.expiry = loop.call_later(self.settings.transfer_timeout, self._expire, room)
         self._rooms[room] = entry
+        target = self._parked.pop(room, None)
+        if target is not None:  # its receiver is waiting: write at once
+            self._claim(entry, target)
+            self._start_round(room, entry, target, 0, target.blocks, 0)
         async with self._room_added:
             self._room_added.notify_all()
         return finished
+
+    def _check_new(self, room: str, num_tokens: int) -> None:
+        protocol.check_room(room)
+        if room in self._rooms:
+            raise TransferError(FailureReason.DUPLICATE_ROOM, f"room {room} is already submitted")
+        if num_tokens < 1:
+            raise TransferError(FailureReason.BAD_REQUEST, "an item must have at least one token")
+
+    async def _alloc(self, room: str, num_tokens: int) -> list[int]:
+        """Blocks for `room`; a refusal is kept for one handshake timeout so that the
+        room's receiver hears why at once."""
+        try:
+            blocks = self.allocator.alloc(self.layout.blocks_for(num_tokens))
+        except TransferError as e:
+            self._refused[room] = e
+            asyncio.get_running_loop().call_later(
+                self.settings.handshake_timeout, self._forget_refusal, room, e
+            )
+            async with self._room_added:
+                self._room_added.notify_all()
+            raise
+        self._refused.pop(room, None)  # submitted again, and this time it fits
+        return blocks
 
     def _forget_refusal(self, room: str, error: TransferError) -> None:
         if self._refused.get(room) is error:
@@ -230,18 +300,27 @@ class EmbeddingSender:
                 raise TransferError(FailureReason.BAD_REQUEST, f"expected hello, got {hello['op']}")
             room = protocol.check_room(hello.get("room"))
             session, dst_region, theirs = self._check_hello(hello)
-            found = await self._wait_for_room_or_abort(room, reader)
-            if found.claimed:
-                raise TransferError(
-                    FailureReason.DUPLICATE_ROOM, f"room {room} already has a receiver"
-                )
-            entry = found
-            entry.claimed = True
-            entry.task = asyncio.current_task()
-            if entry.expiry is not None:
-                entry.expiry.cancel()
+            dst_blocks = protocol.int_list(hello, "blocks", limit=theirs.num_blocks)
+            target = _Target(session, dst_region, dst_blocks, writer, asyncio.current_task())
+            if room not in self._rooms and room not in self._parked:
+                self._parked[room] = target
+            try:
+                found, heard = await self._wait_for_room_or_abort(room, reader)
+            finally:
+                if self._parked.get(room) is target:
+                    del self._parked[room]
+                entry = target.entry  # claimed by submit, maybe writing already
+            if entry is None:
+                if found.claimed:
+                    raise TransferError(
+                        FailureReason.DUPLICATE_ROOM, f"room {room} already has a receiver"
+                    )
+                entry = found
+                self._claim(entry, target)
+            if entry.aborted:  # while this task was not yet the room's
+                raise asyncio.CancelledError
             await asyncio.wait_for(
-                self._send_rounds(room, entry, hello, session, dst_region, theirs, reader, writer),
+                self._send_rounds(room, entry, target, theirs, reader, heard),
                 self.settings.transfer_timeout,
             )
         except TimeoutError:
@@ -272,25 +351,40 @@ class EmbeddingSender:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    async def _wait_for_room_or_abort(self, room: str, reader: asyncio.StreamReader) -> _Room:
+    @staticmethod
+    def _claim(entry: _Room, target: _Target) -> None:
+        entry.claimed = True
+        entry.task = target.task
+        target.entry = entry
+        if entry.expiry is not None:
+            entry.expiry.cancel()
+
+    async def _wait_for_room_or_abort(
+        self, room: str, reader: asyncio.StreamReader
+    ) -> tuple[_Room, protocol.Message | None]:
         """Wait for the room, unless the receiver gives up first (it says why, or hangs
-        up): nothing has been written for it, so it need not wait for us."""
+        up): nothing has been written for it, so it need not wait for us. Also returns
+        what the receiver said meanwhile, if anything: its answer to a first write that
+        submit started at once, which the rounds must read first."""
         waiting = asyncio.ensure_future(self._wait_for_room(room))
         hearing = asyncio.ensure_future(
             protocol.receive(reader, self.settings.transfer_timeout, "the room")
         )
         try:
             await asyncio.wait({waiting, hearing}, return_when=asyncio.FIRST_COMPLETED)
-            if waiting.done():
-                return waiting.result()
-            message = hearing.result()  # raises the receiver's error, or PEER_LOST
-            raise TransferError(FailureReason.BAD_REQUEST, f"unexpected {message['op']}")
         finally:
             for task in (waiting, hearing):
                 if not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, TransferError):
                         await task
+        heard = None
+        if hearing.done() and not hearing.cancelled():
+            heard = hearing.result()  # raises the receiver's error, or PEER_LOST
+        if waiting.cancelled():
+            assert heard is not None
+            raise TransferError(FailureReason.BAD_REQUEST, f"unexpected {heard['op']}")
+        return waiting.result(), heard
 
     @staticmethod
     async def _fence(entry: _Room) -> None:
@@ -357,52 +451,67 @@ class EmbeddingSender:
             )
         return session, region, theirs
 
+    def _start_round(
+        self,
+        room: str,
+        entry: _Room,
+        target: _Target,
+        offset: int,
+        dst_blocks: list[int],
+        round_no: int,
+    ) -> None:
+        """Hand the round's one transfer call (and its notice) to a write thread."""
+        b = self.layout.block_tokens
+        tokens = min(entry.num_tokens - offset, len(dst_blocks) * b)
+        first = offset // b
+        src = entry.blocks[first : first + self.layout.blocks_for(tokens)]
+        entries = plan_chunk(self._region, target.region, src, dst_blocks[: len(src)], tokens, b)
+        notice = protocol.encode(
+            "written",
+            offset=offset,
+            tokens=tokens,
+            total=entry.num_tokens,
+            checksums=entry.checksums[first : first + len(src)],
+        )
+        entry.state = SenderState.SENDING
+        entry.sending = tokens
+        entry.writing = self._write_pool.submit(
+            self._write_then_tell, room, round_no, target.session, entries, target.writer, notice
+        )
+
     async def _send_rounds(
         self,
         room: str,
         entry: _Room,
-        hello: protocol.Message,
-        session: str,
-        dst_region: RegionInfo,
+        target: _Target,
         theirs: BufferLayout,
         reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        heard: protocol.Message | None,
     ) -> None:
-        b = self.layout.block_tokens
+        writer = target.writer
         total = entry.num_tokens
-        dst_blocks = protocol.int_list(hello, "blocks", limit=theirs.num_blocks)
+        dst_blocks = target.blocks
         offset = 0
         round_no = 0
         while True:
-            tokens = min(total - offset, len(dst_blocks) * b)
-            src = entry.blocks[offset // b : offset // b + self.layout.blocks_for(tokens)]
-            dst = dst_blocks[: len(src)]
-            entries = plan_chunk(self._region, dst_region, src, dst, tokens, b)
-            first = offset // b
-            notice = protocol.encode(
-                "written",
-                offset=offset,
-                tokens=tokens,
-                total=total,
-                checksums=entry.checksums[first : first + len(src)],
-            )
-            entry.state = SenderState.SENDING
-            entry.writing = self._write_pool.submit(
-                self._write_then_tell, room, round_no, session, entries, writer, notice
-            )
+            if entry.state is not SenderState.SENDING:  # else submit started it
+                self._start_round(room, entry, target, offset, dst_blocks, round_no)
+            assert entry.writing is not None
             unsent = await asyncio.wrap_future(entry.writing)
             entry.state = SenderState.AWAITING
+            tokens = entry.sending
             if unsent:  # the socket was full: the rest goes the usual way, in order
                 writer.write(unsent)
                 await writer.drain()
             by_payload = self.layout.payload_bytes(tokens)
             self.metrics.record_chunk(ChunkStats(by_payload, resumed=round_no > 0))
             offset += tokens
-            reply = await protocol.receive(
+            reply = heard or await protocol.receive(
                 reader,
                 self.settings.resume_timeout if offset < total else self.settings.handshake_timeout,
                 "resume" if offset < total else "done",
             )
+            heard = None
             if reply["op"] == "done" and offset == total:
                 return
             if reply["op"] != "resume" or offset >= total:
