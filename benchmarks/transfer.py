@@ -12,6 +12,12 @@ For each request size, between two OS processes on 127.0.0.1:
   socket    the same bytes over a plain loopback TCP socket, with a one-byte ack
   memcpy    one in-process copy of the same bytes
 `added_latency_ms_p50` is the median of (ours - mooncake) over paired runs.
+`mooncake_notify_ms`: the bare write with Mooncake's own notification (transfer_sync
+with a TransferNotify) until a receiver thread polling get_notifies every 50 us sees it,
+the other way a receiver could learn of completion.
+`thread_dispatch_ms` (handing work to a write thread) and `receiver_wake_ms` (waking the
+receiver's event loop with a few bytes) are what any design with a write thread and an
+asyncio receiver pays on this machine: the floor under `added_latency_ms_p50`.
 `encode_copy_ms` is the one copy the encoder makes when its tower cannot write in place
 (another dtype, as on these CPUs in bfloat16): not on ours' clock, shown for what it
 would add. A second line per size, `inflight: 8`, has 8 requests in flight at once
@@ -140,11 +146,19 @@ async def _receiver(blocks: int, raw: int, conn: Connection) -> None:
                     c.sendall(b"k")
 
     threading.Thread(target=serve_sink, daemon=True).start()
+
+    async def stamp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """For each byte, when this event loop saw it (the receiver's wake-up)."""
+        while await reader.read(1):
+            writer.write(f"{time.perf_counter():.9f}\n".encode())
+
+    stamps = await asyncio.start_server(stamp, "127.0.0.1", 0)
     conn.send(
         {
             "session": transport.session_id,
             "raw_dst": raw_dst.data_ptr(),
             "sink": sink.getsockname()[1],
+            "stamps": stamps.sockets[0].getsockname()[1],
         }
     )
 
@@ -153,12 +167,21 @@ async def _receiver(blocks: int, raw: int, conn: Connection) -> None:
             # perf_counter is CLOCK_MONOTONIC: comparable between processes of one machine.
             conn.send(("ok", room, item.num_tokens, time.perf_counter()))
 
+    def notified(name: str) -> None:
+        """Poll Mooncake's notifications (every 50 us) until `name` is among them."""
+        while not any(n.name == name for n in transport._engine.get_notifies()):
+            time.sleep(50e-6)
+        conn.send(("notified", name, time.perf_counter()))
+
     tasks = set()
     while True:
         cmd = await asyncio.to_thread(conn.recv)
         if cmd[0] == "stop":
             conn.send(("gathered", receiver.metrics.gathered._value.get()))
             break
+        if cmd[0] == "notify":
+            threading.Thread(target=notified, args=(cmd[1],), daemon=True).start()
+            continue
         task = asyncio.create_task(receive(*cmd[1:]))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -192,6 +215,22 @@ async def _sender(
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     engine = transport._engine  # the bare baseline calls the engine itself
     writers = ThreadPoolExecutor(INFLIGHT)
+    stamps = socket.create_connection(("127.0.0.1", peer["stamps"]))
+    stamps.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    stamp_lines = stamps.makefile("rb")
+    loop = asyncio.get_running_loop()
+
+    async def floor() -> tuple[float, float]:
+        """What any path with a write thread and an event-loop receiver pays here: handing
+        work to a thread, and waking the receiver's event loop with a few bytes."""
+        time.sleep(SETTLE)
+        t0 = time.perf_counter()
+        dispatched = await loop.run_in_executor(writers, time.perf_counter) - t0
+        t0 = time.perf_counter()
+        stamps.sendall(b"x")
+        woken = float(stamp_lines.readline()) - t0
+        return dispatched, woken
+
     room_ids = iter(range(1 << 30))
 
     def bare_write(offset: int, nbytes: int) -> None:
@@ -199,6 +238,29 @@ async def _sender(
             peer["session"], src.data_ptr() + offset, peer["raw_dst"] + offset, nbytes
         )
         assert rc == 0, rc
+
+    def notified_write(nbytes: int) -> float:
+        """A bare write with Mooncake's own completion notification, until the receiver's
+        poller sees it: the alternative to our "written" notice."""
+        from mooncake.engine import TransferNotify, TransferOpcode
+
+        name = f"notify-{next(room_ids)}"
+        conn.send(("notify", name))
+        time.sleep(SETTLE)
+        wake()
+        t0 = time.perf_counter()
+        rc = engine.transfer_sync(
+            peer["session"],
+            src.data_ptr(),
+            peer["raw_dst"],
+            nbytes,
+            TransferOpcode.Write,
+            TransferNotify(name, "written"),
+        )
+        assert rc == 0, rc
+        reply = conn.recv()
+        assert reply[:2] == ("notified", name), reply
+        return float(reply[2]) - t0
 
     def wake() -> None:
         """One tiny write just before a timed run, ours or bare alike: Mooncake's threads on
@@ -230,7 +292,8 @@ async def _sender(
         item = make_item(tokens_for(size))
         nbytes = item.num_tokens * token_bytes()
         calls_before = transport.calls
-        ours, bare, sock_t, copy_t, scatter_t = [], [], [], [], []
+        ours, bare, sock_t, copy_t, scatter_t, notify_t = [], [], [], [], [], []
+        dispatch_t, wake_t = [], []
         # Small transfers are quick and noisy (Mooncake's tcp latency is bimodal here):
         # take more samples of them.
         runs = args.repeat if size >= 16 << 20 else args.repeat * 4
@@ -242,6 +305,11 @@ async def _sender(
             t0 = time.perf_counter()
             bare_write(0, nbytes)
             bare.append(time.perf_counter() - t0)
+
+            notify_t.append(notified_write(nbytes))
+            dispatched, woken = await floor()
+            dispatch_t.append(dispatched)
+            wake_t.append(woken)
 
             t0 = time.perf_counter()
             sock.sendall(nbytes.to_bytes(8, "little"))
@@ -260,8 +328,8 @@ async def _sender(
             scatter_t.append(time.perf_counter() - t0)
             sender.allocator.free(taken)
         calls = (transport.calls - calls_before) / (runs + 1)
-        ours, bare, sock_t, copy_t, scatter_t = (
-            x[1:] for x in (ours, bare, sock_t, copy_t, scatter_t)
+        ours, bare, sock_t, copy_t, scatter_t, notify_t = (
+            x[1:] for x in (ours, bare, sock_t, copy_t, scatter_t, notify_t)
         )
         med = [statistics.median(x) for x in (ours, bare, sock_t, copy_t)]
         added = statistics.median(o - b for o, b in zip(ours, bare, strict=True))
@@ -279,6 +347,9 @@ async def _sender(
                 "ours_ms": _median_ms(ours),
                 "mooncake_ms": _median_ms(bare),
                 "encode_copy_ms": _median_ms(scatter_t),
+                "mooncake_notify_ms": _median_ms(notify_t),
+                "thread_dispatch_ms": _median_ms(dispatch_t),
+                "receiver_wake_ms": _median_ms(wake_t),
                 "transfer_calls_per_request": calls,
             }
         )
