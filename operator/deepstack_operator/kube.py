@@ -19,6 +19,7 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
 from deepstack_operator import names
+from deepstack_operator.ownership import keep_replicas_until_handed_over
 
 Manifest = dict[str, Any]
 
@@ -119,6 +120,7 @@ class Kube:
         ("created" | "updated" | None when nothing was written, the object as stored)."""
         meta = manifest["metadata"]
         live = self.get(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
+        manifest = keep_replicas_until_handed_over(manifest, live)
         if live is not None:
             would_be = self.apply(manifest, dry_run=True)
             if comparable(would_be) == comparable(live):

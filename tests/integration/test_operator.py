@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,50 @@ def test_status_follows_scaling_of_each_role(
         assert status[role]["summary"] == f"{replicas}/{replicas}"
         sts = get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-{role}")
         assert sts["spec"]["replicas"] == replicas
+
+
+def test_enabling_autoscaling_hands_the_count_over_without_a_drop(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    """3 encode replicas, then autoscaling on: the StatefulSet never goes below 3 (it
+    would fall to 1 if the operator simply stopped applying the count)."""
+    from kubernetes import client, watch
+
+    body = minimal()
+    body["spec"]["encode"]["replicas"] = 3
+    apply(cluster, namespace, body)
+    ready(cluster, namespace)
+    apps: Any = client.AppsV1Api(cluster.api_client())
+    name = f"{NAME}-encode"
+    start = apps.read_namespaced_stateful_set(name, namespace).metadata.resource_version
+    seen: list[int] = []
+    last = [start]  # the newest version the watch has delivered
+    stream: Any = watch.Watch()  # type: ignore[no-untyped-call]
+
+    def follow() -> None:
+        for event in stream.stream(
+            apps.list_namespaced_stateful_set,
+            namespace,
+            field_selector=f"metadata.name={name}",
+            resource_version=start,
+            timeout_seconds=120,
+        ):
+            seen.append(event["object"].spec.replicas)
+            last[0] = event["object"].metadata.resource_version
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    patch_spec(cluster, namespace, {"spec": {"autoscaling": {"encode": {"maxReplicas": 6}}}})
+    # The status is written after the children: every write of that reconcile is done.
+    wait_for_status(cluster, namespace, NAME, observedGeneration=2)
+    hpa = get_json(cluster, "-n", namespace, "get", "hpa", name)
+    assert hpa["spec"]["maxReplicas"] == 6
+    sts = apps.read_namespaced_stateful_set(name, namespace)
+    current = sts.metadata.resource_version
+    wait_for(lambda: last[0] == current, timeout=30, interval=0.1, what="the watch caught up")
+    stream.stop()
+    assert sts.spec.replicas == 3
+    assert min(seen, default=3) >= 3, seen
 
 
 def test_image_change_rolls_both_groups(
