@@ -2,13 +2,15 @@
 
     observe children -> RoleState per role -> derive_status(...) -> status dict
 
-Rules, in order:
+Conditions:
   Degraded     a problem the operator found (a missing Secret/PVC/ServiceAccount, a spec
-               the runtime rejects, an apply the API server refused): phase Degraded.
-  Progressing  a workload has not caught up with its spec yet (generation not observed,
-               pods not updated or not ready).
-  Ready        every role has as many ready, updated pods as desired (and at least one).
+               the runtime rejects, an apply the API server refused).
+  Progressing  a workload is being created or has not caught up with its spec (generation
+               not observed, or its pods not all updated and ready, or old ones left).
+  Ready        every role's rollout is complete: replicas = updated = ready = desired >= 1.
   TransferReady at least one encode and one language pod are ready: embeddings can move.
+The phase always agrees with them: Degraded if Degraded, else Ready if Ready, else
+Progressing if Progressing, else Pending (settled, but not serving: a role scaled to zero).
 Conditions keep their lastTransitionTime while their status does not change.
 """
 
@@ -33,7 +35,8 @@ class RoleState:
 
     @property
     def settled(self) -> bool:
-        return self.up_to_date and self.ready >= self.desired and self.updated >= self.desired
+        """The rollout is complete: no old pod left, every pod updated and ready."""
+        return self.up_to_date and self.replicas == self.updated == self.ready == self.desired
 
     def as_status(self) -> dict[str, Any]:
         return {
@@ -141,7 +144,7 @@ def derive_status(
         phase = "Degraded"
     elif ready[0]:
         phase = "Ready"
-    elif states:
+    elif progressing[0]:
         phase = "Progressing"
     else:
         phase = "Pending"

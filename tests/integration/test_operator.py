@@ -111,6 +111,11 @@ def test_status_follows_scaling_of_each_role(
         assert status[role]["summary"] == f"{replicas}/{replicas}"
         sts = get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-{role}")
         assert sts["spec"]["replicas"] == replicas
+    # Scaled to zero: settled, not serving; the phase says what the conditions say.
+    patch_spec(cluster, namespace, {"spec": {"language": {"replicas": 0}}})
+    status = wait_for_status(cluster, namespace, NAME, phase="Pending", observedGeneration=5)
+    assert condition(status, "Ready")["reason"] == "ScaledToZero"
+    assert condition(status, "Progressing")["status"] == "False"
 
 
 def test_enabling_autoscaling_hands_the_count_over_without_a_drop(

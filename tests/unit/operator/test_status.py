@@ -43,7 +43,7 @@ def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
         (
             {"encode": MISSING, "language": MISSING},
             [],
-            "Pending",
+            "Progressing",
             {
                 "Ready": ("False", "Creating"),
                 "Progressing": ("True", "Creating"),
@@ -59,8 +59,21 @@ def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
         (
             {"encode": READY, "language": RoleState(desired=0, up_to_date=True)},
             [],
+            "Pending",
+            {
+                "Ready": ("False", "ScaledToZero"),
+                "Progressing": ("False", "Stable"),
+                "TransferReady": ("False", "NoPeers"),
+            },
+        ),
+        (  # a Deployment mid-rollout: enough new pods ready, an old one still there
+            {
+                "encode": READY,
+                "language": RoleState(2, replicas=3, ready=2, updated=2, up_to_date=True),
+            },
+            [],
             "Progressing",
-            {"Ready": ("False", "ScaledToZero"), "TransferReady": ("False", "NoPeers")},
+            {"Ready": ("False", "RollingOut"), "Progressing": ("True", "RollingOut")},
         ),
     ],
 )
@@ -76,6 +89,13 @@ def test_derive_status(
     for kind, value in expected.items():
         assert got[kind] == value, kind
     assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+    # The phase and the conditions agree.
+    flags = {kind: value[0] == "True" for kind, value in got.items()}
+    agreed = (
+        "Degraded" if flags["Degraded"] else "Ready" if flags["Ready"]
+        else "Progressing" if flags["Progressing"] else "Pending"
+    )  # fmt: skip
+    assert status["phase"] == agreed
 
 
 def test_counts_and_summary() -> None:
@@ -161,6 +181,7 @@ def test_transition_time_kept_while_a_condition_holds() -> None:
                 "metadata": {"generation": 2},
                 "status": {
                     "observedGeneration": 2,
+                    "replicas": 1,
                     "readyReplicas": 1,
                     "updatedReplicas": 1,
                     "currentRevision": "b",
@@ -174,10 +195,45 @@ def test_transition_time_kept_while_a_condition_holds() -> None:
             {
                 "kind": "Deployment",
                 "metadata": {"generation": 1},
-                "status": {"observedGeneration": 1, "readyReplicas": 2, "updatedReplicas": 2},
+                "status": {
+                    "observedGeneration": 1,
+                    "replicas": 2,
+                    "readyReplicas": 2,
+                    "updatedReplicas": 2,
+                },
             },
             2,
             True,
+        ),
+        (  # mid-rollout: an old pod is still there beside the two new ready ones
+            {
+                "kind": "Deployment",
+                "metadata": {"generation": 2},
+                "status": {
+                    "observedGeneration": 2,
+                    "replicas": 3,
+                    "readyReplicas": 3,
+                    "updatedReplicas": 2,
+                },
+            },
+            2,
+            False,
+        ),
+        (  # scaling down: one pod more than desired, not yet gone
+            {
+                "kind": "StatefulSet",
+                "metadata": {"generation": 3},
+                "status": {
+                    "observedGeneration": 3,
+                    "replicas": 3,
+                    "readyReplicas": 3,
+                    "updatedReplicas": 3,
+                    "currentRevision": "b",
+                    "updateRevision": "b",
+                },
+            },
+            2,
+            False,
         ),
     ],
 )
