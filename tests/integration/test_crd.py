@@ -105,7 +105,7 @@ def test_defaults_appear_on_the_stored_object(custom_api: Any, namespace: str) -
         assert spec[role]["replicas"] == 1
         assert spec[role]["tensorParallelSize"] == 1
         assert spec[role]["resources"] == {}
-    assert spec["router"] == {"enabled": True, "replicas": 1, "port": 8000}
+    assert spec["router"] == {"enabled": True, "replicas": 1, "port": 8000, "resources": {}}
     assert spec["rollout"] == {"maxUnavailable": 1}
     assert spec["monitoring"] == {"podMonitor": True, "metricsPort": 9090}
     assert "autoscaling" not in spec

@@ -63,6 +63,7 @@ def test_spec_rejects_unknown_fields_except_documented_passthroughs() -> None:
         "spec.encode.env[].valueFrom",
         "spec.language.affinity",
         "spec.language.env[].valueFrom",
+        "spec.router.affinity",
     ]
 
 

@@ -10,18 +10,24 @@ from deepstack_runtime.config import RuntimeConfig
 
 
 def render_disruption_budgets(cr: Manifest) -> list[Manifest]:
+    """One per pod group, and one for the router when it has more than one pod (a
+    budget on a single pod would block node drains)."""
     max_unavailable = spec(cr).get("rollout", {}).get("maxUnavailable", 1)
+    budgets = {role: max_unavailable for role in names.ROLES}
+    router = spec(cr).get("router", {})
+    if router.get("enabled", True) and router.get("replicas", 1) > 1:
+        budgets[names.ROUTER] = 1
     return [
         {
             "apiVersion": "policy/v1",
             "kind": "PodDisruptionBudget",
             "metadata": metadata(cr, names.child_name(cr_name(cr), role), role),
             "spec": {
-                "maxUnavailable": max_unavailable,
+                "maxUnavailable": unavailable,
                 "selector": {"matchLabels": names.selector_labels(cr_name(cr), role)},
             },
         }
-        for role in names.ROLES
+        for role, unavailable in budgets.items()
     ]
 
 

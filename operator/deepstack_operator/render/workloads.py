@@ -54,9 +54,10 @@ def _env(role: str, config: RuntimeConfig, extra: list[dict[str, Any]]) -> list[
     return env + [e for e in extra if e["name"] not in ours]
 
 
-def _security(protocol: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(pod, container) security contexts: Pod Security "restricted" for tcp; RDMA needs
-    to pin memory (IPC_LOCK), which "restricted" forbids."""
+def _security(protocol: str, transfers: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pod, container) security contexts: Pod Security "restricted", except that pods
+    that transfer over RDMA (encode, language; never the router) need to pin memory
+    (IPC_LOCK), which "restricted" forbids."""
     pod = {
         "runAsNonRoot": True,
         "runAsUser": RUNTIME_USER,
@@ -69,7 +70,7 @@ def _security(protocol: str) -> tuple[dict[str, Any], dict[str, Any]]:
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
-    if protocol == "rdma":
+    if protocol == "rdma" and transfers:
         container["capabilities"] = {"drop": ["ALL"], "add": ["IPC_LOCK"]}
     return pod, container
 
@@ -77,6 +78,8 @@ def _security(protocol: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def _resources(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, Any]:
     given = spec(cr).get(role, {}).get("resources", {})
     resources = {k: dict(v) for k, v in given.items() if v}
+    if role not in names.ROLES:
+        return resources  # the router: no GPU, no RDMA
     tp = (
         config.encode_tensor_parallel_size
         if role == "encode"
@@ -126,9 +129,11 @@ def _volumes(cr: Manifest) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, Any]:
     s = spec(cr)
-    role_spec = s.get(role, {}) if role in names.ROLES else {}
+    role_spec = s.get(role, {})
     runtime = s["runtime"]
-    pod_security, container_security = _security(config.transfer.protocol)
+    pod_security, container_security = _security(
+        config.transfer.protocol, transfers=role in names.ROLES
+    )
     volumes, mounts = _volumes(cr)
     probe_http = {"path": "/health", "port": "http"}
     container: dict[str, Any] = {
@@ -144,7 +149,7 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
         "startupProbe": {"httpGet": probe_http, "periodSeconds": 5, "failureThreshold": 360},
         "readinessProbe": {"httpGet": probe_http, "periodSeconds": 5, "failureThreshold": 2},
         "livenessProbe": {"httpGet": probe_http, "periodSeconds": 10, "failureThreshold": 6},
-        "resources": _resources(cr, role, config) if role in names.ROLES else {},
+        "resources": _resources(cr, role, config),
         "securityContext": container_security,
         "volumeMounts": mounts,
     }
@@ -154,6 +159,8 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
         "volumes": volumes,
         "terminationGracePeriodSeconds": 60,
         "enableServiceLinks": False,
+        # No runtime server calls the Kubernetes API (the router finds pods by DNS).
+        "automountServiceAccountToken": False,
     }
     if runtime.get("serviceAccountName"):
         pod_spec["serviceAccountName"] = runtime["serviceAccountName"]

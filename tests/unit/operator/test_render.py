@@ -113,6 +113,35 @@ def test_rdma_pods_get_devices_ipc_lock_and_gpus() -> None:
     assert model_mount == [{"name": "model", "mountPath": "/models", "readOnly": True}]
 
 
+def test_the_router_pins_no_memory_and_no_pod_gets_an_api_token() -> None:
+    children = render_all(example("qwen3-vl-moe-rdma"))
+    router = one(children, "Deployment", "qwen3-vl-moe-router")
+    assert container(router)["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    for workload in [*by_kind(children, "StatefulSet"), router]:
+        assert workload["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_router_resources_scheduling_and_disruption_budget() -> None:
+    cr = example("minimal-cpu")
+    cr["spec"]["router"].update(
+        resources={"requests": {"cpu": "500m", "memory": "1Gi"}},
+        nodeSelector={"pool": "cpu"},
+        tolerations=[{"key": "dedicated", "operator": "Exists"}],
+    )
+    children = render_all(cr)
+    router = one(children, "Deployment", "tiny-qwen3-vl-moe-router")
+    pod = router["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}}
+    assert pod["nodeSelector"] == {"pool": "cpu"}
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
+    budgets = {b["metadata"]["name"] for b in by_kind(children, "PodDisruptionBudget")}
+    assert "tiny-qwen3-vl-moe-router" not in budgets  # one pod: a budget would block drains
+    cr["spec"]["router"]["replicas"] = 2
+    budget = one(render_all(cr), "PodDisruptionBudget", "tiny-qwen3-vl-moe-router")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == router["spec"]["selector"]["matchLabels"]
+
+
 def test_autoscaled_roles_get_an_hpa_and_no_replica_count() -> None:
     children = render_all(example("qwen3-vl-moe-rdma"))
     hpas = {h["metadata"]["name"]: h["spec"] for h in by_kind(children, "HorizontalPodAutoscaler")}
