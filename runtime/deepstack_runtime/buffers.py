@@ -180,6 +180,13 @@ class MultimodalDataBuffers:
             )
         for dst, src in self._pieces(blocks, start, t, item):
             copy_rows(dst, src)
+        self.settle()
+
+    def settle(self) -> None:
+        """Wait for device copies into the arena: Mooncake reads it directly, outside any
+        CUDA stream."""
+        if self.arena.is_cuda:
+            torch.cuda.current_stream(self.arena.device).synchronize()
 
     def gather(
         self,
@@ -209,6 +216,8 @@ class MultimodalDataBuffers:
         """The first `num_tokens` tokens held by `blocks`, in place: row-strided views of
         the arena, valid while the blocks are held. None when the blocks are not one run
         of consecutive ids (then `gather` copies them)."""
+        if len(blocks) < self.layout.blocks_for(num_tokens):
+            raise ValueError(f"{num_tokens} tokens do not fit in {len(blocks)} blocks")
         used = blocks[: self.layout.blocks_for(num_tokens)]
         if not used or len(_runs(used)) != 1:
             return None
@@ -291,6 +300,8 @@ def copy_item(src: MultimodalItem, out: MultimodalItem | None = None) -> Multimo
         )
     elif out.num_tokens != src.num_tokens:
         raise ValueError(f"out holds {out.num_tokens} tokens, not {src.num_tokens}")
+    elif (src.deepstack is None) != (out.deepstack is None):
+        raise ValueError("both items must carry DeepStack rows, or neither")
     pairs = [(out.embeddings, src.embeddings), (out.fill_ids, src.fill_ids)]
     pairs.append((out.positions, src.positions))
     if src.deepstack is not None and out.deepstack is not None:

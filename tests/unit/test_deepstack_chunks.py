@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from deepstack_runtime.buffers import BufferLayout, MultimodalDataBuffers, MultimodalItem
-from deepstack_runtime.transfer.inprocess import InProcessTransport
 from deepstack_runtime.transfer.plan import plan_chunk, region_of
+from tests.support.inprocess_transport import InProcessTransport
 
 LAYOUT = BufferLayout(
     num_blocks=16, block_tokens=4, hidden_size=8, num_deepstack=3, dtype="float32"

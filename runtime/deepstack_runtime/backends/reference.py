@@ -189,6 +189,8 @@ class ReferenceEncoder:
         positions = torch.cat(
             [self._grid_positions(int(t), int(h), int(w)) for t, h, w in image_grid_thw.tolist()]
         )
+        if out is not None and out.num_tokens != self.num_tokens(image_grid_thw):
+            raise ValueError(f"out holds {out.num_tokens} tokens, not the images' tokens")
         in_place = out is not None and self.writes_in_place(out)
         if in_place:
             assert out is not None
@@ -207,12 +209,19 @@ class ReferenceEncoder:
             assert out is not None
             out.fill_ids.fill_(self.image_token_id)
             out.positions.copy_(positions)
+            if out.embeddings.is_cuda:  # Mooncake reads the rows outside any CUDA stream
+                torch.cuda.current_stream(out.embeddings.device).synchronize()
             return out
         embeddings = result.pooler_output.contiguous()
         deepstack = torch.stack(list(result.deepstack_features), dim=1).contiguous()
         fill = torch.full((embeddings.shape[0],), self.image_token_id, dtype=torch.int64)
         item = MultimodalItem(embeddings, deepstack, fill, positions)
-        return item if out is None else copy_item(item, out)
+        if out is None:
+            return item
+        copy_item(item, out)
+        if out.embeddings.is_cuda:
+            torch.cuda.current_stream(out.embeddings.device).synchronize()
+        return out
 
     def _grid_positions(self, t: int, h: int, w: int) -> torch.Tensor:
         """(t, h, w) of every merged visual token of one image, in sequence order."""

@@ -184,27 +184,29 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
             tokens = encoder.num_tokens(grid)
         except ValueError as e:
             raise BadRequest(str(e)) from e
+        submitted = False
         try:
             async with tower.turn():
-                # The tower's rows go straight into the blocks they are sent from, when
-                # it computes in the pool's dtype (a GPU); else they are copied there.
+                # The tower's rows go straight into the blocks they are sent from when it
+                # computes in the pool's dtype (a GPU); else they are cast into them.
                 reserved = await sender.reserve(room, tokens)
-                if reserved is not None and not encoder.writes_in_place(reserved.item):
-                    sender.release(reserved)
-                    reserved = None
                 try:
+                    if reserved is not None and not encoder.writes_in_place(reserved.item):
+                        metrics.scattered.inc()
                     out = None if reserved is None else reserved.item
                     item = await _finished(asyncio.to_thread(encoder.encode, pixels, grid, out))
                 except BaseException:
                     if reserved is not None:
                         sender.release(reserved)
                     raise
+            submitted = True  # from here on the room is this request's
             finished = await sender.submit(room, item, reserved)
             await finished
         except TransferError as e:
             return _transfer_error(e)
         except asyncio.CancelledError:  # the requester went away
-            sender.abort(room, "the encode request was abandoned")
+            if submitted:  # (an earlier room of the same id is another request's)
+                sender.abort(room, "the encode request was abandoned")
             raise
         return web.json_response({"room": room, "tokens": item.num_tokens})
 

@@ -44,8 +44,11 @@ def encode(op: str, **fields: Any) -> bytes:
 
 
 async def send(writer: asyncio.StreamWriter, op: str, **fields: Any) -> None:
-    writer.write(encode(op, **fields))
-    await writer.drain()
+    try:
+        writer.write(encode(op, **fields))
+        await writer.drain()
+    except ConnectionError as e:
+        raise TransferError(FailureReason.PEER_LOST, f"control connection failed: {e}") from e
 
 
 async def receive(reader: asyncio.StreamReader, timeout: float, waiting_for: str) -> Message:

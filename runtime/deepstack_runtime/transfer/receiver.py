@@ -157,6 +157,9 @@ class EmbeddingReceiver:
         except asyncio.CancelledError:  # the request was abandoned
             failure = TransferError(FailureReason.ABORTED, f"room {room}: the request went away")
             raise
+        except Exception as e:  # a bug or a broken hook: still a failure, never a leak
+            failure = TransferError(FailureReason.TRANSFER_ERROR, f"room {room}: {e!r}")
+            raise failure from e
         finally:
             self._unreserve(receipt.reserved)
             self.metrics.inflight.dec()

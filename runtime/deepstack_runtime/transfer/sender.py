@@ -186,6 +186,11 @@ class EmbeddingSender:
             if reserved.room != room or reserved.item is not item:
                 self.release(reserved)
                 raise ValueError("submit a reservation with its own room and item")
+            if room in self._rooms:
+                self.release(reserved)
+                raise TransferError(
+                    FailureReason.DUPLICATE_ROOM, f"room {room} is already submitted"
+                )
             blocks = reserved.blocks
         else:
             self._check_new(room, item.num_tokens)
@@ -311,6 +316,8 @@ class EmbeddingSender:
                     del self._parked[room]
                 entry = target.entry  # claimed by submit, maybe writing already
             if entry is None:
+                if heard is not None:  # the receiver spoke before anything was written
+                    raise TransferError(FailureReason.BAD_REQUEST, f"unexpected {heard['op']}")
                 if found.claimed:
                     raise TransferError(
                         FailureReason.DUPLICATE_ROOM, f"room {room} already has a receiver"
@@ -335,21 +342,25 @@ class EmbeddingSender:
             failure = TransferError(FailureReason.ABORTED, f"room {room}: {why}")
             if entry is None or not entry.aborted:
                 raise  # the server is going away, not an abort of ours
+        except Exception as e:  # a bug or a broken hook: a failure, never a success
+            failure = TransferError(FailureReason.TRANSFER_ERROR, f"room {room}: {e!r}")
         finally:
-            if entry is not None:
-                await self._fence(entry)
-                entry.state = SenderState.FAILED if failure is not None else SenderState.DONE
-            if failure is not None:
-                self.metrics.record_failure(failure.reason)
-                if failure.reason is not FailureReason.PEER_LOST:
-                    await protocol.send_error_quietly(writer, failure)
-            if entry is not None and room is not None:
-                self._drop(room, failure)
-            self.metrics.inflight.dec()
-            # Only now may the receiver reuse its blocks: no write of ours is in flight.
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            try:
+                if entry is not None:
+                    await self._fence(entry)
+                    entry.state = SenderState.FAILED if failure is not None else SenderState.DONE
+                if failure is not None:
+                    self.metrics.record_failure(failure.reason)
+                    if failure.reason is not FailureReason.PEER_LOST:
+                        await protocol.send_error_quietly(writer, failure)
+            finally:  # even when cancelled while telling the receiver why
+                if entry is not None and room is not None:
+                    self._drop(room, failure)
+                self.metrics.inflight.dec()
+                # Only now may the receiver reuse its blocks: no write of ours is in flight.
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
 
     @staticmethod
     def _claim(entry: _Room, target: _Target) -> None:
@@ -363,7 +374,7 @@ class EmbeddingSender:
         self, room: str, reader: asyncio.StreamReader
     ) -> tuple[_Room, protocol.Message | None]:
         """Wait for the room, unless the receiver gives up first (it says why, or hangs
-        up): nothing has been written for it, so it need not wait for us. Also returns
+        up; a write submit started meanwhile is fenced by the caller). Also returns
         what the receiver said meanwhile, if anything: its answer to a first write that
         submit started at once, which the rounds must read first."""
         waiting = asyncio.ensure_future(self._wait_for_room(room))
@@ -405,26 +416,30 @@ class EmbeddingSender:
         session: str,
         entries: list[WriteEntry],
         writer: asyncio.StreamWriter,
+        fd: int,
         notice: bytes,
     ) -> bytes:
         """On a write thread: the chunk's one transfer call, then the "written" notice
         straight onto the control socket, so that the receiver hears of it without a hop
         back through this event loop. Returns what could not be sent now (usually
         nothing). Safe: while a room is SENDING nothing else writes to its connection,
-        and the connection is closed only after the write has ended (the fence)."""
-        self.transport.write(session, entries)
-        if self._on_chunk_written is not None:
-            self._on_chunk_written(room, round_no)
-        sock = writer.get_extra_info("socket")
-        if sock is None or writer.transport.get_write_buffer_size():
-            return notice
+        and `fd` is this write's own duplicate of the connection's descriptor."""
         try:
-            sent = os.write(sock.fileno(), notice)  # non-blocking: never waits
-        except (BlockingIOError, InterruptedError):
-            return notice
-        except OSError:
-            return b""  # the receiver is gone: its next message (none) says so
-        return notice[sent:]
+            self.transport.write(session, entries)
+            if self._on_chunk_written is not None:
+                self._on_chunk_written(room, round_no)
+            if fd < 0 or writer.transport.get_write_buffer_size():
+                return notice
+            try:
+                sent = os.write(fd, notice)  # non-blocking (shared flags): never waits
+            except (BlockingIOError, InterruptedError):
+                return notice
+            except OSError:
+                return b""  # the receiver is gone: its next message (none) says so
+            return notice[sent:]
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def _check_hello(self, hello: protocol.Message) -> tuple[str, RegionInfo, BufferLayout]:
         session = hello.get("session")
@@ -473,11 +488,16 @@ class EmbeddingSender:
             total=entry.num_tokens,
             checksums=entry.checksums[first : first + len(src)],
         )
+        # A descriptor of our own: if the connection is closed meanwhile, its number may
+        # be reused by another one, which must never get this notice.
+        sock = target.writer.get_extra_info("socket")
+        fd = os.dup(sock.fileno()) if sock is not None else -1
         entry.state = SenderState.SENDING
         entry.sending = tokens
         entry.writing = self._write_pool.submit(
-            self._write_then_tell, room, round_no, target.session, entries, target.writer, notice
-        )
+            self._write_then_tell, room, round_no, target.session, entries, target.writer, fd,
+            notice,
+        )  # fmt: skip
 
     async def _send_rounds(
         self,
