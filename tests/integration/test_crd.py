@@ -67,6 +67,24 @@ def test_example_is_accepted_by_kubectl(crd: Cluster, namespace: str, path: Any)
     assert stored["spec"]["transfer"]["protocol"] == given["transfer"]["protocol"]
 
 
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_one_source_of_defaults(custom_api: Any, namespace: str, path: Any) -> None:
+    """The CRD's defaults are the only ones: what the API server stores for an example is
+    what the tests assume (`specs.example`), and the runtime configuration read from the
+    example as written (its fallbacks for absent fields) is the one read from the stored
+    object."""
+    from deepstack_runtime.config import RuntimeConfig
+    from tests.support.specs import example
+
+    given = load(path)
+    stored = create(custom_api, namespace, given)
+    assumed = example(path.stem)
+    assert stored["spec"] == assumed["spec"]
+    name = given["metadata"]["name"]
+    as_written = RuntimeConfig.from_spec(name, namespace, given["spec"])
+    assert as_written == RuntimeConfig.from_spec(name, namespace, stored["spec"])
+
+
 def test_defaults_appear_on_the_stored_object(custom_api: Any, namespace: str) -> None:
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",

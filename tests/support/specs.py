@@ -1,52 +1,48 @@
-"""Custom resources as the API server stores them (defaults applied), for pure tests."""
+"""Custom resources as the API server stores them (the CRD's defaults applied), for pure
+tests; test_crd checks this against what the API server stores."""
 
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
-from tests.support.crd import EXAMPLES, load
-
-DEFAULTS: dict[str, Any] = {
-    "model": {"encoderPath": "", "mountPath": "/models"},
-    "runtime": {"imagePullPolicy": "IfNotPresent", "backend": "sglang", "serviceAccountName": ""},
-    "deepstack": {"enabled": True, "numLayers": 3, "hiddenSize": 2048, "dtype": "bfloat16"},
-    "transfer": {
-        "backend": "mooncake",
-        "protocol": "tcp",
-        "rdmaDevices": [],
-        "rdmaResourceName": "rdma/hca_shared_devices_a",
-        "blockTokens": 256,
-        "defaultAllocationTokens": 4096,
-        "poolBlocks": 1024,
-        "bootstrapPort": 8998,
-        "handshakeTimeoutSeconds": 10,
-        "transferTimeoutSeconds": 60,
-        "resumption": {"maxRounds": 8, "timeoutSeconds": 30},
-    },
-    "encode": {"replicas": 1, "tensorParallelSize": 1, "resources": {}},
-    "language": {"replicas": 1, "tensorParallelSize": 1, "resources": {}},
-    "router": {"enabled": True, "replicas": 1, "port": 8000},
-    "rollout": {"maxUnavailable": 1},
-    "networkPolicy": {"enabled": True},
-    "monitoring": {"podMonitor": True, "metricsPort": 9090},
-}
+from tests.support.crd import CRD_FILE, EXAMPLES, load
 
 
-def _merge(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(defaults)
-    for key, value in given.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+@functools.cache
+def _schema() -> dict[str, Any]:
+    crd = load(CRD_FILE)
+    (version,) = crd["spec"]["versions"]
+    spec: dict[str, Any] = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    return spec
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Structural defaulting as the API server does it, from the CRD's own `default`s: a
+    missing property with a default gets it, then defaulting goes on inside objects
+    (defaulted ones included) and array items. The only source of the defaults."""
+    if isinstance(value, dict) and schema.get("type") == "object":
+        out = copy.deepcopy(value)
+        for key, prop in (schema.get("properties") or {}).items():
+            if key not in out and "default" in prop:
+                out[key] = copy.deepcopy(prop["default"])
+            if key in out:
+                out[key] = apply_defaults(prop, out[key])
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key in set(out) - set(schema.get("properties") or {}):
+                out[key] = apply_defaults(extra, out[key])
+        return out
+    if isinstance(value, list) and schema.get("type") == "array":
+        return [apply_defaults(schema.get("items") or {}, v) for v in value]
+    return value
 
 
 def stored(obj: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
     """What the API server would store for `obj`: defaults, namespace, uid, generation."""
     out = copy.deepcopy(obj)
-    out["spec"] = _merge(DEFAULTS, obj["spec"])
+    out["spec"] = apply_defaults(_schema(), obj["spec"])
     out["metadata"] = {
         **obj["metadata"],
         "namespace": namespace,
