@@ -73,3 +73,27 @@ def test_a_reservation_for_a_room_taken_meanwhile_is_refused_and_given_back() ->
         return used
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_a_refused_room_is_heard_at_once_by_its_waiting_receiver() -> None:
+    async def scenario() -> tuple[TransferError, float]:
+        sender = EmbeddingSender(MultimodalDataBuffers(LAYOUT), InProcessTransport(), SETTINGS)
+        receiver = EmbeddingReceiver(MultimodalDataBuffers(LAYOUT), InProcessTransport(), SETTINGS)
+        await sender.start()
+        receiver.start()
+        receiving = asyncio.ensure_future(receiver.receive("busy", sender.address))
+        async with asyncio.timeout(5):  # its hello is in: it waits for the room
+            while "busy" not in sender._parked:
+                await asyncio.sleep(0.005)
+        started = asyncio.get_running_loop().time()
+        await sender.refuse("busy", TransferError(FailureReason.POOL_EXHAUSTED, "tower full"))
+        with pytest.raises(TransferError) as refused:
+            await receiving
+        waited = asyncio.get_running_loop().time() - started
+        await sender.stop()
+        return refused.value, waited
+
+    error, waited = asyncio.run(scenario())
+    assert error.reason is FailureReason.POOL_EXHAUSTED
+    assert "tower full" in error.message
+    assert waited < 1.0  # not the room wait (the transfer timeout less one handshake)

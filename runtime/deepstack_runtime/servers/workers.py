@@ -34,6 +34,7 @@ from deepstack_runtime.metrics import TransferMetrics
 from deepstack_runtime.servers.common import (
     Admission,
     BadRequest,
+    Busy,
     Listen,
     Server,
     busy,
@@ -204,6 +205,9 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
             await finished
         except TransferError as e:
             return _transfer_error(e)
+        except Busy as e:  # the room's receiver may be waiting already: tell it too
+            await sender.refuse(room, TransferError(FailureReason.POOL_EXHAUSTED, str(e)))
+            raise
         except asyncio.CancelledError:  # the requester went away
             if submitted:  # (an earlier room of the same id is another request's)
                 sender.abort(room, "the encode request was abandoned")

@@ -234,15 +234,20 @@ class EmbeddingSender:
         try:
             blocks = self.allocator.alloc(self.layout.blocks_for(num_tokens))
         except TransferError as e:
-            self._refused[room] = e
-            asyncio.get_running_loop().call_later(
-                self.settings.handshake_timeout, self._forget_refusal, room, e
-            )
-            async with self._room_added:
-                self._room_added.notify_all()
+            await self.refuse(room, e)
             raise
         self._refused.pop(room, None)  # submitted again, and this time it fits
         return blocks
+
+    async def refuse(self, room: str, error: TransferError) -> None:
+        """`room` will not be submitted (the pool cannot hold it, the encoder is full, ...):
+        its receiver hears why at once, for one handshake timeout, instead of waiting."""
+        self._refused[room] = error
+        asyncio.get_running_loop().call_later(
+            self.settings.handshake_timeout, self._forget_refusal, room, error
+        )
+        async with self._room_added:
+            self._room_added.notify_all()
 
     def _forget_refusal(self, room: str, error: TransferError) -> None:
         if self._refused.get(room) is error:
