@@ -53,7 +53,8 @@ async def send(writer: asyncio.StreamWriter, op: str, **fields: Any) -> None:
 
 async def receive(reader: asyncio.StreamReader, timeout: float, waiting_for: str) -> Message:
     try:
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        async with asyncio.timeout(timeout):  # (3.11's wait_for can swallow a cancel)
+            line = await reader.readline()
     except TimeoutError:
         raise TransferError(
             FailureReason.TIMEOUT, f"no {waiting_for} from the peer within {timeout:g}s"
@@ -110,6 +111,5 @@ def int_field(msg: Message, key: str) -> int:
 async def send_error_quietly(writer: asyncio.StreamWriter, error: TransferError) -> None:
     """Tell the peer why, if it is still there."""
     with contextlib.suppress(OSError, TimeoutError, RuntimeError):
-        await asyncio.wait_for(
-            send(writer, "error", reason=error.reason.value, message=error.message), 1.0
-        )
+        async with asyncio.timeout(1.0):
+            await send(writer, "error", reason=error.reason.value, message=error.message)

@@ -236,20 +236,20 @@ class EmbeddingReceiver:
         their connections once their writes are over."""
         if self._fences:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.gather(*self._fences, return_exceptions=True),
-                    self.settings.transfer_timeout,
-                )
+                async with asyncio.timeout(self.settings.transfer_timeout):
+                    await asyncio.gather(*self._fences, return_exceptions=True)
 
     async def _connect(self, address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise TransferError(FailureReason.BAD_REQUEST, f"bad encoder address {address!r}")
         try:
-            return await asyncio.wait_for(
-                asyncio.open_connection(host, int(port), limit=protocol.MAX_MESSAGE_BYTES),
-                self.settings.handshake_timeout,
-            )
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation (a
+            # client that went away) that arrives as the connection completes.
+            async with asyncio.timeout(self.settings.handshake_timeout):
+                return await asyncio.open_connection(
+                    host, int(port), limit=protocol.MAX_MESSAGE_BYTES
+                )
         except TimeoutError:
             raise TransferError(
                 FailureReason.TIMEOUT,
@@ -336,7 +336,8 @@ class EmbeddingReceiver:
                 )
             self._freed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._freed.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._freed.wait()
 
     async def _receive_rounds(
         self,

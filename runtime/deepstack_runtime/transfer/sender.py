@@ -290,7 +290,8 @@ class EmbeddingSender:
         # still be queued behind other images), so that the receiver hears why in time.
         wait = self.settings.room_wait
         try:
-            return await asyncio.wait_for(present(), wait)
+            async with asyncio.timeout(wait):
+                return await present()
         except TimeoutError:
             raise TransferError(
                 FailureReason.UNKNOWN_ROOM,
@@ -331,10 +332,8 @@ class EmbeddingSender:
                 self._claim(entry, target)
             if entry.aborted:  # while this task was not yet the room's
                 raise asyncio.CancelledError
-            await asyncio.wait_for(
-                self._send_rounds(room, entry, target, theirs, reader, heard),
-                self.settings.transfer_timeout,
-            )
+            async with asyncio.timeout(self.settings.transfer_timeout):
+                await self._send_rounds(room, entry, target, theirs, reader, heard)
         except TimeoutError:
             failure = TransferError(
                 FailureReason.TIMEOUT,
