@@ -15,6 +15,8 @@ For each request size, between two OS processes on 127.0.0.1:
 `mooncake_notify_ms`: the bare write with Mooncake's own notification (transfer_sync
 with a TransferNotify) until a receiver thread polling get_notifies every 50 us sees it,
 the other way a receiver could learn of completion.
+`mooncake_on_thread_ms`: the same bare write issued from a write thread, as ours is (writes
+never run on the event loop), timed on that thread.
 `thread_dispatch_ms` (handing work to a write thread) and `receiver_wake_ms` (waking the
 receiver's event loop with a few bytes) are what any design with a write thread and an
 asyncio receiver pays on this machine: the floor under `added_latency_ms_p50`.
@@ -262,6 +264,12 @@ async def _sender(
         assert reply[:2] == ("notified", name), reply
         return float(reply[2]) - t0
 
+    def timed_bare_write(nbytes: int) -> float:
+        """The bare write, timed on the thread that makes it (a write thread, as ours)."""
+        t0 = time.perf_counter()
+        bare_write(0, nbytes)
+        return time.perf_counter() - t0
+
     def wake() -> None:
         """One tiny write just before a timed run, ours or bare alike: Mooncake's threads on
         both sides are awake, as they are under steady traffic."""
@@ -293,7 +301,7 @@ async def _sender(
         nbytes = item.num_tokens * token_bytes()
         calls_before = transport.calls
         ours, bare, sock_t, copy_t, scatter_t, notify_t = [], [], [], [], [], []
-        dispatch_t, wake_t = [], []
+        dispatch_t, wake_t, thread_t = [], [], []
         # Small transfers are quick and noisy (Mooncake's tcp latency is bimodal here):
         # take more samples of them.
         runs = args.repeat if size >= 16 << 20 else args.repeat * 4
@@ -307,6 +315,10 @@ async def _sender(
             bare.append(time.perf_counter() - t0)
 
             notify_t.append(notified_write(nbytes))
+
+            time.sleep(SETTLE)
+            wake()
+            thread_t.append(await loop.run_in_executor(writers, timed_bare_write, nbytes))
             dispatched, woken = await floor()
             dispatch_t.append(dispatched)
             wake_t.append(woken)
@@ -328,8 +340,8 @@ async def _sender(
             scatter_t.append(time.perf_counter() - t0)
             sender.allocator.free(taken)
         calls = (transport.calls - calls_before) / (runs + 1)
-        ours, bare, sock_t, copy_t, scatter_t, notify_t = (
-            x[1:] for x in (ours, bare, sock_t, copy_t, scatter_t, notify_t)
+        ours, bare, sock_t, copy_t, scatter_t, notify_t, thread_t = (
+            x[1:] for x in (ours, bare, sock_t, copy_t, scatter_t, notify_t, thread_t)
         )
         med = [statistics.median(x) for x in (ours, bare, sock_t, copy_t)]
         added = statistics.median(o - b for o, b in zip(ours, bare, strict=True))
@@ -348,6 +360,7 @@ async def _sender(
                 "mooncake_ms": _median_ms(bare),
                 "encode_copy_ms": _median_ms(scatter_t),
                 "mooncake_notify_ms": _median_ms(notify_t),
+                "mooncake_on_thread_ms": _median_ms(thread_t),
                 "thread_dispatch_ms": _median_ms(dispatch_t),
                 "receiver_wake_ms": _median_ms(wake_t),
                 "transfer_calls_per_request": calls,
