@@ -183,10 +183,7 @@ class MultimodalDataBuffers:
         self.settle()
 
     def settle(self) -> None:
-        """Wait for device copies into the arena: Mooncake reads it directly, outside any
-        CUDA stream."""
-        if self.arena.is_cuda:
-            torch.cuda.current_stream(self.arena.device).synchronize()
+        settle(self.arena)
 
     def gather(
         self,
@@ -285,6 +282,13 @@ class MultimodalDataBuffers:
             tensor = getattr(item, name)
             if tensor is not None and not tensor.is_contiguous():
                 raise ValueError(f"{name} must be contiguous")
+
+
+def settle(memory: torch.Tensor) -> None:
+    """Wait for device writes into `memory`: Mooncake reads it directly, outside any CUDA
+    stream."""
+    if memory.is_cuda:
+        torch.cuda.current_stream(memory.device).synchronize()
 
 
 def copy_item(src: MultimodalItem, out: MultimodalItem | None = None) -> MultimodalItem:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from deepstack_runtime.buffers import MultimodalItem, copy_item
+from deepstack_runtime.buffers import MultimodalItem, copy_item, settle
 from deepstack_runtime.errors import InputError
 
 
@@ -209,8 +209,7 @@ class ReferenceEncoder:
             assert out is not None
             out.fill_ids.fill_(self.image_token_id)
             out.positions.copy_(positions)
-            if out.embeddings.is_cuda:  # Mooncake reads the rows outside any CUDA stream
-                torch.cuda.current_stream(out.embeddings.device).synchronize()
+            settle(out.embeddings)
             return out
         embeddings = result.pooler_output.contiguous()
         deepstack = torch.stack(list(result.deepstack_features), dim=1).contiguous()
@@ -219,8 +218,7 @@ class ReferenceEncoder:
         if out is None:
             return item
         copy_item(item, out)
-        if out.embeddings.is_cuda:
-            torch.cuda.current_stream(out.embeddings.device).synchronize()
+        settle(out.embeddings)
         return out
 
     def _grid_positions(self, t: int, h: int, w: int) -> torch.Tensor:

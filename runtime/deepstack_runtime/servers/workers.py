@@ -27,7 +27,7 @@ import torch
 from aiohttp import web
 
 from deepstack_runtime.backends.reference import ReferenceEncoder, ReferenceLanguageModel
-from deepstack_runtime.buffers import BufferLayout, MultimodalDataBuffers, MultimodalItem
+from deepstack_runtime.buffers import DTYPES, BufferLayout, MultimodalDataBuffers, MultimodalItem
 from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.errors import EngineFailure, FailureReason, InputError, TransferError
 from deepstack_runtime.metrics import TransferMetrics
@@ -51,7 +51,6 @@ from deepstack_runtime.transfer.settings import TransferSettings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_BODY = 64 << 20
-TENSOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Transfer failures that are the caller's own mistakes (400); most others may be retried.
 _CLIENT_REASONS = {FailureReason.BAD_REQUEST, FailureReason.DUPLICATE_ROOM, FailureReason.OVERSIZE}
 
@@ -80,7 +79,7 @@ def buffer_layout(config: RuntimeConfig) -> BufferLayout:
 
 def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
     t = t.contiguous()
-    dtype = next(k for k, v in TENSOR_DTYPES.items() if v == t.dtype)
+    dtype = next(k for k, v in DTYPES.items() if v == t.dtype)
     raw = (
         t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
     )
@@ -89,7 +88,7 @@ def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
 
 def decode_tensor(value: Any, what: str) -> torch.Tensor:
     try:
-        dtype = TENSOR_DTYPES[value["dtype"]]
+        dtype = DTYPES[value["dtype"]]
         shape = [int(x) for x in value["shape"]]
         raw = bytearray(base64.b64decode(value["data"], validate=True))
         tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
@@ -142,7 +141,7 @@ def _buffers(config: RuntimeConfig, metrics: TransferMetrics) -> MultimodalDataB
 async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
     server = Server("encode")
     layout = buffer_layout(config)
-    dtype = TENSOR_DTYPES[layout.dtype]
+    dtype = DTYPES[layout.dtype]
     device = encode_device()
     # On a GPU the tower computes in the transferred dtype (as SGLang's would); on a CPU
     # in float32, cast when stored (bfloat16 arithmetic is slow there).
