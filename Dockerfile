@@ -2,24 +2,32 @@
 # Two images from one file:
 #   docker build --target operator -t deepstack-operator:0.1.0 .
 #   docker build --target runtime  -t deepstack-runtime:0.1.0 .
+# `hack/images.sh` builds both without a Docker daemon, from bases made from Debian
+# packages (PYTHON_IMAGE, CUDA_IMAGE) and with RUNTIME_EXTRAS=runtime,cpu.
+# Python packages go into a virtualenv at /opt/deepstack: never over the distribution's.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 # ---- wheel: build the project's wheel once --------------------------------------------
 FROM ${PYTHON_IMAGE} AS wheel
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-RUN pip install --no-cache-dir build==1.2.2.post1
 COPY pyproject.toml README.md ./
 COPY operator ./operator
 COPY runtime ./runtime
-RUN python -m build --wheel --outdir /dist
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -m venv /opt/build \
+    && /opt/build/bin/pip wheel --no-deps --wheel-dir /dist .
 
 # ---- operator: slim Python with kopf and the Kubernetes client -------------------------
 FROM ${PYTHON_IMAGE} AS operator
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/deepstack/bin:$PATH
 COPY --from=wheel /dist /dist
-RUN pip install --no-cache-dir "$(ls /dist/*.whl)[operator]" && rm -rf /dist \
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -m venv /opt/deepstack \
+    && pip install "$(ls /dist/*.whl)[operator]" \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin deepstack
 USER 10001:10001
 EXPOSE 8080
@@ -28,14 +36,20 @@ ENTRYPOINT ["deepstack-operator"]
 # ---- runtime: CUDA, SGLang, the CUDA build of Mooncake (the only one: both builds ship the
 # same module) with the RDMA user-space libraries --------------------------------------
 FROM ${CUDA_IMAGE} AS runtime
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1
+# runtime,sglang: GPU pods; runtime,cpu: the reference backend on CPU (no CUDA).
+ARG RUNTIME_EXTRAS=runtime,sglang
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/deepstack/bin:$PATH
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        python3 python3-pip libibverbs1 librdmacm1 libnuma1 ibverbs-providers \
+        python3 python3-venv libibverbs1 librdmacm1 libnuma1 ibverbs-providers libcurl4t64 \
     && rm -rf /var/lib/apt/lists/*
+# The virtualenv sees the system's packages: a base that ships PyTorch keeps it.
 COPY --from=wheel /dist /dist
-RUN pip3 install --no-cache-dir "$(ls /dist/*.whl)[runtime,sglang]" && rm -rf /dist \
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -m venv --system-site-packages /opt/deepstack \
+    && pip install "$(ls /dist/*.whl)[${RUNTIME_EXTRAS}]" \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin deepstack
 USER 10001:10001
 EXPOSE 8000 9090

@@ -12,11 +12,12 @@ VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 .PHONY: help venv sglang-env tools cluster cluster-down lint test demo demo-down bench
 
 help:
-	@echo "make demo          install the chart on a local control plane, serve the tiny model, ask it"
+	@echo "make demo          build the images, install the chart on the local cluster's real node,"
+	@echo "                   serve the tiny model, ask it"
 	@echo "                   (DEMO_BACKEND=sglang: SGLang's engine in the language pod, on CPU)"
 	@echo "make demo-down     stop it all"
 	@echo "make test          lint, type-check and run every test (starts what it needs)"
-	@echo "make cluster       start the local control plane (.cluster/kubeconfig)"
+	@echo "make cluster       start the local cluster: control plane, kwok nodes, one real node"
 	@echo "make cluster-down  stop it"
 	@echo "make bench         run the benchmarks (JSON lines)"
 
@@ -39,6 +40,7 @@ tools:
 	hack/build-control-plane.sh >/dev/null
 
 cluster: tools
+	hack/system-deps.sh
 	hack/cluster.sh up
 
 cluster-down:

@@ -31,6 +31,9 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.support.cluster import SIMULATED_PLACEMENT  # noqa: E402
+
 KUBECONFIG = REPO / ".cluster" / "kubeconfig"
 
 
@@ -138,6 +141,8 @@ def main() -> None:
                 str(REPO / "crds" / "examples" / "minimal-cpu.yaml"),
             )
         )
+        for role in ("encode", "language", "router"):  # on the simulated (kwok) nodes
+            example["spec"].setdefault(role, {}).update(SIMULATED_PLACEMENT)
         items: list[dict[str, Any]] = []
         for i in range(args.count):
             body = json.loads(json.dumps(example))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the local control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kwok, kwokctl) and the pinned CLIs (kubectl, helm) from the Go
-# module proxy. Output: $CP_BIN (printed on the last line). Cached by version:
+# kube-scheduler, kwok, kwokctl), the real node's kubelet, kube-proxy and CoreDNS, and the
+# pinned CLIs (kubectl, helm) from the Go module proxy. Output: $CP_BIN (printed on the last line). Cached by version:
 # a second run builds nothing.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -9,9 +9,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/versions.env"
 
 cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/deepstack-disagg"
-key="k8s-${KUBE_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}"
+key="k8s-${KUBE_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}_coredns-${COREDNS_VERSION}"
 bin="$cache_root/control-plane/$key/bin"
-tools=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwokctl helm)
+tools=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwokctl helm
+  kubelet kube-proxy coredns)
 
 all_present() {
   local t
@@ -56,6 +57,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 GO
   (cd "$dir" && go mod tidy >&2)
@@ -66,7 +69,7 @@ GO
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
   local cmd
-  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
     [[ -x "$bin/$cmd" ]] && continue
     log "building $cmd ${KUBE_VERSION}"
     (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$bin/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd" && mv "$bin/$cmd.tmp" "$bin/$cmd")
@@ -98,6 +101,7 @@ go_install kwok "sigs.k8s.io/kwok/cmd/kwok@${KWOK_VERSION}"
 go_install kwokctl "sigs.k8s.io/kwok/cmd/kwokctl@${KWOK_VERSION}"
 go_install helm "helm.sh/helm/v4/cmd/helm@${HELM_VERSION}" \
   "-X helm.sh/helm/v4/internal/version.version=${HELM_VERSION}"
+go_install coredns "github.com/coredns/coredns@${COREDNS_VERSION}"
 build_kubernetes
 all_present || { echo "error: control plane build incomplete in $bin" >&2; exit 1; }
 rm -rf "$GOCACHE" "$GOMODCACHE" "$work"

@@ -1,18 +1,19 @@
-"""`make demo`: from `helm install` to an answer, on the local control plane.
+"""`make demo`: from `helm install` to an answer, on the local cluster's real node.
 
-1. install the chart (operator, RBAC, CRDs) into the kwok control plane;
-2. write the tiny Qwen3-VL-MoE checkpoint (once);
-3. run the operator locally as the chart's ServiceAccount (kwok runs no containers);
-4. apply the minimal example, pointed at the checkpoint, and wait for Ready;
-5. run the encode, language and router pods locally from the pod templates the operator
-   rendered (deepstack_operator.localpods);
-6. send a chat request with an image through the router; print the answer,
+1. build the operator and runtime images from the Dockerfile (hack/images.sh, cached by
+   content) and give them to the node's containerd;
+2. write the tiny Qwen3-VL-MoE checkpoint (once); the pods mount it from the node;
+3. `helm install` the chart: the operator runs in-cluster, as the chart's ServiceAccount;
+4. `kubectl apply` the minimal example and wait until it is Ready: the encode, language
+   and router pods run as containers, the router finds the others by DNS;
+5. send a chat request with an image to the router's Service; print the answer,
    `kubectl get dsd` and a transfer summary. Everything stays up until `make demo-down`.
 
     [DEMO_BACKEND=reference|sglang] python hack/demo.py up | down
 
-DEMO_BACKEND=sglang serves with SGLang's engine in the language pod, on this CPU (SGLang's
-virtualenv from `make sglang-env`, the kernel-package stand-in of the tests).
+DEMO_BACKEND=sglang serves with SGLang's engine on this CPU, which needs the tests' kernel
+stand-ins (tests/support/sglang_cpu) that no image ships: its pods are placed on the
+simulated nodes and run as local processes from the templates the operator rendered.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from deepstack_operator.localpods import local_pod, start, token_kubeconfig
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the tests' SGLang-on-CPU settings
+sys.path.insert(0, str(REPO))  # the tests' SGLang-on-CPU settings and local pods
+from tests.support.cluster import SIMULATED_PLACEMENT  # noqa: E402
+from tests.support.localpods import local_pod, start  # noqa: E402
 from tests.support.sglang_on_cpu import SGLANG_CPU_ARGS, SGLANG_ENV  # noqa: E402
 
 # The end-to-end test runs its own copy beside a developer's: state, namespace and ports
@@ -53,23 +54,26 @@ MODEL_DIR = (
 BACKEND = os.environ.get("DEMO_BACKEND", "reference")
 RELEASE, SYSTEM, NAME = "deepstack-disagg", "deepstack-system", "tiny-qwen3-vl-moe"
 NAMESPACE = os.environ.get("DEMO_NAMESPACE", "default")
-BASE = int(os.environ.get("DEMO_PORT_BASE", "18000"))
-PORTS = {"router": BASE, "encode": BASE + 1, "language": BASE + 2, "operator": BASE + 80}
-ROUTER_URL = f"http://127.0.0.1:{PORTS['router']}"
+BASE = int(os.environ.get("DEMO_PORT_BASE", "18000"))  # local processes (sglang) only
+LOCAL_PORTS = {"router": BASE, "encode": BASE + 1, "language": BASE + 2}
 
 
 def tool(name: str) -> str:
     return str(REPO / ".cluster" / "bin" / name)
 
 
-def kubectl(*args: str, stdin: str | None = None, kubeconfig: Path = KUBECONFIG) -> str:
+def kubectl(*args: str, stdin: str | None = None) -> str:
     out = subprocess.run(
-        [tool("kubectl"), "--kubeconfig", str(kubeconfig), *args],
+        [tool("kubectl"), "--kubeconfig", str(KUBECONFIG), *args],
         input=stdin, capture_output=True, text=True, check=False, timeout=300,
     )  # fmt: skip
     if out.returncode != 0:
         sys.exit(f"kubectl {' '.join(args)} failed:\n{out.stderr}")
     return out.stdout
+
+
+def get_json(*args: str) -> Any:
+    return json.loads(kubectl(*args, "-o", "json"))
 
 
 def wait(probe: Any, timeout: float, what: str) -> Any:
@@ -82,17 +86,6 @@ def wait(probe: Any, timeout: float, what: str) -> Any:
     sys.exit(f"timed out after {timeout:g}s waiting for {what}")
 
 
-def alive(name: str) -> bool:
-    pid_file = STATE / f"{name}.pid"
-    if not pid_file.exists():
-        return False
-    try:
-        os.kill(int(pid_file.read_text()), 0)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
 def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
@@ -101,80 +94,118 @@ def healthy(url: str) -> bool:
         return False
 
 
-def service_account_kubeconfig() -> Path:
-    sa = RELEASE  # the chart names the ServiceAccount after the release
-    token = kubectl("-n", SYSTEM, "create", "token", sa, "--duration=24h").strip()
-    config = token_kubeconfig(yaml.safe_load(KUBECONFIG.read_text()), token, sa)
-    path = STATE / "operator.kubeconfig"
-    path.write_text(yaml.safe_dump(config))
-    return path
+def images() -> tuple[str, str]:
+    """The operator and runtime images built from this tree, given to the node."""
+    built = subprocess.run(
+        [str(REPO / "hack" / "images.sh"), "build"], check=True, capture_output=True, text=True
+    ).stdout.split()
+    operator, runtime = built[-2:]
+    subprocess.run([str(REPO / "hack" / "node.sh"), "load", operator, runtime], check=True)
+    return operator, runtime
 
 
-def start_operator() -> None:
-    if alive("operator"):
-        return
-    deployment = json.loads(kubectl("-n", SYSTEM, "get", "deployment", RELEASE, "-o", "json"))
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(service_account_kubeconfig()),
-        "DEEPSTACK_OPERATOR_METRICS_PORT": str(PORTS["operator"]),
-        "DEEPSTACK_OPERATOR_METRICS_HOST": "127.0.0.1",
-    }
-    with (STATE / "operator.log").open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "deepstack_operator", *container.get("args", [])],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    (STATE / "operator.pid").write_text(str(process.pid))
+def install_chart(operator_image: str) -> None:
+    repository, tag = operator_image.rsplit(":", 1)
+    subprocess.run(
+        [tool("helm"), "--kubeconfig", str(KUBECONFIG), "upgrade", "--install", RELEASE,
+         str(REPO / "charts" / "deepstack-disagg"),
+         "--namespace", SYSTEM, "--create-namespace", "--wait", "--timeout", "300s",
+         "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+         "--set", "image.pullPolicy=Never"],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
-def start_runtime() -> None:
-    config_map = json.loads(
-        kubectl("-n", NAMESPACE, "get", "configmap", f"{NAME}-runtime", "-o", "json")
+def resource(runtime_image: str) -> dict[str, Any]:
+    cr: dict[str, Any] = yaml.safe_load(
+        (REPO / "crds" / "examples" / "minimal-cpu.yaml").read_text()
     )
+    spec = cr["spec"]
+    if BACKEND == "reference":
+        # Real pods: the image built here, the checkpoint mounted from the node.
+        spec["runtime"] |= {"image": runtime_image, "imagePullPolicy": "Never"}
+        spec["model"] |= {
+            "path": f"/models/{MODEL_DIR.name}",
+            "volume": {"hostPath": {"path": str(MODEL_DIR.parent)}},
+        }
+    elif BACKEND == "sglang":
+        spec["model"]["path"] = str(MODEL_DIR)  # where the local processes find it
+        spec["runtime"]["backend"] = "sglang"
+        no_gpu = {"limits": {"nvidia.com/gpu": 0}}  # SGLang on this CPU
+        spec["encode"] = {**spec["encode"], "resources": no_gpu, **SIMULATED_PLACEMENT}
+        spec["language"] = {
+            **spec["language"],
+            "resources": no_gpu,
+            "extraArgs": list(SGLANG_CPU_ARGS),
+            "env": [{"name": k, "value": v} for k, v in SGLANG_ENV.items()],
+            **SIMULATED_PLACEMENT,
+        }
+        spec["router"] = {**spec.get("router", {}), **SIMULATED_PLACEMENT}
+    else:
+        sys.exit(f"DEMO_BACKEND must be reference or sglang, not {BACKEND!r}")
+    return cr
+
+
+def router_url() -> str:
+    if BACKEND == "sglang":
+        return f"http://127.0.0.1:{LOCAL_PORTS['router']}"
+    service = get_json("-n", NAMESPACE, "get", "service", f"{NAME}-router")
+    return f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
+
+
+def metrics_urls() -> list[str]:
+    """The encode and language pods' /metrics."""
+    if BACKEND == "sglang":
+        return [f"http://127.0.0.1:{LOCAL_PORTS[r]}/metrics" for r in ("encode", "language")]
+    config = json.loads(
+        get_json("-n", NAMESPACE, "get", "configmap", f"{NAME}-runtime")["data"]["config.json"]
+    )
+    pods = get_json("-n", NAMESPACE, "get", "pods", "-l", f"app.kubernetes.io/instance={NAME}")
+    return [
+        f"http://{p['status']['podIP']}:{config['metrics_port']}/metrics"
+        for p in pods["items"]
+        if p["metadata"]["labels"].get("app.kubernetes.io/component") in ("encode", "language")
+    ]
+
+
+def start_local_pods() -> None:
+    """DEMO_BACKEND=sglang: the pods as local processes (SGLang's own virtualenv)."""
+    config_map = get_json("-n", NAMESPACE, "get", "configmap", f"{NAME}-runtime")
     config_file = STATE / "etc-deepstack" / "config.json"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(config_map["data"]["config.json"])
     instances = STATE / "instances.json"
     instances.write_text(json.dumps({
-        "encode": [f"http://127.0.0.1:{PORTS['encode']}"],
-        "language": [f"http://127.0.0.1:{PORTS['language']}"],
+        "encode": [f"http://127.0.0.1:{LOCAL_PORTS['encode']}"],
+        "language": [f"http://127.0.0.1:{LOCAL_PORTS['language']}"],
     }))  # fmt: skip
     local = ["--host", "127.0.0.1", "--advertise-host", "127.0.0.1", "--metrics-port", "0"]
     plans = {
         "encode": ("statefulset", f"{NAME}-encode", f"{NAME}-encode-0",
-                   [*local, "--port", str(PORTS["encode"]), "--bootstrap-port", str(BASE + 998)]),
+                   [*local, "--port", str(LOCAL_PORTS["encode"]),
+                    "--bootstrap-port", str(BASE + 998)]),
         "language": ("statefulset", f"{NAME}-language", f"{NAME}-language-0",
-                     [*local, "--port", str(PORTS["language"])]),
+                     [*local, "--port", str(LOCAL_PORTS["language"])]),
         "router": ("deployment", f"{NAME}-router", f"{NAME}-router-local",
-                   [*local, "--port", str(PORTS["router"]), "--instances-file", str(instances)]),
+                   [*local, "--port", str(LOCAL_PORTS["router"]),
+                    "--instances-file", str(instances)]),
     }  # fmt: skip
     for role, (kind, workload, pod_name, overrides) in plans.items():
-        if alive(role):
-            continue
-        template = json.loads(kubectl("-n", NAMESPACE, "get", kind, workload, "-o", "json"))[
-            "spec"
-        ]["template"]
+        template = get_json("-n", NAMESPACE, "get", kind, workload)["spec"]["template"]
         pod = local_pod(template, pod_name=pod_name, namespace=NAMESPACE, pod_ip="127.0.0.1",
                         config_file=str(config_file), overrides=overrides)  # fmt: skip
-        if BACKEND == "sglang" and role == "language":  # SGLang's own virtualenv
+        if role == "language":
             sglang_cli = str(REPO / ".venv-sglang" / "bin" / "deepstack-runtime")
             pod = dataclasses.replace(pod, argv=[sglang_cli, *pod.argv[1:]])
         process = start(pod, STATE / f"{role}.log", detach=True)
         (STATE / f"{role}.pid").write_text(str(process.pid))
         print(f"started {pod_name}: {' '.join(pod.argv)}")
     for role in plans:
-        wait(lambda r=role: healthy(f"http://127.0.0.1:{PORTS[r]}"), 300, f"the {role} server")
-
-    def router_sees_both() -> bool:
-        counts = json.loads(urllib.request.urlopen(f"{ROUTER_URL}/health").read())
-        return bool(counts.get("encode") and counts.get("language"))
-
-    wait(router_sees_both, 30, "the router to see a healthy encode and language server")
+        url = f"http://127.0.0.1:{LOCAL_PORTS[role]}"
+        wait(lambda u=url: healthy(u), 300, f"the {role} server")
 
 
-def ask() -> dict[str, Any]:
+def ask(url: str) -> dict[str, Any]:
     from PIL import Image
 
     buf = io.BytesIO()
@@ -187,10 +218,9 @@ def ask() -> dict[str, Any]:
                                                 + base64.b64encode(buf.getvalue()).decode()}},
             {"type": "text", "text": "Describe the image."}]}],
     }  # fmt: skip
+    headers = {"Content-Type": "application/json"}
     request = urllib.request.Request(
-        f"{ROUTER_URL}/v1/chat/completions",
-        json.dumps(body).encode(),
-        {"Content-Type": "application/json"},
+        f"{url}/v1/chat/completions", json.dumps(body).encode(), headers
     )
     with urllib.request.urlopen(request, timeout=120) as r:
         answer: dict[str, Any] = json.loads(r.read())
@@ -198,16 +228,15 @@ def ask() -> dict[str, Any]:
 
 
 def transfer_summary() -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORTS['encode']}/metrics") as r:
-        encode = r.read().decode()
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORTS['language']}/metrics") as r:
-        language = r.read().decode()
-    samples = [
-        (s.name, s.labels, s.value)
-        for text in (encode, language)
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-    ]
+    samples = []
+    for url in metrics_urls():
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        samples += [
+            (s.name, s.labels, s.value)
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        ]
     by_payload: dict[str, int] = {}
     cumulative: dict[float, float] = {}
     for name, labels, value in samples:  # summed over both servers
@@ -227,62 +256,69 @@ def transfer_summary() -> str:
 
 def up() -> None:
     STATE.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [tool("helm"), "--kubeconfig", str(KUBECONFIG), "upgrade", "--install", RELEASE,
-         str(REPO / "charts" / "deepstack-disagg"),
-         "--namespace", SYSTEM, "--create-namespace", "--wait", "--timeout", "180s"],
-        check=True, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    operator_image, runtime_image = images()
     if not (MODEL_DIR / "config.json").exists():
         from deepstack_runtime.models.tiny import make_tiny_model
 
         make_tiny_model(MODEL_DIR)
-    start_operator()
-    cr = yaml.safe_load((REPO / "crds" / "examples" / "minimal-cpu.yaml").read_text())
-    cr["spec"]["model"]["path"] = str(MODEL_DIR)  # where the local "pods" find the weights
-    if BACKEND == "sglang":
-        spec = cr["spec"]
-        spec["runtime"]["backend"] = "sglang"
-        no_gpu = {"limits": {"nvidia.com/gpu": 0}}  # SGLang on this CPU
-        spec["encode"]["resources"] = no_gpu
-        spec["language"] |= {
-            "resources": no_gpu,
-            "extraArgs": list(SGLANG_CPU_ARGS),
-            "env": [{"name": k, "value": v} for k, v in SGLANG_ENV.items()],
-        }
-    elif BACKEND != "reference":
-        sys.exit(f"DEMO_BACKEND must be reference or sglang, not {BACKEND!r}")
+    for path in MODEL_DIR.iterdir():  # written by an older version, owner-only
+        path.chmod(0o644)
+    install_chart(operator_image)
     subprocess.run(  # the namespace may exist already
         [tool("kubectl"), "--kubeconfig", str(KUBECONFIG), "create", "namespace", NAMESPACE],
         capture_output=True,
         check=False,
     )
-    kubectl("-n", NAMESPACE, "apply", "-f", "-", stdin=json.dumps(cr))
+    kubectl("-n", NAMESPACE, "apply", "-f", "-", stdin=json.dumps(resource(runtime_image)))
 
     def phase() -> str:
-        obj = json.loads(kubectl("-n", NAMESPACE, "get", "dsd", NAME, "-o", "json"))
+        obj = get_json("-n", NAMESPACE, "get", "dsd", NAME)
         return str((obj.get("status") or {}).get("phase", ""))
 
-    wait(lambda: phase() == "Ready", 120, f"{NAME} to be Ready")
-    start_runtime()
-    answer = ask()
+    wait(lambda: phase() == "Ready", 600, f"{NAME} to be Ready")
+    if BACKEND == "sglang":
+        start_local_pods()
+    url = router_url()
+
+    def router_sees_both() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                counts = json.loads(r.read())
+        except OSError:
+            return False
+        return bool(counts.get("encode") and counts.get("language"))
+
+    wait(router_sees_both, 60, "the router to see a healthy encode and language server")
+    answer = ask(url)
     print()
     print("answer:", json.dumps(answer["choices"][0]["message"]["content"]), f"({answer['usage']})")
     print()
     print(kubectl("-n", NAMESPACE, "get", "dsd", "-o", "wide"))
+    print(kubectl("-n", NAMESPACE, "get", "pods", "-o", "wide"))
     print(transfer_summary())
     print()
     print(f"KUBECONFIG={KUBECONFIG}")
-    print(f"ROUTER_URL={ROUTER_URL}")
+    print(f"ROUTER_URL={url}")
     print(f"MODEL_DIR={MODEL_DIR}")
 
 
 def down() -> None:
-    for pid_file in sorted(STATE.glob("*.pid")):
+    for pid_file in sorted(STATE.glob("*.pid")):  # DEMO_BACKEND=sglang's processes
         with contextlib.suppress(OSError, ValueError):  # already gone
             os.killpg(int(pid_file.read_text()), signal.SIGTERM)
         pid_file.unlink()
-    print("demo processes stopped")
+    if KUBECONFIG.exists():
+        subprocess.run(
+            [tool("kubectl"), "--kubeconfig", str(KUBECONFIG), "-n", NAMESPACE, "delete", "dsd",
+             NAME, "--ignore-not-found", "--wait"],
+            capture_output=True, check=False, timeout=120,
+        )  # fmt: skip
+        subprocess.run(
+            [tool("helm"), "--kubeconfig", str(KUBECONFIG), "uninstall", RELEASE,
+             "--namespace", SYSTEM, "--wait", "--ignore-not-found"],
+            capture_output=True, check=False, timeout=300,
+        )  # fmt: skip
+    print("demo stopped")
 
 
 if __name__ == "__main__":

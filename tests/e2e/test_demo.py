@@ -1,6 +1,7 @@
-"""End to end, as a new user runs it: `hack/demo.py up` (what `make demo` runs) from
-`helm install` to an answer, then scaling the language group and losing a language pod
-while requests run."""
+"""End to end on the local cluster's real node, as a new user runs it: `hack/demo.py up`
+(what `make demo` runs) from `helm install` to an answer, then scaling, losing and rolling
+pods under traffic, only ever through the Kubernetes API (the StatefulSets start the pods,
+the router finds them by DNS)."""
 
 from __future__ import annotations
 
@@ -9,22 +10,22 @@ import os
 import re
 import signal
 import threading
-import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from deepstack_operator.localpods import local_pod, start
 from tests.support.cluster import Cluster, wait_for
 from tests.support.demo import demo_up
 from tests.support.metrics import sample, sample_or_zero
-from tests.support.operator import get_json, wait_for_status
+from tests.support.node import NODE_NAME, container_pid, tag_image
+from tests.support.operator import condition, get_json, wait_for_status
 from tests.support.runtime import data_url, get, png, post
 
 NAME = "tiny-qwen3-vl-moe"
 IMAGE = png(64, 48, (20, 160, 220))
+SYSTEM = "deepstack-system"
 
 
 @pytest.fixture(scope="module")
@@ -65,139 +66,243 @@ def monolithic_answer(model_dir: str, max_tokens: int) -> str:
     return pre.decode(monolithic_generate(model_dir, prompt, max_tokens))
 
 
+def pods(cluster: Cluster, namespace: str, role: str) -> list[dict[str, Any]]:
+    selector = f"app.kubernetes.io/instance={NAME},app.kubernetes.io/component={role}"
+    items: list[dict[str, Any]] = get_json(cluster, "-n", namespace, "get", "pods", "-l", selector)[
+        "items"
+    ]
+    return sorted(items, key=lambda p: p["metadata"]["name"])
+
+
+def ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def metrics(pod: dict[str, Any]) -> str:
+    return get(f"http://{pod['status']['podIP']}:9090/metrics")[1]
+
+
+def served(pod: dict[str, Any]) -> float:
+    labels = {"role": "language", "route": "/v1/generate", "code": "200"}
+    return sample_or_zero(metrics(pod), "deepstack_requests_total", **labels)
+
+
+def router_counts(url: str) -> dict[str, int]:
+    """How many healthy encode and language pods the router uses."""
+    status, body = get(f"{url}/health")
+    counts = json.loads(body) if status == 200 else {}
+    return {role: counts.get(role, 0) for role in ("encode", "language")}
+
+
+@dataclass
+class Traffic:
+    """Requests sent one after another until stopped: each one's status and body."""
+
+    url: str
+    results: list[tuple[int, Any]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Traffic:
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.results.append(post(f"{self.url}/v1/chat/completions", chat(4), timeout=60))
+            except OSError as e:  # no HTTP answer at all: recorded, never hidden
+                self.results.append((0, str(e)))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(120)
+
+    def failures(self) -> list[tuple[int, Any]]:
+        return [r for r in self.results if r[0] != 200]
+
+
+def wait_until(probe: Callable[[], Any], what: str, timeout: float = 180) -> Any:
+    return wait_for(probe, timeout=timeout, interval=0.5, what=what)
+
+
 def test_demo_answers_like_the_monolithic_model(cluster: Cluster, demo: dict[str, Any]) -> None:
-    out = demo["output"]
+    out, namespace = demo["output"], demo["namespace"]
     assert "answer:" in out
     assert re.search(rf"^{NAME}\s+Ready\s+1/1\s+1/1\s+reference", out, re.M), out
     assert re.search(r"transfer: aux \d+ B, deepstack [1-9]\d* B, embedding [1-9]\d* B", out), out
+    # Every role runs as a container on the real node, from the image built here.
+    runtime_image = get_json(cluster, "-n", namespace, "get", "dsd", NAME)["spec"]["runtime"][
+        "image"
+    ]
+    assert runtime_image.startswith("localhost/deepstack-runtime:")
+    for role in ("encode", "language", "router"):
+        (pod,) = pods(cluster, namespace, role)
+        assert pod["spec"]["nodeName"] == NODE_NAME, role
+        assert ready(pod), role
+        (status,) = pod["status"]["containerStatuses"]
+        assert status["image"].endswith(runtime_image.removeprefix("localhost/")), status
+        assert status["started"]
+        assert "running" in status["state"]
+    # The operator runs in-cluster, from its image, as the chart's ServiceAccount.
+    (operator,) = get_json(
+        cluster, "-n", SYSTEM, "get", "pods", "-l", "app.kubernetes.io/name=deepstack-disagg"
+    )["items"]
+    assert operator["spec"]["nodeName"] == NODE_NAME
+    assert ready(operator)
+    assert "deepstack-operator:" in operator["spec"]["containers"][0]["image"]
+    assert operator["spec"]["serviceAccountName"] == "deepstack-disagg"
+    # Through the router's Service; the router found the pods by DNS.
     status, body = post(f"{demo['ROUTER_URL']}/v1/chat/completions", chat())
     assert status == 200, body
     assert body["choices"][0]["message"]["content"] == monolithic_answer(demo["MODEL_DIR"], 16)
-    cr = get_json(cluster, "-n", demo["namespace"], "get", "dsd", NAME)
-    assert cr["status"]["phase"] == "Ready"
-    encode_metrics = get(f"http://127.0.0.1:{demo['base'] + 1}/metrics")[1]
-    assert sample(encode_metrics, "deepstack_transfer_bytes_total", payload="deepstack") > 0
+    assert router_counts(demo["ROUTER_URL"]) == {"encode": 1, "language": 1}
+    (encode,) = pods(cluster, namespace, "encode")
+    assert sample(metrics(encode), "deepstack_transfer_bytes_total", payload="deepstack") > 0
 
 
 def test_scaling_the_language_group_loses_no_request(
     cluster: Cluster, demo: dict[str, Any]
 ) -> None:
-    namespace, state = demo["namespace"], Path(demo["state"])
-    encode_pid = int((state / "encode.pid").read_text())
-    results: list[int] = []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        while not stop.is_set():
-            results.append(post(f"{demo['ROUTER_URL']}/v1/chat/completions", chat(max_tokens=4))[0])
-
-    sender = threading.Thread(target=traffic)
-    sender.start()
-    try:
+    namespace = demo["namespace"]
+    (encode,) = pods(cluster, namespace, "encode")
+    with Traffic(demo["ROUTER_URL"]) as traffic:
         cluster.kubectl(
-            "-n",
-            namespace,
-            "patch",
-            "dsd",
-            NAME,
-            "--type=merge",
-            "-p",
-            '{"spec":{"language":{"replicas":2}}}',
+            "-n", namespace, "patch", "dsd", NAME, "--type=merge",
+            "-p", '{"spec":{"language":{"replicas":2}}}',
+        )  # fmt: skip
+        status = wait_for_status(
+            cluster, namespace, NAME, timeout=300, phase="Ready", observedGeneration=2
         )
-        status = wait_for_status(cluster, namespace, NAME, phase="Ready", observedGeneration=2)
         assert status["language"]["readyReplicas"] == 2
-        # The new pod, from its rendered template, started beside the first one.
-        sts = get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-language")
-        port = demo["base"] + 3
-        pod = local_pod(
-            sts["spec"]["template"],
-            pod_name=f"{NAME}-language-1",
-            namespace=namespace,
-            pod_ip="127.0.0.1",
-            config_file=str(state / "etc-deepstack" / "config.json"),
-            overrides=[
-                *("--host", "127.0.0.1", "--advertise-host", "127.0.0.1"),
-                *("--metrics-port", "0", "--port", str(port)),
-            ],
+        wait_until(
+            lambda: router_counts(demo["ROUTER_URL"]).get("language") == 2,
+            "the router to find the new language pod",
         )
-        process = start(pod, state / "language-1.log", detach=True)
-        (state / "language-1.pid").write_text(str(process.pid))
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _up(url), timeout=120, what="language-1")
-        instances = json.loads((state / "instances.json").read_text())
-        instances["language"].append(url)
-        (state / "instances.json").write_text(json.dumps(instances))
-        wait_for(
-            lambda: json.loads(get(f"{demo['ROUTER_URL']}/health")[1]).get("language") == 2,
-            timeout=30,
-            what="the router to use both language pods",
-        )
-
-        def served_by_new_pod() -> bool:
-            text = get(f"{url}/metrics")[1]
-            labels = {"role": "language", "route": "/v1/generate", "code": "200"}
-            return sample_or_zero(text, "deepstack_requests_total", **labels) >= 2
-
-        wait_for(served_by_new_pod, timeout=60, what="the new language pod to serve requests")
-    finally:
-        stop.set()
-        sender.join(120)
-    assert results
-    assert set(results) == {200}, results  # none lost during the scale
-    os.kill(encode_pid, 0)  # the encode side was not restarted
-    assert int((state / "encode.pid").read_text()) == encode_pid
+        new = pods(cluster, namespace, "language")[1]
+        assert new["metadata"]["name"] == f"{NAME}-language-1"
+        wait_until(lambda: served(new) >= 2, "the new language pod to serve requests")
+    assert traffic.results
+    assert traffic.failures() == []
+    # The encode pod was left alone.
+    (encode_after,) = pods(cluster, namespace, "encode")
+    assert encode_after["metadata"]["uid"] == encode["metadata"]["uid"]
 
 
-def _up(url: str) -> bool:
+def test_a_pod_that_is_not_ready_gets_no_traffic(cluster: Cluster, demo: dict[str, Any]) -> None:
+    namespace = demo["namespace"]
+    first, second = pods(cluster, namespace, "language")
+    pid = container_pid(second)
+    os.kill(pid, signal.SIGSTOP)  # its server stops answering, readiness probe included
     try:
-        return get(f"{url}/health")[0] == 200
-    except OSError:
-        return False
-
-
-def test_killing_a_language_pod_mid_request_fails_clearly_and_frees_blocks(
-    demo: dict[str, Any],
-) -> None:
-    state = Path(demo["state"])
-    languages = {"language": demo["base"] + 2, "language-1": demo["base"] + 3}
-    outcome: dict[str, Any] = {}
-
-    def long_request() -> None:
-        started = time.monotonic()
-        outcome["result"] = post(
-            f"{demo['ROUTER_URL']}/v1/chat/completions",
-            chat(max_tokens=400, ignore_eos=True),
-            timeout=120,
+        wait_until(
+            lambda: not ready(pods(cluster, namespace, "language")[1]),
+            "the frozen pod to be marked not ready",
+            timeout=60,
         )
-        outcome["seconds"] = time.monotonic() - started
-
-    thread = threading.Thread(target=long_request)
-    thread.start()
-
-    def busy() -> str | None:
-        for name, port in languages.items():
-            if (state / f"{name}.pid").exists() and _up(f"http://127.0.0.1:{port}"):
-                text = get(f"http://127.0.0.1:{port}/metrics")[1]
-                if sample(text, "deepstack_requests_inflight", role="language") >= 1:
-                    return name
-        return None
-
-    victim = wait_for(busy, timeout=30, interval=0.05, what="a language pod serving the request")
-    os.kill(int((state / f"{victim}.pid").read_text()), signal.SIGKILL)
-    thread.join(60)
-    assert not thread.is_alive(), "the request hung"
-    status, body = outcome["result"]
-    assert status == 502, body  # a clear error, not a hang or a half answer
-    assert "/v1/generate" in body["error"]["message"]
-
-    def encode_blocks_free() -> bool:
-        text = get(f"http://127.0.0.1:{demo['base'] + 1}/metrics")[1]
-        return sample(text, "deepstack_buffer_blocks", state="used") == 0
-
-    wait_for(encode_blocks_free, timeout=60, what="the encode side to free its blocks")
-    # The survivor still answers; the router stopped sending to the dead pod.
-    wait_for(
-        lambda: post(f"{demo['ROUTER_URL']}/v1/chat/completions", chat(max_tokens=4))[0] == 200,
-        timeout=60,
-        what="a request served by the surviving language pod",
+        wait_until(
+            lambda: router_counts(demo["ROUTER_URL"]).get("language") == 1,
+            "the router to drop the pod that is not ready",
+        )
+        before = served(first)
+        for _ in range(6):  # any of these sent to the frozen pod would time out
+            status, body = post(f"{demo['ROUTER_URL']}/v1/chat/completions", chat(4), timeout=30)
+            assert status == 200, body
+        assert served(first) == before + 6
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(
+        lambda: router_counts(demo["ROUTER_URL"]).get("language") == 2,
+        "the pod to be back in rotation once ready",
     )
+
+
+def test_deleting_a_language_pod_under_traffic(cluster: Cluster, demo: dict[str, Any]) -> None:
+    namespace = demo["namespace"]
+    victim = pods(cluster, namespace, "language")[0]
+    with Traffic(demo["ROUTER_URL"]) as traffic:
+        wait_until(lambda: traffic.results, "the first request of the traffic")
+        cluster.kubectl("-n", namespace, "delete", "pod", victim["metadata"]["name"])
+
+        def recreated() -> bool:
+            current = pods(cluster, namespace, "language")
+            return (
+                len(current) == 2
+                and all(ready(p) for p in current)
+                and (current[0]["metadata"]["uid"] != victim["metadata"]["uid"])
+            )
+
+        wait_until(recreated, "the StatefulSet to recreate the deleted pod")
+        wait_until(
+            lambda: router_counts(demo["ROUTER_URL"]).get("language") == 2,
+            "the router to use the recreated pod",
+        )
+        replacement = pods(cluster, namespace, "language")[0]
+        wait_until(lambda: served(replacement) >= 1, "the recreated pod to serve a request")
+    # The pod drained before it stopped: at most a request in flight on it may fail, and
+    # then with a reason.
+    failures = traffic.failures()
+    assert len(failures) <= 1, failures
+    for status, body in failures:
+        assert status in (502, 503), (status, body)
+        assert body["error"]["message"], body
+
+
+def test_scaling_down_loses_no_request(cluster: Cluster, demo: dict[str, Any]) -> None:
+    namespace = demo["namespace"]
+    with Traffic(demo["ROUTER_URL"]) as traffic:
+        wait_until(lambda: traffic.results, "the first request of the traffic")
+        cluster.kubectl(
+            "-n", namespace, "patch", "dsd", NAME, "--type=merge",
+            "-p", '{"spec":{"language":{"replicas":1}}}',
+        )  # fmt: skip
+        wait_until(lambda: len(pods(cluster, namespace, "language")) == 1, "the scale down")
+        wait_until(
+            lambda: router_counts(demo["ROUTER_URL"]).get("language") == 1,
+            "the router to forget the removed pod",
+        )
+        count = len(traffic.results)
+        wait_until(lambda: len(traffic.results) >= count + 3, "requests after the scale down")
+    assert traffic.failures() == []
+
+
+def test_a_new_image_tag_rolls_both_groups(cluster: Cluster, demo: dict[str, Any]) -> None:
+    namespace = demo["namespace"]
+    old = get_json(cluster, "-n", namespace, "get", "dsd", NAME)["spec"]["runtime"]["image"]
+    new = f"{old}-retag"
+    tag_image(old, new)  # the same image under a second tag, as a registry push would add
+    before = {r: pods(cluster, namespace, r)[0]["metadata"]["uid"] for r in ("encode", "language")}
+    seen: list[str] = []
+    with Traffic(demo["ROUTER_URL"]) as traffic:
+        cluster.kubectl(
+            "-n", namespace, "patch", "dsd", NAME, "--type=merge",
+            "-p", json.dumps({"spec": {"runtime": {"image": new}}}),
+        )  # fmt: skip
+
+        def rolled() -> bool:
+            status = get_json(cluster, "-n", namespace, "get", "dsd", NAME).get("status") or {}
+            seen.append(status.get("phase", ""))
+            return (
+                status.get("phase") == "Ready"
+                and status.get("observedGeneration") == 4
+                and (condition(status, "Ready")["status"] == "True")
+            )
+
+        wait_until(rolled, "the new tag rolled out", timeout=300)
+        wait_until(
+            lambda: router_counts(demo["ROUTER_URL"]) == {"encode": 1, "language": 1},
+            "the router to find the rolled pods",
+        )
+        count = len(traffic.results)
+        wait_until(lambda: len(traffic.results) >= count + 2, "requests after the roll")
+    assert "Progressing" in seen, seen
+    for role, uid in before.items():
+        (pod,) = pods(cluster, namespace, role)
+        assert pod["metadata"]["uid"] != uid, role
+        assert pod["spec"]["containers"][0]["image"] == new, role
+    # One encode and one language pod: while one restarts, requests fail, with a reason.
+    assert traffic.results[-1][0] == 200, traffic.results[-1]
+    for status, body in traffic.failures():
+        assert status in (502, 503), (status, body)
+        assert body["error"]["message"], body

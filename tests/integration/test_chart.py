@@ -14,9 +14,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deepstack_operator.localpods import token_kubeconfig
-from tests.support.cluster import REPO, Cluster, wait_for
+from tests.support.cluster import REPO, SIMULATED_PLACEMENT, Cluster, wait_for
 from tests.support.crd import install_crd, minimal
+from tests.support.localpods import token_kubeconfig
 from tests.support.operator import OperatorProcess, get_json, wait_for_status
 
 CHART = REPO / "charts" / "deepstack-disagg"
@@ -39,6 +39,11 @@ CRD_KINDS = {
 
 
 def helm(cluster: Cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    if args[0] in ("install", "upgrade"):
+        # The operator pods these tests install go to the simulated nodes (the real node's
+        # tests install the operator's image: tests/e2e).
+        placement = {k: json.dumps(v) for k, v in SIMULATED_PLACEMENT.items()}
+        args = (*args, *(f for k, v in placement.items() for f in ("--set-json", f"{k}={v}")))
     result = subprocess.run(
         [str(cluster.bin / "helm"), "--kubeconfig", str(cluster.kubeconfig), *args],
         capture_output=True,

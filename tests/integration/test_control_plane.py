@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from tests.support.cluster import REPO, Cluster
+from tests.support.cluster import REPO, SIMULATED_PLACEMENT, Cluster
 
 
 def pinned() -> dict[str, str]:
@@ -41,9 +41,23 @@ def test_at_least_two_nodes_ready(cluster: Cluster) -> None:
 def test_controllers_and_scheduler_run_pods(cluster: Cluster, namespace: str) -> None:
     """A Deployment's pods are created by kube-controller-manager, bound by
     kube-scheduler and marked Running by kwok: the whole control plane works."""
-    cluster.kubectl(
-        "-n", namespace, "create", "deployment", "probe", "--image=busybox:1.36", "--replicas=2"
-    )
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "probe"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "probe"}},
+            "template": {
+                "metadata": {"labels": {"app": "probe"}},
+                "spec": {
+                    **SIMULATED_PLACEMENT,
+                    "containers": [{"name": "probe", "image": "busybox:1.36"}],
+                },
+            },
+        },
+    }
+    cluster.kubectl("-n", namespace, "apply", "-f", "-", stdin=json.dumps(deployment))
     cluster.kubectl("-n", namespace, "rollout", "status", "deployment/probe", "--timeout=120s")
     pods = json.loads(cluster.kubectl("-n", namespace, "get", "pods", "-o", "json").stdout)
     assert len(pods["items"]) == 2

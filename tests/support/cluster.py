@@ -13,6 +13,15 @@ REPO = Path(__file__).resolve().parents[2]
 KUBECONFIG = REPO / ".cluster" / "kubeconfig"
 T = TypeVar("T")
 
+# hack/cluster.sh taints its kwok nodes: a workload meant for them (many simulated pods)
+# says so with this placement; everything else runs on the real node.
+SIMULATED_PLACEMENT: dict[str, Any] = {
+    "nodeSelector": {"type": "kwok"},
+    "tolerations": [
+        {"key": "deepstack.dev/simulated", "operator": "Exists", "effect": "NoSchedule"}
+    ],
+}
+
 
 def tool_bin() -> Path:
     """Directory of the pinned control-plane binaries (built once, cached)."""

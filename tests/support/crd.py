@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.cluster import REPO, Cluster, wait_for
+from tests.support.cluster import REPO, SIMULATED_PLACEMENT, Cluster, wait_for
 
 CRD_FILE = REPO / "crds" / "deepstackdisaggregations.yaml"
 EXAMPLES = sorted((REPO / "crds" / "examples").glob("*.yaml"))
@@ -25,7 +25,11 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def minimal() -> dict[str, Any]:
-    return copy.deepcopy(load(REPO / "crds" / "examples" / "minimal-cpu.yaml"))
+    """The minimal example, its pods placed on the simulated (kwok) nodes."""
+    cr = copy.deepcopy(load(REPO / "crds" / "examples" / "minimal-cpu.yaml"))
+    for role in ("encode", "language", "router"):
+        cr["spec"].setdefault(role, {}).update(copy.deepcopy(SIMULATED_PLACEMENT))
+    return cr
 
 
 def install_crd(cluster: Cluster) -> None:

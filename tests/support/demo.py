@@ -20,9 +20,9 @@ from tests.support.operator import free_port_block
 @contextmanager
 def demo_up(cluster: Cluster, state: Path, backend: str) -> Iterator[dict[str, Any]]:
     """Run the demo up; yield its printed output and values; run it down."""
-    # hack/demo.py uses base+0..2 (router, encode, language), +80 (operator) and +998
-    # (bootstrap); a test may add a second language pod at base+3.
-    base = free_port_block((0, 1, 2, 3, 80, 998))
+    # With DEMO_BACKEND=sglang, hack/demo.py's local processes use base+0..2 (router,
+    # encode, language) and +998 (bootstrap).
+    base = free_port_block((0, 1, 2, 998))
     env = {
         **os.environ,
         "DEMO_STATE": str(state),
@@ -33,7 +33,12 @@ def demo_up(cluster: Cluster, state: Path, backend: str) -> Iterator[dict[str, A
     script = [sys.executable, str(REPO / "hack" / "demo.py")]
     try:
         result = subprocess.run(
-            [*script, "up"], env=env, capture_output=True, text=True, timeout=600
+            # A cold machine builds the images first (hack/images.sh).
+            [*script, "up"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1500,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         values = dict(re.findall(r"^(ROUTER_URL|MODEL_DIR|KUBECONFIG)=(.*)$", result.stdout, re.M))
@@ -45,5 +50,5 @@ def demo_up(cluster: Cluster, state: Path, backend: str) -> Iterator[dict[str, A
             **values,
         }
     finally:
-        subprocess.run([*script, "down"], env=env, capture_output=True, timeout=120)
+        subprocess.run([*script, "down"], env=env, capture_output=True, timeout=400)
         cluster.kubectl("delete", "namespace", env["DEMO_NAMESPACE"], "--wait=false", check=False)

@@ -17,6 +17,10 @@ from deepstack_runtime.config import CONFIG_DIR, CONFIG_FILE, RuntimeConfig
 CONFIG_VOLUME = "runtime-config"
 MODEL_VOLUME = "model"
 RUNTIME_USER = 10001
+# A deleted pod keeps serving this long before it is told to stop (SIGTERM, then it
+# drains): time for its endpoint's removal to reach kube-proxy, DNS and the router, which
+# re-resolves every second, so that no new request is sent to a pod that is stopping.
+PRE_STOP_SECONDS = 5
 
 
 def _ports(config: RuntimeConfig, role: str) -> list[dict[str, Any]]:
@@ -150,6 +154,7 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
         "readinessProbe": {"httpGet": probe_http, "periodSeconds": 5, "failureThreshold": 2},
         "livenessProbe": {"httpGet": probe_http, "periodSeconds": 10, "failureThreshold": 6},
         "resources": _resources(cr, role, config),
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}},
         "securityContext": container_security,
         "volumeMounts": mounts,
     }

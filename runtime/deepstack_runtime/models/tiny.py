@@ -127,6 +127,9 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
         json.dumps({"hidden_size": HIDDEN_SIZE, "num_deepstack": NUM_DEEPSTACK, "seed": seed})
         + "\n"
     )
+    # safetensors writes owner-only files; the runtime's pods read them as another user.
+    for path in out.iterdir():
+        path.chmod(0o644)
     return out
 
 

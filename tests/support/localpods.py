@@ -1,5 +1,6 @@
-"""Run rendered pods as local processes, for clusters whose pods run no containers (the
-kwok control plane of `make demo` and of the end-to-end tests).
+"""Run rendered pods as local processes, for pods placed on the simulated (kwok) nodes:
+`DEMO_BACKEND=sglang`, whose SGLang-on-CPU needs the tests' kernel stand-ins, and the
+sglang end-to-end test.
 
 A pod's process is exactly its container's command, args and env as the operator
 rendered them, with only what a single machine needs changed: the mounted ConfigMap
