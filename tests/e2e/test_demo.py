@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -306,3 +307,32 @@ def test_a_new_image_tag_rolls_both_groups(cluster: Cluster, demo: dict[str, Any
     for status, body in traffic.failures():
         assert status in (502, 503), (status, body)
         assert body["error"]["message"], body
+
+
+def test_uninstall_removes_the_operator_and_its_workloads(
+    cluster: Cluster, demo: dict[str, Any]
+) -> None:
+    """Last: the resource is deleted (its children go with it), then the chart."""
+    namespace = demo["namespace"]
+    cluster.kubectl("-n", namespace, "delete", "dsd", NAME, "--wait", "--timeout=120s")
+    wait_until(
+        lambda: all(not pods(cluster, namespace, r) for r in ("encode", "language", "router")),
+        "the runtime pods to be deleted with their resource",
+    )
+    result = subprocess.run(
+        [str(cluster.bin / "helm"), "--kubeconfig", str(cluster.kubeconfig), "uninstall",
+         "deepstack-disagg", "--namespace", SYSTEM, "--wait", "--timeout", "120s"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    wait_until(
+        lambda: get_json(cluster, "-n", SYSTEM, "get", "pods")["items"] == [],
+        "the operator's pod to be gone",
+    )
+    left = cluster.kubectl(
+        "get", "all,serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings",
+        "-A", "-l", "app.kubernetes.io/instance=deepstack-disagg", "-o", "name",
+    ).stdout.split()  # fmt: skip
+    assert left == []
+    # The CRD stays (Helm never deletes CRDs): users' other resources keep their data.
+    assert cluster.kubectl("get", "crd", "deepstackdisaggregations.disagg.deepstack.dev")

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.support.cluster import Cluster, wait_for
-from tests.support.crd import EXAMPLES, install_crd, minimal
+from tests.support.crd import install_crd, minimal
 from tests.support.metrics import sample
 from tests.support.operator import (
     OperatorProcess,
@@ -72,7 +72,7 @@ def resource_versions(cluster: Cluster, namespace: str) -> dict[str, str]:
 def test_minimal_example_becomes_ready_with_every_child(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
-    cluster.kubectl("-n", namespace, "apply", "-f", str(EXAMPLES[0]))
+    apply(cluster, namespace, minimal())  # the first example, on the simulated nodes
     status = ready(cluster, namespace)
     assert status["encode"] == {
         "replicas": 1,

@@ -18,14 +18,22 @@ def mooncake_builds(extras: list[str]) -> list[str]:
     return [r.split("==")[0] for extra in extras for r in optional[extra] if MOONCAKE.match(r)]
 
 
-def dockerfile_extras(target: str) -> list[str]:
+def runtime_extras_default() -> list[str]:
+    """The extras the runtime stage installs unless told otherwise."""
     text = (REPO / "Dockerfile").read_text()
-    stage = text[text.index(f" AS {target}") :]
-    return re.search(r"\.whl\)\[([a-z,]+)\]", stage).group(1).split(",")  # type: ignore[union-attr]
+    stage = text[text.index(" AS runtime") :]
+    assert "[${RUNTIME_EXTRAS}]" in stage
+    return re.search(r"ARG RUNTIME_EXTRAS=([a-z,]+)", stage).group(1).split(",")  # type: ignore[union-attr]
 
 
 def test_the_runtime_image_installs_only_the_cuda_build() -> None:
-    assert mooncake_builds(dockerfile_extras("runtime")) == ["mooncake-transfer-engine"]
+    assert mooncake_builds(runtime_extras_default()) == ["mooncake-transfer-engine"]
+
+
+def test_the_local_runtime_image_installs_only_the_host_memory_build() -> None:
+    script = (REPO / "hack" / "images.sh").read_text()
+    extras = re.search(r"RUNTIME_EXTRAS=([a-z,]+)", script).group(1).split(",")  # type: ignore[union-attr]
+    assert mooncake_builds(extras) == ["mooncake-transfer-engine-non-cuda"]
 
 
 def test_the_development_install_has_only_the_host_memory_build() -> None:
