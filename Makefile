@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # Reinstall when the dependency list changes.
 VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: help venv sglang-env tools cluster cluster-down lint test demo demo-down bench
+.PHONY: help venv sglang-env tools images cluster cluster-down lint test demo demo-down bench
 
 help:
 	@echo "make demo          build the images, install the chart on the local cluster's real node,"
@@ -39,6 +39,10 @@ sglang-env: venv
 tools:
 	hack/build-control-plane.sh >/dev/null
 
+# The operator and runtime images, for the real node (cached by content).
+images: venv
+	hack/images.sh build >/dev/null
+
 cluster: tools
 	hack/system-deps.sh
 	hack/cluster.sh up
@@ -54,7 +58,7 @@ lint: venv
 	$(BIN)/hadolint Dockerfile
 
 # tools first: its Go caches are deleted before the virtualenvs need the disk.
-test: tools venv sglang-env lint
+test: tools venv sglang-env lint images
 	$(BIN)/pytest
 
 DEMO_BACKEND ?= reference
