@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the local control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kwok, kwokctl), the real node's kubelet, kube-proxy and CoreDNS, and the
-# pinned CLIs (kubectl, helm) from the Go module proxy. Output: $CP_BIN (printed on the last line). Cached by version:
+# kube-scheduler, kwok, kwokctl), the real node's kubelet, kube-proxy, CoreDNS and
+# kube-router (only its NetworkPolicy enforcer runs), and the pinned CLIs (kubectl, helm)
+# from the Go module proxy. Output: $CP_BIN (printed on the last line). Cached by version:
 # a second run builds nothing.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -9,10 +10,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/versions.env"
 
 cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/deepstack-disagg"
-key="k8s-${KUBE_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}_coredns-${COREDNS_VERSION}"
+key="k8s-${KUBE_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helm-${HELM_VERSION}_coredns-${COREDNS_VERSION}_kube-router-${KUBE_ROUTER_VERSION}"
 bin="$cache_root/control-plane/$key/bin"
 tools=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwokctl helm
-  kubelet kube-proxy coredns)
+  kubelet kube-proxy coredns kube-router)
 
 all_present() {
   local t
@@ -102,6 +103,7 @@ go_install kwokctl "sigs.k8s.io/kwok/cmd/kwokctl@${KWOK_VERSION}"
 go_install helm "helm.sh/helm/v4/cmd/helm@${HELM_VERSION}" \
   "-X helm.sh/helm/v4/internal/version.version=${HELM_VERSION}"
 go_install coredns "github.com/coredns/coredns@${COREDNS_VERSION}"
+go_install kube-router "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router@${KUBE_ROUTER_VERSION}"
 build_kubernetes
 all_present || { echo "error: control plane build incomplete in $bin" >&2; exit 1; }
 rm -rf "$GOCACHE" "$GOMODCACHE" "$work"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local cluster's one real node: containerd + runc, a CNI bridge for pods, kubelet,
-# kube-proxy (iptables) and CoreDNS, as root on this machine, joined to the control plane
+# kube-proxy (iptables), CoreDNS and kube-router's NetworkPolicy firewall (nothing else of
+# kube-router runs), as root on this machine, joined to the control plane
 # that hack/cluster.sh started. Everything it changes is recorded and undone by `down`.
 #   hack/node.sh up KUBECONFIG SERVICE_CIDR CA   start (idempotent); CA signs API clients
 #   hack/node.sh load IMAGE...                   give the node these images (hack/images.sh)
@@ -210,6 +211,14 @@ ports:
 EOF
 }
 
+# NetworkPolicies enforced by kube-router's firewall (iptables and ipsets), as a CNI that
+# supports them would; routing and Services stay with the bridge and kube-proxy.
+policy_up() { # bin kubeconfig
+  start kube-router "$1/kube-router" --kubeconfig "$2" --hostname-override "$NODE_NAME" \
+    --run-firewall=true --run-router=false --run-service-proxy=false --run-loadbalancer=false \
+    --enable-cni=false --enable-ipv6=false --health-port=0 --metrics-port=0
+}
+
 node_ready() { # kubectl...
   [[ "$("$@" get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" == True ]]
 }
@@ -228,11 +237,12 @@ up() {
   kubelet_up "$bin" "$kubeconfig" "$dns_ip" "$client_ca"
   proxy_up "$bin" "$kubeconfig"
   dns_up "$bin" "$kubeconfig" "$dns_ip" "${kubectl[@]}"
+  policy_up "$bin" "$kubeconfig"
   wait_until 60 "kube-proxy's rules for the DNS Service" \
     sh -c "iptables -t nat -S KUBE-SERVICES | grep -q -- '-d $dns_ip/32'"
   wait_until 120 "node $NODE_NAME to be Ready" node_ready "${kubectl[@]}"
   local name
-  for name in containerd kubelet kube-proxy coredns; do
+  for name in containerd kubelet kube-proxy coredns kube-router; do
     running "$name" || { log "error: $name exited; see $logs/$name.log"; return 1; }
   done
   log "node $NODE_NAME Ready ($NODE_IP, pods $POD_CIDR, DNS $dns_ip)"
@@ -252,6 +262,7 @@ down() {
   local bin
   bin="$("$root/hack/build-control-plane.sh")"
   stop kubelet
+  stop kube-router
   stop coredns
   stop kube-proxy
   # The pods' containers run under containerd's shims: kill them, then containerd.
@@ -275,12 +286,17 @@ down() {
   # iptables: kube-proxy's, the kubelet's and CNI's chains and the rules that jump to them.
   if command -v iptables-save >/dev/null; then
     "$bin/kube-proxy" --cleanup >/dev/null 2>&1 || true
+    "$bin/kube-router" --cleanup-config >/dev/null 2>&1 || true
     local tool
     for tool in iptables ip6tables; do
       if "$tool-save" | grep -qE 'KUBE-|CNI-'; then
         "$tool-save" | grep -vE 'KUBE-|CNI-' | "$tool-restore"
       fi
     done
+  fi
+  # kube-router's ipsets, once no rule refers to them.
+  if command -v ipset >/dev/null; then
+    ipset list -n 2>/dev/null | grep -E '^(KUBE-|kube-router)' | xargs -r -n1 ipset destroy 2>/dev/null || true
   fi
   if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link delete "$BRIDGE"; fi
   ip -o link show type veth 2>/dev/null | awk -F'[ @:]+' '/master '"$BRIDGE"'/ {print $2}' |

@@ -309,6 +309,71 @@ def test_a_new_image_tag_rolls_both_groups(cluster: Cluster, demo: dict[str, Any
         assert body["error"]["message"], body
 
 
+def connects(cluster: Cluster, namespace: str, pod: str, ip: str, port: int) -> bool:
+    """Whether a TCP connection from inside `pod` to ip:port is accepted."""
+    probe = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 3)"
+    result = cluster.kubectl(
+        "-n", namespace, "exec", pod, "--", "python3", "-c", probe, ip, str(port), check=False
+    )  # fmt: skip
+    return result.returncode == 0
+
+
+def test_network_policies_let_only_the_needed_flows_through(
+    cluster: Cluster, demo: dict[str, Any]
+) -> None:
+    """The rendered NetworkPolicies, enforced on the real node (kube-router's firewall):
+    every test above passed through them; here, what they refuse."""
+    namespace = demo["namespace"]
+    config = json.loads(
+        get_json(cluster, "-n", namespace, "get", "configmap", f"{NAME}-runtime")["data"][
+            "config.json"
+        ]
+    )
+    http, metrics_port = config["http_port"], config["metrics_port"]
+    bootstrap = config["transfer"]["bootstrap_port"]
+    image = get_json(cluster, "-n", namespace, "get", "dsd", NAME)["spec"]["runtime"]["image"]
+    outsider = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "outsider", "labels": {"app": "outsider"}},
+        "spec": {
+            "containers": [{"name": "shell", "image": image, "imagePullPolicy": "Never",
+                            "command": ["sleep", "infinity"]}],
+            "terminationGracePeriodSeconds": 0,
+        },
+    }  # fmt: skip
+    cluster.kubectl("-n", namespace, "apply", "-f", "-", stdin=json.dumps(outsider))
+    cluster.kubectl("-n", namespace, "wait", "pod/outsider", "--for=condition=Ready",
+                    "--timeout=120s")  # fmt: skip
+    (encode,) = pods(cluster, namespace, "encode")
+    language = pods(cluster, namespace, "language")[0]
+    (router,) = pods(cluster, namespace, "router")
+    encode_ip, language_ip = encode["status"]["podIP"], language["status"]["podIP"]
+    flows = {
+        # (from, to, port): allowed
+        ("router", "encode", http): True,
+        ("router", "language", http): True,
+        ("language", "encode", bootstrap): True,
+        ("language", "encode", http): False,
+        ("outsider", "encode", http): False,
+        ("outsider", "encode", bootstrap): False,
+        ("outsider", "language", http): False,
+        ("outsider", "encode", metrics_port): True,  # Prometheus scrapes from anywhere
+        ("outsider", "language", metrics_port): True,
+    }
+    names = {
+        "router": router["metadata"]["name"],
+        "language": language["metadata"]["name"],
+        "outsider": "outsider",
+    }
+    ips = {"encode": encode_ip, "language": language_ip}
+    seen = {
+        (src, dst, port): connects(cluster, namespace, names[src], ips[dst], port)
+        for src, dst, port in flows
+    }
+    assert seen == flows
+
+
 def test_uninstall_removes_the_operator_and_its_workloads(
     cluster: Cluster, demo: dict[str, Any]
 ) -> None:
