@@ -8,6 +8,11 @@ Prints one JSON object (with --json) or a line per figure:
   noop_writes             writes during a second pass over all N unchanged resources
                           (each annotated to force a reconcile): should be 0
   operator_peak_rss_bytes the operator process's peak resident memory (VmHWM)
+  baseline_seconds_to_all_ready
+                          the same children (rendered by the operator's own pure renderers)
+                          applied directly in the same run, no operator: from the apply to
+                          every StatefulSet and Deployment having all its replicas ready
+  ratio_to_baseline       seconds_to_all_ready / baseline_seconds_to_all_ready
 
     python benchmarks/operator_scale.py --count 100 --json
 """
@@ -32,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from deepstack_operator.render import render_all  # noqa: E402
 from tests.support.cluster import SIMULATED_PLACEMENT  # noqa: E402
 
 KUBECONFIG = REPO / ".cluster" / "kubeconfig"
@@ -69,6 +75,48 @@ def wait(probe: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.25)
     raise SystemExit(f"timed out after {timeout}s waiting for {what}")
+
+
+def baseline_seconds(example: dict[str, Any], count: int, timeout: float) -> float:
+    """The children of `count` resources applied directly, with no operator: the time from
+    the apply until every StatefulSet and Deployment has all its replicas ready."""
+    namespace = f"bench-base-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", namespace)
+    try:
+        # The resource as the API server would store it (its defaults), not stored.
+        stored = json.loads(
+            kubectl(
+                "-n", namespace, "create", "--dry-run=server", "-o", "json", "-f", "-",
+                stdin=json.dumps({**example, "metadata": {"name": "dsd-0000"}}),
+            )
+        )  # fmt: skip
+        children: list[dict[str, Any]] = []
+        for i in range(count):
+            cr = json.loads(json.dumps(stored))
+            cr["metadata"]["name"] = f"dsd-{i:04d}"
+            for child in render_all(cr):
+                child["metadata"].pop("ownerReferences", None)  # no owner exists here
+                children.append(child)
+        workloads = sum(c["kind"] in ("StatefulSet", "Deployment") for c in children)
+        started = time.monotonic()
+        kubectl(
+            "apply", "--server-side", "--field-manager=bench", "-f", "-",
+            stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": children}),
+        )  # fmt: skip
+
+        def all_ready() -> bool:
+            listed = json.loads(
+                kubectl("-n", namespace, "get", "statefulsets,deployments", "-o", "json")
+            )["items"]
+            return len(listed) == workloads and all(
+                (o.get("status") or {}).get("readyReplicas", 0) == o["spec"]["replicas"]
+                for o in listed
+            )
+
+        wait(all_ready, timeout, f"{workloads} workloads ready without the operator")
+        return time.monotonic() - started
+    finally:
+        kubectl("delete", "namespace", namespace, "--wait=false")
 
 
 def main() -> None:
@@ -197,6 +245,9 @@ def main() -> None:
         operator.terminate()
         operator.wait(30)
         kubectl("delete", "namespace", namespace, "--wait=false")
+    base = baseline_seconds(example, args.count, args.timeout)
+    result["baseline_seconds_to_all_ready"] = round(base, 2)
+    result["ratio_to_baseline"] = round(result["seconds_to_all_ready"] / base, 3)
     if args.json:
         print(json.dumps(result))
     else:

@@ -224,6 +224,10 @@ node_ready() { # kubectl...
 }
 
 up() {
+  if [[ $(id -u) -ne 0 ]]; then
+    log "error: the real node (containerd, kubelet, kube-proxy, iptables) needs root"
+    return 1
+  fi
   local kubeconfig=$1 service_cidr=$2 client_ca=$3 bin dns_ip
   bin="$("$root/hack/build-control-plane.sh")"
   local kubectl=("$bin/kubectl" --kubeconfig "$kubeconfig")

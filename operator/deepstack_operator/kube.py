@@ -16,7 +16,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
+from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError, ResourceNotFoundError
 
 from deepstack_operator import names
 from deepstack_operator.ownership import keep_replicas_until_handed_over
@@ -98,9 +98,13 @@ class Kube:
         )
         return [item.to_dict() for item in objs.items]
 
-    def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
-        """Existence only; for Secrets the content is fetched but never kept or logged."""
-        return self.get(api_version, kind, namespace, name) is not None
+    def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool | None:
+        """Existence only (for Secrets the content is fetched but never kept or logged);
+        None when the operator may not look (a cluster-wide operator reads no Secret)."""
+        try:
+            return self.get(api_version, kind, namespace, name) is not None
+        except ForbiddenError:
+            return None
 
     # --- writes ---------------------------------------------------------------------
 

@@ -87,7 +87,8 @@ class Reconciler:
         problems = [
             Problem(f"Missing{kind}", f"{kind} {ref!r} does not exist in namespace {namespace}")
             for api_version, kind, ref in referenced_objects(spec)
-            if not self.kube.exists(api_version, kind, namespace, ref)
+            # Not allowed to look (None) is not "missing": the pods will say so themselves.
+            if self.kube.exists(api_version, kind, namespace, ref) is False
         ]
         capabilities = self.capabilities()
         try:

@@ -17,7 +17,7 @@ import yaml
 from tests.support.cluster import REPO, SIMULATED_PLACEMENT, Cluster, wait_for
 from tests.support.crd import install_crd, minimal
 from tests.support.localpods import token_kubeconfig
-from tests.support.operator import OperatorProcess, get_json, wait_for_status
+from tests.support.operator import OperatorProcess, condition, get_json, wait_for_status
 
 CHART = REPO / "charts" / "deepstack-disagg"
 FULL_VALUES = [
@@ -188,10 +188,15 @@ def test_operator_with_the_chart_rbac_reconciles_the_minimal_example(
         "10",
         log=tmp_path / "op.log",
     ) as op:
-        cluster.kubectl("-n", namespace, "apply", "-f", "-", stdin=json.dumps(minimal()))
-        wait_for_status(
+        body = minimal()
+        # Cluster-wide, the operator may read no Secret: a pull secret it cannot look up
+        # is left to the pods (the simulated ones need none), never reported missing.
+        body["spec"]["runtime"]["imagePullSecrets"] = [{"name": "regcred"}]
+        cluster.kubectl("-n", namespace, "apply", "-f", "-", stdin=json.dumps(body))
+        status = wait_for_status(
             cluster, namespace, "tiny-qwen3-vl-moe", phase="Ready", observedGeneration=1
         )
+        assert condition(status, "Degraded")["status"] == "False"
         assert "Forbidden" not in op.logs()
 
 
@@ -207,13 +212,13 @@ CAN = [
     ("create", "poddisruptionbudgets.policy"),
     ("create", "networkpolicies.networking.k8s.io"),
     ("create", "horizontalpodautoscalers.autoscaling"),
-    ("get", "secrets"),
     ("get", "persistentvolumeclaims"),
     ("create", "events.events.k8s.io"),
     ("list", "customresourcedefinitions.apiextensions.k8s.io"),
     ("patch", "clusterkopfpeerings.kopf.dev"),
 ]
 CANNOT = [
+    ("get", "secrets"),  # cluster-wide: no Secret anywhere (namespaced mode: its namespaces)
     ("list", "secrets"),
     ("watch", "secrets"),
     ("create", "secrets"),
@@ -262,6 +267,8 @@ def test_namespaced_mode_is_confined_to_its_namespaces(cluster: Cluster, namespa
         assert can_i(cluster, user, "patch", "kopfpeerings.kopf.dev", "-n", namespace)
         assert not can_i(cluster, user, "create", "statefulsets.apps", "-n", other)
         assert not can_i(cluster, user, "get", "secrets", "-n", other)
+        assert can_i(cluster, user, "get", "secrets", "-n", namespace)
+        assert not can_i(cluster, user, "list", "secrets", "-n", namespace)
         assert not can_i(
             cluster,
             user,
