@@ -234,6 +234,12 @@ up() {
   # The tenth address of the Service range, as kubeadm does.
   dns_ip="$(python3 -c 'import ipaddress, sys; print(ipaddress.ip_network(sys.argv[1])[10])' "$service_cidr")"
   mkdir -p "$run" "$lib" "$logs"
+  # One real node per machine: it may serve only the cluster that started it.
+  if [[ -f "$run/cluster" && "$(cat "$run/cluster")" != "$kubeconfig" ]] && running kubelet; then
+    log "error: the real node is in use by the cluster of $(cat "$run/cluster"); stop that one first"
+    return 1
+  fi
+  echo "$kubeconfig" >"$run/cluster"
   record_machine_state
   network
   containerd_up

@@ -173,8 +173,11 @@ def test_scaling_the_language_group_loses_no_request(
             "-n", namespace, "patch", "dsd", NAME, "--type=merge",
             "-p", '{"spec":{"language":{"replicas":2}}}',
         )  # fmt: skip
+        generation = get_json(cluster, "-n", namespace, "get", "dsd", NAME)["metadata"][
+            "generation"
+        ]
         status = wait_for_status(
-            cluster, namespace, NAME, timeout=300, phase="Ready", observedGeneration=2
+            cluster, namespace, NAME, timeout=300, phase="Ready", observedGeneration=generation
         )
         assert status["language"]["readyReplicas"] == 2
         wait_until(
@@ -280,13 +283,16 @@ def test_a_new_image_tag_rolls_both_groups(cluster: Cluster, demo: dict[str, Any
             "-n", namespace, "patch", "dsd", NAME, "--type=merge",
             "-p", json.dumps({"spec": {"runtime": {"image": new}}}),
         )  # fmt: skip
+        generation = get_json(cluster, "-n", namespace, "get", "dsd", NAME)["metadata"][
+            "generation"
+        ]
 
         def rolled() -> bool:
             status = get_json(cluster, "-n", namespace, "get", "dsd", NAME).get("status") or {}
             seen.append(status.get("phase", ""))
             return (
                 status.get("phase") == "Ready"
-                and status.get("observedGeneration") == 4
+                and status.get("observedGeneration") == generation
                 and (condition(status, "Ready")["status"] == "True")
             )
 
