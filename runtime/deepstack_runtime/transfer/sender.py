@@ -422,14 +422,17 @@ class EmbeddingSender:
         writer: asyncio.StreamWriter,
         fd: int,
         notice: bytes,
+        chunk: ChunkStats,
     ) -> bytes:
-        """On a write thread: the chunk's one transfer call, then the "written" notice
-        straight onto the control socket, so that the receiver hears of it without a hop
-        back through this event loop. Returns what could not be sent now (usually
-        nothing). Safe: while a room is SENDING nothing else writes to its connection,
-        and `fd` is this write's own duplicate of the connection's descriptor."""
+        """On a write thread: the chunk's one transfer call, its accounting, then the
+        "written" notice straight onto the control socket, so that the receiver hears of it
+        without a hop back through this event loop (and never before it is counted).
+        Returns what could not be sent now (usually nothing). Safe: while a room is
+        SENDING nothing else writes to its connection, and `fd` is this write's own
+        duplicate of the connection's descriptor."""
         try:
             self.transport.write(session, entries)
+            self.metrics.record_chunk(chunk)  # prometheus_client counters are thread-safe
             if self._on_chunk_written is not None:
                 self._on_chunk_written(room, round_no)
             if fd < 0 or writer.transport.get_write_buffer_size():
@@ -500,7 +503,7 @@ class EmbeddingSender:
         entry.sending = tokens
         entry.writing = self._write_pool.submit(
             self._write_then_tell, room, round_no, target.session, entries, target.writer, fd,
-            notice,
+            notice, ChunkStats(self.layout.payload_bytes(tokens), resumed=round_no > 0),
         )  # fmt: skip
 
     async def _send_rounds(
@@ -527,8 +530,6 @@ class EmbeddingSender:
             if unsent:  # the socket was full: the rest goes the usual way, in order
                 writer.write(unsent)
                 await writer.drain()
-            by_payload = self.layout.payload_bytes(tokens)
-            self.metrics.record_chunk(ChunkStats(by_payload, resumed=round_no > 0))
             offset += tokens
             reply = heard or await protocol.receive(
                 reader,
