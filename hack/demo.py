@@ -153,12 +153,19 @@ def router_url() -> str:
     return f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
 
 
+def revision() -> str:
+    """The current revision of the pod groups (their StatefulSets and ConfigMap)."""
+    return str(get_json("-n", NAMESPACE, "get", "dsd", NAME)["status"]["revision"])
+
+
 def metrics_urls() -> list[str]:
     """The encode and language pods' /metrics."""
     if BACKEND == "sglang":
         return [f"http://127.0.0.1:{LOCAL_PORTS[r]}/metrics" for r in ("encode", "language")]
     config = json.loads(
-        get_json("-n", NAMESPACE, "get", "configmap", f"{NAME}-runtime")["data"]["config.json"]
+        get_json("-n", NAMESPACE, "get", "configmap", f"{NAME}-runtime-{revision()}")["data"][
+            "config.json"
+        ]
     )
     pods = get_json("-n", NAMESPACE, "get", "pods", "-l", f"app.kubernetes.io/instance={NAME}")
     return [
@@ -170,7 +177,8 @@ def metrics_urls() -> list[str]:
 
 def start_local_pods() -> None:
     """DEMO_BACKEND=sglang: the pods as local processes (SGLang's own virtualenv)."""
-    config_map = get_json("-n", NAMESPACE, "get", "configmap", f"{NAME}-runtime")
+    current = revision()
+    config_map = get_json("-n", NAMESPACE, "get", "configmap", f"{NAME}-runtime-{current}")
     config_file = STATE / "etc-deepstack" / "config.json"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(config_map["data"]["config.json"])
@@ -181,10 +189,10 @@ def start_local_pods() -> None:
     }))  # fmt: skip
     local = ["--host", "127.0.0.1", "--advertise-host", "127.0.0.1", "--metrics-port", "0"]
     plans = {
-        "encode": ("statefulset", f"{NAME}-encode", f"{NAME}-encode-0",
+        "encode": ("statefulset", f"{NAME}-encode-{current}", f"{NAME}-encode-0",
                    [*local, "--port", str(LOCAL_PORTS["encode"]),
                     "--bootstrap-port", str(BASE + 998)]),
-        "language": ("statefulset", f"{NAME}-language", f"{NAME}-language-0",
+        "language": ("statefulset", f"{NAME}-language-{current}", f"{NAME}-language-0",
                      [*local, "--port", str(LOCAL_PORTS["language"])]),
         "router": ("deployment", f"{NAME}-router", f"{NAME}-router-local",
                    [*local, "--port", str(LOCAL_PORTS["router"]),

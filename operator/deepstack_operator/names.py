@@ -14,6 +14,10 @@ MANAGED_BY = "deepstack-operator"
 INSTANCE_LABEL = f"{GROUP}/instance"
 ROLE_LABEL = f"{GROUP}/role"
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
+# On every runtime pod and its StatefulSet: what it must share with its peers (see
+# deepstack_operator.rollout).
+CONTRACT_LABEL = f"{GROUP}/contract"
+REVISION_LABEL = f"{GROUP}/revision"
 
 ROLES = ("encode", "language")
 ROUTER = "router"
@@ -23,8 +27,13 @@ def child_name(cr_name: str, role: str) -> str:
     return f"{cr_name}-{role}"
 
 
-def config_map_name(cr_name: str) -> str:
-    return f"{cr_name}-runtime"
+def workload_name(cr_name: str, role: str, revision: str) -> str:
+    """The StatefulSet of one revision of a pod group."""
+    return f"{cr_name}-{role}-{revision}"
+
+
+def config_map_name(cr_name: str, revision: str) -> str:
+    return f"{cr_name}-runtime-{revision}"
 
 
 def network_policy_name(cr_name: str) -> str:

@@ -17,8 +17,9 @@ from kubernetes.dynamic.exceptions import DynamicApiError
 
 from deepstack_operator import names
 from deepstack_operator.kube import OWNED_KINDS, Kube, Manifest
-from deepstack_operator.render import Capabilities, render_all
-from deepstack_operator.status import Problem, derive_status, role_state
+from deepstack_operator.render import Capabilities, render_all, revision, runtime_config
+from deepstack_operator.rollout import LiveGroup, RolloutPlan, plan_rollout
+from deepstack_operator.status import Problem, RoleState, derive_status, role_state
 from deepstack_runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,12 @@ class Reconciler:
             if self.kube.exists(api_version, kind, namespace, ref) is False
         ]
         capabilities = self.capabilities()
+        live_sets = self._owned(cr, "apps/v1", "StatefulSet")
+        router = self._router(cr)
+        plan: RolloutPlan | None = None
         try:
-            children: list[Manifest] | None = render_all(cr, capabilities)
+            plan = self._plan(cr, live_sets, router)
+            children: list[Manifest] | None = render_all(cr, capabilities, plan.target_replicas)
         except ConfigError as e:
             problems.append(Problem("InvalidSpec", str(e)))
             children = None  # leave what exists alone until the spec is fixed
@@ -117,9 +122,10 @@ class Reconciler:
                 if change:
                     outcome.writes.append(f"{change} {child['kind']}/{child['metadata']['name']}")
                     workloads[(child["kind"], child["metadata"]["name"])] = stored
-            outcome.writes += self._prune(cr, children, capabilities)
+            assert plan is not None
+            outcome.writes += self._prune(cr, children, capabilities, plan, live_sets)
 
-        status = self._status(cr, problems, workloads)
+        status = self._status(cr, problems, workloads, plan, live_sets, router)
         previous = cr.get("status") or {}
         if status != previous:
             # A merge patch removes a field only when told to (for example the router's).
@@ -144,52 +150,133 @@ class Reconciler:
             log.info("%s/%s: %s", namespace, name, write)
         return outcome
 
+    def _owned(self, cr: Manifest, api_version: str, kind: str) -> list[Manifest]:
+        """Live children of one kind that this resource controls."""
+        meta = cr["metadata"]
+        return [
+            live
+            for live in self.kube.list_owned(api_version, kind, meta["namespace"], meta["name"])
+            if any(
+                ref.get("uid") == meta["uid"]
+                for ref in live["metadata"].get("ownerReferences") or []
+            )
+        ]
+
+    def _router(self, cr: Manifest) -> Manifest | None:
+        if not cr.get("spec", {}).get("router", {}).get("enabled", True):
+            return None
+        meta = cr["metadata"]
+        name = names.child_name(meta["name"], names.ROUTER)
+        return self.kube.get("apps/v1", "Deployment", meta["namespace"], name)
+
+    def _plan(
+        self, cr: Manifest, live_sets: list[Manifest], router: Manifest | None
+    ) -> RolloutPlan:
+        spec = cr.get("spec", {})
+        autoscaling = spec.get("autoscaling") or {}
+        desired = {
+            role: (
+                autoscaling[role].get("minReplicas", 1)
+                if role in autoscaling
+                else spec.get(role, {}).get("replicas", 1)
+            )
+            for role in names.ROLES
+        }
+        router_spec = spec.get("router", {})
+        router_settled = not router_spec.get("enabled", True) or (
+            router is not None and role_state(router, router_spec.get("replicas", 1)).settled
+        )
+        return plan_rollout(
+            target=revision(cr, runtime_config(cr)),
+            desired=desired,
+            autoscaled=frozenset(autoscaling),
+            live=[_live_group(s) for s in live_sets],
+            router_settled=router_settled,
+        )
+
     def _prune(
-        self, cr: Manifest, children: list[Manifest], capabilities: Capabilities
+        self,
+        cr: Manifest,
+        children: list[Manifest],
+        capabilities: Capabilities,
+        plan: RolloutPlan,
+        live_sets: list[Manifest],
     ) -> list[str]:
+        """Delete what is ours and no longer wanted; a rollout's old revisions (their
+        StatefulSets and the ConfigMaps their pods mount) stay until the plan drops them."""
         meta = cr["metadata"]
         wanted = {(c["kind"], c["metadata"]["name"]) for c in children}
+        for kept in live_sets:
+            if kept["metadata"]["name"] in plan.keep:
+                wanted.add(("StatefulSet", kept["metadata"]["name"]))
+                wanted.update(("ConfigMap", name) for name in _config_maps(kept))
         pruned = []
         for api_version, kind in OWNED_KINDS:
             if kind == "PodMonitor" and not capabilities.pod_monitor:
                 continue
-            for live in self.kube.list_owned(api_version, kind, meta["namespace"], meta["name"]):
-                live_meta = live["metadata"]
-                ours = any(
-                    ref.get("uid") == meta["uid"] for ref in live_meta.get("ownerReferences") or []
-                )
-                if ours and (kind, live_meta["name"]) not in wanted:
-                    self.kube.delete(api_version, kind, meta["namespace"], live_meta["name"])
-                    pruned.append(f"deleted {kind}/{live_meta['name']}")
+            live = live_sets if kind == "StatefulSet" else self._owned(cr, api_version, kind)
+            for obj in live:
+                name = obj["metadata"]["name"]
+                if (kind, name) not in wanted:
+                    self.kube.delete(api_version, kind, meta["namespace"], name)
+                    pruned.append(f"deleted {kind}/{name}")
         return pruned
 
-    def _workload(
-        self, kind: str, namespace: str, name: str, fresh: dict[tuple[str, str], Manifest]
-    ) -> Manifest | None:
-        return fresh.get((kind, name)) or self.kube.get("apps/v1", kind, namespace, name)
-
     def _status(
-        self, cr: Manifest, problems: list[Problem], fresh: dict[tuple[str, str], Manifest]
+        self,
+        cr: Manifest,
+        problems: list[Problem],
+        fresh: dict[tuple[str, str], Manifest],
+        plan: RolloutPlan | None,
+        live_sets: list[Manifest],
+        router: Manifest | None,
     ) -> dict[str, Any]:
         meta, spec = cr["metadata"], cr.get("spec", {})
         autoscaled = spec.get("autoscaling") or {}
-        roles = {}
+        live_by_name = {s["metadata"]["name"]: s for s in live_sets}
+        try:
+            config = runtime_config(cr)
+            target, contract = revision(cr, config), config.contract_hash()
+        except ConfigError:  # reported as InvalidSpec; the live revision stays as it is
+            previous = cr.get("status") or {}
+            target, contract = previous.get("revision", ""), previous.get("contract", "")
+        roles: dict[str, RoleState] = {}
         for role in names.ROLES:
-            sts = self._workload(
-                "StatefulSet", meta["namespace"], names.child_name(meta["name"], role), fresh
-            )
+            name = names.workload_name(meta["name"], role, target)
+            sts = fresh.get(("StatefulSet", name)) or live_by_name.get(name)
             desired = spec.get(role, {}).get("replicas", 1)
             if role in autoscaled and sts is not None:
                 desired = sts.get("spec", {}).get("replicas", desired)  # the HPA decides
             roles[role] = role_state(sts, desired)
-        router = spec.get("router", {})
+        router_spec = spec.get("router", {})
         url = ""
-        if router.get("enabled", True):
-            deployment = self._workload(
-                "Deployment", meta["namespace"], names.child_name(meta["name"], names.ROUTER), fresh
+        if router_spec.get("enabled", True):
+            deployment = fresh.get(("Deployment", names.child_name(meta["name"], names.ROUTER)))
+            roles[names.ROUTER] = role_state(deployment or router, router_spec.get("replicas", 1))
+            url = (
+                f"http://{meta['name']}-router.{meta['namespace']}.svc:"
+                f"{router_spec.get('port', 8000)}"
             )
-            roles[names.ROUTER] = role_state(deployment, router.get("replicas", 1))
-            url = f"http://{meta['name']}-router.{meta['namespace']}.svc:{router.get('port', 8000)}"
+        # Pods that stay: the current revision's and those the plan keeps (not the pruned).
+        current = {names.workload_name(meta["name"], role, target) for role in names.ROLES}
+        staying = [
+            fresh.get(("StatefulSet", s["metadata"]["name"]), s)
+            for s in live_sets
+            if plan is None or s["metadata"]["name"] in {*plan.keep, *current}
+        ]
+        staying += [
+            sts
+            for (kind, name), sts in fresh.items()
+            if kind == "StatefulSet" and name in current and name not in live_by_name
+        ]
+        live_contracts: dict[str, dict[str, int]] = {}
+        for sts in staying:
+            pods = (sts.get("status") or {}).get("replicas", 0)
+            labels = sts["metadata"].get("labels") or {}
+            if pods:
+                by_role = live_contracts.setdefault(labels.get(names.CONTRACT_LABEL, "unknown"), {})
+                role = labels.get(names.ROLE_LABEL, "unknown")
+                by_role[role] = by_role.get(role, 0) + pods
         return derive_status(
             generation=meta.get("generation", 0),
             roles=roles,
@@ -197,6 +284,10 @@ class Reconciler:
             url=url,
             previous=cr.get("status") or {},
             now=_now(),
+            contract=contract,
+            revision=target,
+            live_contracts=live_contracts,
+            old_revisions=plan.old_revisions if plan else None,
         )
 
     def _announce(self, cr: Manifest, previous: dict[str, Any], status: dict[str, Any]) -> None:
@@ -214,3 +305,22 @@ class Reconciler:
             self.kube.post_event(cr, "Normal", "Ready", "all replicas are ready")
         elif after == "Progressing" and before == "Ready":
             self.kube.post_event(cr, "Normal", "RollingOut", "a change is rolling out")
+
+
+def _live_group(sts: Manifest) -> LiveGroup:
+    meta, spec = sts["metadata"], sts.get("spec") or {}
+    labels = meta.get("labels") or {}
+    return LiveGroup(
+        role=labels.get(names.ROLE_LABEL, ""),
+        # A StatefulSet from before paired rollouts has no revision: an old one.
+        revision=labels.get(names.REVISION_LABEL, ""),
+        name=meta["name"],
+        replicas=spec.get("replicas", 1),
+        ready=(sts.get("status") or {}).get("readyReplicas", 0),
+    )
+
+
+def _config_maps(sts: Manifest) -> list[str]:
+    """The ConfigMaps a StatefulSet's pods mount."""
+    volumes = (((sts.get("spec") or {}).get("template") or {}).get("spec") or {}).get("volumes")
+    return [v["configMap"]["name"] for v in volumes or [] if v.get("configMap")]

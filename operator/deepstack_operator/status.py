@@ -9,6 +9,9 @@ Conditions:
                not observed, or its pods not all updated and ready, or old ones left).
   Ready        every role's rollout is complete: replicas = updated = ready = desired >= 1.
   TransferReady at least one encode and one language pod are ready: embeddings can move.
+  Compatible   every live encode and language pod serves the spec's embedding contract;
+               False while pods of two contracts live side by side (a paired rollout)
+               or the live pods serve only an older one.
 The phase always agrees with them: Degraded if Degraded, else Ready if Ready, else
 Progressing if Progressing, else Pending (settled, but not serving: a role scaled to zero).
 Conditions keep their lastTransitionTime while their status does not change.
@@ -96,6 +99,31 @@ def _condition(
     }
 
 
+def compatibility(contract: str, live: dict[str, dict[str, int]]) -> tuple[bool, str, str]:
+    """(status, reason, message) of the Compatible condition. `live` maps each contract
+    that has pods to its pod count per group."""
+
+    def described(c: str) -> str:
+        return f"{c} (" + ", ".join(f"{r} {n}" for r, n in sorted(live[c].items())) + ")"
+
+    if len(live) > 1:
+        return (
+            False,
+            "MixedContracts",
+            f"pods of {len(live)} contracts are live: "
+            + "; ".join(described(c) for c in sorted(live))
+            + "; each request is served within one",
+        )
+    if live and contract not in live:
+        (old,) = live
+        return (
+            False,
+            "ContractPending",
+            f"live pods serve {described(old)}; the spec's is {contract}",
+        )
+    return True, "SingleContract", f"every pod serves contract {contract}" if live else ""
+
+
 def derive_status(
     *,
     generation: int,
@@ -104,8 +132,14 @@ def derive_status(
     url: str,
     previous: Status,
     now: str,
+    contract: str = "",
+    revision: str = "",
+    live_contracts: dict[str, dict[str, int]] | None = None,
+    old_revisions: dict[str, str] | None = None,
 ) -> Status:
-    """`roles` maps encode/language (and router, if enabled) to their state."""
+    """`roles` maps encode/language (and router, if enabled) to their state (the current
+    revision's); `old_revisions` (revision: summary) are those a paired rollout keeps
+    serving until the current one is ready."""
     prev_conditions = {c["type"]: c for c in previous.get("conditions", []) if "type" in c}
     missing = sorted(r for r, s in roles.items() if not s.exists)
     states = {r: s for r, s in roles.items() if s.exists}
@@ -117,18 +151,24 @@ def derive_status(
     else:
         degraded = (False, "AsExpected", "")
 
+    old = "; ".join(
+        f"revision {r} ({summary}) serves until {revision or 'the new one'} is ready"
+        for r, summary in sorted((old_revisions or {}).items())
+    )
+    detail = ", ".join(
+        f"{r} {states[r].ready}/{states[r].desired} ready, {states[r].updated} updated"
+        for r in not_settled
+    )
     if missing:
         progressing = (True, "Creating", f"waiting for {', '.join(missing)} to be created")
+    elif old:
+        progressing = (True, "PairedRollout", "; ".join(x for x in (detail, old) if x))
     elif not_settled:
-        detail = ", ".join(
-            f"{r} {states[r].ready}/{states[r].desired} ready, {states[r].updated} updated"
-            for r in not_settled
-        )
         progressing = (True, "RollingOut", detail)
     else:
         progressing = (False, "Stable", "")
 
-    if missing or not_settled:
+    if missing or not_settled or old:
         ready = (False, progressing[1], progressing[2])
     elif scaled_to_zero:
         ready = (False, "ScaledToZero", f"{', '.join(scaled_to_zero)} has no replicas")
@@ -162,8 +202,19 @@ def derive_status(
             prev_conditions,
             now,
         ),
+        _condition(
+            "Compatible",
+            *compatibility(contract, live_contracts or {}),
+            generation,
+            prev_conditions,
+            now,
+        ),
     ]
     status: Status = {"phase": phase, "observedGeneration": generation, "conditions": conditions}
+    if contract:
+        status["contract"] = contract
+    if revision:
+        status["revision"] = revision
     for role, state in roles.items():
         status[role] = state.as_status()
     if url:

@@ -5,6 +5,7 @@ Mooncake, no Kubernetes client): the operator's image stays small.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,10 @@ DTYPES = ("bfloat16", "float16", "float32")
 HTTP_PORT = 8000  # every runtime server's API port inside the pod
 CONFIG_DIR = "/etc/deepstack"
 CONFIG_FILE = "config.json"
+# The version of the messages encode and language pods exchange (transfer/protocol.py):
+# raise it with any change to them, so that old and new pods are never paired.
+WIRE_VERSION = 1
+CONTRACT_HASH_LENGTH = 10
 
 
 class ConfigError(ValueError):
@@ -106,6 +111,28 @@ class RuntimeConfig:
                 f"ports must differ: http {self.http_port}, metrics {self.metrics_port}, "
                 f"bootstrap {self.transfer.bootstrap_port}"
             )
+
+    # --- the embedding contract ---------------------------------------------------------
+
+    def contract(self) -> dict[str, Any]:
+        """What an encode pod and a language pod must agree on for embeddings to move
+        between them: the same model, the same buffer layout, the same wire protocol.
+        Anything else (ports, timeouts, pool sizes) may differ between the two."""
+        return {
+            "model": self.model.path,
+            "encoder": self.model.encoder_checkpoint,
+            "hidden_size": self.deepstack.hidden_size,
+            "deepstack_layers": self.deepstack.num_layers,
+            "dtype": self.deepstack.dtype,
+            "block_tokens": self.transfer.block_tokens,
+            "protocol": self.transfer.protocol,
+            "wire_version": WIRE_VERSION,
+        }
+
+    def contract_hash(self) -> str:
+        """Short, stable name of the contract (a label value; DNS-safe hex)."""
+        data = json.dumps(self.contract(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(data).hexdigest()[:CONTRACT_HASH_LENGTH]
 
     # --- (de)serialisation -------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from deepstack_runtime.backends.reference import ReferencePreprocessor, monolith
 from tests.support.cluster import Cluster
 from tests.support.demo import demo_up
 from tests.support.metrics import sample
-from tests.support.operator import get_json
+from tests.support.operator import get_json, group_name
 from tests.support.runtime import data_url, get, png, post, sglang_server
 
 NAME = "tiny-qwen3-vl-moe"
@@ -49,7 +49,8 @@ def test_sglang_demo_answers_like_sglang_and_transformers(
     out = demo["output"]
     assert re.search(rf"^{NAME}\s+Ready\s+1/1\s+1/1\s+sglang", out, re.M), out
     assert re.search(r"transfer: aux \d+ B, deepstack [1-9]\d* B, embedding [1-9]\d* B", out), out
-    language = get_json(cluster, "-n", demo["namespace"], "get", "statefulset", f"{NAME}-language")
+    name = group_name(cluster, demo["namespace"], NAME, "language")
+    language = get_json(cluster, "-n", demo["namespace"], "get", "statefulset", name)
     container = language["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:2] == ["deepstack-runtime", "language"]
     assert "--attention-backend" in container["args"]  # language.extraArgs, passed to SGLang

@@ -351,8 +351,8 @@ INVALID: list[tuple[str, Callable[[Spec], None], str]] = [
     ),
     (
         "name-too-long",
-        put("metadata.name", "a" * 43),
-        "metadata.name must be at most 42 characters",
+        put("metadata.name", "a" * 37),
+        "metadata.name must be at most 36 characters",
     ),
     (
         "router-enabled-without-replicas",

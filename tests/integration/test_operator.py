@@ -15,26 +15,48 @@ from tests.support.crd import install_crd, minimal
 from tests.support.metrics import sample
 from tests.support.operator import (
     OperatorProcess,
+    StatusRecorder,
     condition,
+    config_map_name,
     dsd,
     get_json,
+    group_name,
     wait_for_status,
 )
 
 NAME = "tiny-qwen3-vl-moe"
-CHILDREN = [
-    ("configmap", f"{NAME}-runtime"),
-    ("service", f"{NAME}-encode"),
-    ("service", f"{NAME}-language"),
-    ("service", f"{NAME}-router"),
-    ("statefulset", f"{NAME}-encode"),
-    ("statefulset", f"{NAME}-language"),
-    ("deployment", f"{NAME}-router"),
-    ("poddisruptionbudget", f"{NAME}-encode"),
-    ("poddisruptionbudget", f"{NAME}-language"),
-    ("networkpolicy", f"{NAME}-runtime-encode"),
-    ("networkpolicy", f"{NAME}-runtime-language"),
-]
+
+
+def children(cluster: Cluster, namespace: str) -> list[tuple[str, str]]:
+    """(kind, name) of every child the operator makes for the minimal example."""
+    return [
+        ("configmap", config_map_name(cluster, namespace, NAME)),
+        ("service", f"{NAME}-encode"),
+        ("service", f"{NAME}-language"),
+        ("service", f"{NAME}-router"),
+        ("statefulset", group_name(cluster, namespace, NAME, "encode")),
+        ("statefulset", group_name(cluster, namespace, NAME, "language")),
+        ("deployment", f"{NAME}-router"),
+        ("poddisruptionbudget", f"{NAME}-encode"),
+        ("poddisruptionbudget", f"{NAME}-language"),
+        ("networkpolicy", f"{NAME}-runtime-encode"),
+        ("networkpolicy", f"{NAME}-runtime-language"),
+    ]
+
+
+def group(cluster: Cluster, namespace: str, role: str) -> dict[str, Any]:
+    """The live StatefulSet of a pod group's current revision."""
+    name = group_name(cluster, namespace, NAME, role)
+    return get_json(cluster, "-n", namespace, "get", "statefulset", name)
+
+
+def groups(cluster: Cluster, namespace: str) -> list[str]:
+    """Names of every StatefulSet of the resource, of any revision."""
+    found = get_json(
+        cluster, "-n", namespace, "get", "statefulsets", "-l",
+        f"disagg.deepstack.dev/instance={NAME}",
+    )  # fmt: skip
+    return sorted(s["metadata"]["name"] for s in found["items"])
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +87,7 @@ def resource_versions(cluster: Cluster, namespace: str) -> dict[str, str]:
         f"{kind}/{name}": get_json(cluster, "-n", namespace, "get", kind, name)["metadata"][
             "resourceVersion"
         ]
-        for kind, name in CHILDREN
+        for kind, name in children(cluster, namespace)
     }
 
 
@@ -85,10 +107,10 @@ def test_minimal_example_becomes_ready_with_every_child(
     assert condition(status, "Ready")["reason"] == "AllReplicasReady"
     assert condition(status, "TransferReady")["status"] == "True"
     uid = dsd(cluster, namespace, NAME)["metadata"]["uid"]
-    for kind, name in CHILDREN:
+    for kind, name in children(cluster, namespace):
         child = get_json(cluster, "-n", namespace, "get", kind, name)
         assert child["metadata"]["ownerReferences"][0]["uid"] == uid, (kind, name)
-    sts = get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-encode")
+    sts = group(cluster, namespace, "encode")
     container = sts["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:2] == ["deepstack-runtime", "encode"]
     pods = get_json(
@@ -97,6 +119,10 @@ def test_minimal_example_becomes_ready_with_every_child(
     assert len(pods["items"]) == 3  # encode, language, router
     printed = cluster.kubectl("-n", namespace, "get", "dsd", NAME).stdout.splitlines()[1].split()
     assert printed[:4] == [NAME, "Ready", "1/1", "1/1"]
+    # The contract: in the status, on every runtime pod, and one only.
+    assert condition(status, "Compatible")["status"] == "True"
+    for pod in pods["items"]:
+        assert pod["metadata"]["labels"]["disagg.deepstack.dev/contract"] == status["contract"]
 
 
 def test_status_follows_scaling_of_each_role(
@@ -109,8 +135,7 @@ def test_status_follows_scaling_of_each_role(
         status = ready(cluster, namespace, generation)
         assert status[role]["readyReplicas"] == replicas
         assert status[role]["summary"] == f"{replicas}/{replicas}"
-        sts = get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-{role}")
-        assert sts["spec"]["replicas"] == replicas
+        assert group(cluster, namespace, role)["spec"]["replicas"] == replicas
     # Scaled to zero: settled, not serving; the phase says what the conditions say.
     patch_spec(cluster, namespace, {"spec": {"language": {"replicas": 0}}})
     status = wait_for_status(cluster, namespace, NAME, phase="Pending", observedGeneration=5)
@@ -130,7 +155,7 @@ def test_enabling_autoscaling_hands_the_count_over_without_a_drop(
     apply(cluster, namespace, body)
     ready(cluster, namespace)
     apps: Any = client.AppsV1Api(cluster.api_client())
-    name = f"{NAME}-encode"
+    name = group_name(cluster, namespace, NAME, "encode")
     start = apps.read_namespaced_stateful_set(name, namespace).metadata.resource_version
     seen: list[int] = []
     last = [start]  # the newest version the watch has delivered
@@ -158,8 +183,9 @@ def test_enabling_autoscaling_hands_the_count_over_without_a_drop(
     patch_spec(cluster, namespace, {"spec": {"autoscaling": {"encode": {"maxReplicas": 6}}}})
     # The status is written after the children: every write of that reconcile is done.
     wait_for_status(cluster, namespace, NAME, observedGeneration=2)
-    hpa = get_json(cluster, "-n", namespace, "get", "hpa", name)
+    hpa = get_json(cluster, "-n", namespace, "get", "hpa", f"{NAME}-encode")
     assert hpa["spec"]["maxReplicas"] == 6
+    assert hpa["spec"]["scaleTargetRef"]["name"] == name
     sts = apps.read_namespaced_stateful_set(name, namespace)
     current = sts.metadata.resource_version
     wait_for(lambda: last[0] == current, timeout=30, interval=0.1, what="the watch caught up")
@@ -169,34 +195,65 @@ def test_enabling_autoscaling_hands_the_count_over_without_a_drop(
     assert min(seen, default=3) >= 3, seen
 
 
-def test_image_change_rolls_both_groups(
+def test_image_change_is_a_paired_rollout(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
+    """A new image is a new revision: new StatefulSets beside the old, which go once the
+    new pair and the router are ready. The contract is unchanged, so Compatible holds."""
     apply(cluster, namespace, minimal())
     ready(cluster, namespace)
-    before = {
-        role: get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-{role}")["status"][
-            "updateRevision"
-        ]
-        for role in ("encode", "language")
-    }
-    patch_spec(cluster, namespace, {"spec": {"runtime": {"image": "deepstack-runtime:0.2.0"}}})
-    ready(cluster, namespace, generation=2)
+    before = groups(cluster, namespace)
+    with StatusRecorder(cluster, namespace, NAME) as recorder:
+        patch_spec(cluster, namespace, {"spec": {"runtime": {"image": "deepstack-runtime:0.2.0"}}})
+        status = ready(cluster, namespace, generation=2)
+    after = groups(cluster, namespace)
+    assert set(after).isdisjoint(before), (before, after)
+    assert after == sorted(
+        group_name(cluster, namespace, NAME, role) for role in ("encode", "language")
+    )
+    assert ("True", "PairedRollout") in recorder.seen("Progressing")
+    assert set(recorder.seen("Compatible")) == {("True", "SingleContract")}
     for role in ("encode", "language"):
-        sts = get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-{role}")
-        assert sts["status"]["updateRevision"] != before[role]
-        assert sts["status"]["currentRevision"] == sts["status"]["updateRevision"]
         pods = get_json(
             cluster, "-n", namespace, "get", "pods", "-l", f"disagg.deepstack.dev/role={role}"
         )
         assert [p["spec"]["containers"][0]["image"] for p in pods["items"]] == [
             "deepstack-runtime:0.2.0"
         ]
+    assert condition(status, "Compatible")["status"] == "True"
     # The roll was reported: the operator posted a RollingOut event when leaving Ready.
     events = get_json(cluster, "-n", namespace, "get", "events.events.k8s.io")
     reasons = [e.get("reason") for e in events["items"] if e["regarding"]["name"] == NAME]
     assert "RollingOut" in reasons
     assert reasons.count("Ready") >= 2
+
+
+def test_a_contract_change_is_reported_until_every_pod_serves_the_new_one(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    body = minimal()
+    apply(cluster, namespace, body)
+    old = ready(cluster, namespace)["contract"]
+    old_config_map = config_map_name(cluster, namespace, NAME)
+    layers = body["spec"].get("deepstack", {}).get("numLayers", 3)
+    with StatusRecorder(cluster, namespace, NAME) as recorder:
+        patch_spec(cluster, namespace, {"spec": {"deepstack": {"numLayers": layers - 1}}})
+        status = ready(cluster, namespace, generation=2)
+    assert status["contract"] != old
+    compatible = recorder.seen("Compatible")
+    assert compatible[-1] == ("True", "SingleContract")
+    assert {("False", "ContractPending"), ("False", "MixedContracts")} & set(compatible)
+    pods = get_json(
+        cluster, "-n", namespace, "get", "pods", "-l", f"disagg.deepstack.dev/instance={NAME}"
+    )["items"]
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    assert {p["metadata"]["labels"]["disagg.deepstack.dev/contract"] for p in live} == {
+        status["contract"]
+    }
+    # The old revision's ConfigMap went with its pods.
+    gone = cluster.kubectl("-n", namespace, "get", "configmap", old_config_map, check=False)
+    assert gone.returncode != 0
+    assert "NotFound" in gone.stderr
 
 
 def test_deleted_or_edited_children_are_restored(
@@ -216,23 +273,20 @@ def test_deleted_or_edited_children_are_restored(
         return out.returncode == 0 and json.loads(out.stdout)["metadata"]["uid"] != old_uid
 
     wait_for(recreated, timeout=60, what="the deleted Service to come back")
-    cluster.kubectl("-n", namespace, "scale", "statefulset", f"{NAME}-language", "--replicas=4")
+    language = group_name(cluster, namespace, NAME, "language")
+    cluster.kubectl("-n", namespace, "scale", "statefulset", language, "--replicas=4")
     wait_for(
-        lambda: (
-            get_json(cluster, "-n", namespace, "get", "statefulset", f"{NAME}-language")["spec"][
-                "replicas"
-            ]
-            == 1
-        ),
+        lambda: group(cluster, namespace, "language")["spec"]["replicas"] == 1,
         timeout=60,
         what="the edited StatefulSet to be put back to 1 replica",
     )
+    config_map = config_map_name(cluster, namespace, NAME)
     cluster.kubectl(
         "-n",
         namespace,
         "patch",
         "configmap",
-        f"{NAME}-runtime",
+        config_map,
         "--type=merge",
         "-p",
         json.dumps({"data": {"config.json": "{}"}}),
@@ -240,7 +294,7 @@ def test_deleted_or_edited_children_are_restored(
     wait_for(
         lambda: (
             json.loads(
-                get_json(cluster, "-n", namespace, "get", "configmap", f"{NAME}-runtime")["data"][
+                get_json(cluster, "-n", namespace, "get", "configmap", config_map)["data"][
                     "config.json"
                 ]
             ).get("name")

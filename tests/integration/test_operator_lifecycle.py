@@ -23,12 +23,16 @@ def test_killed_mid_reconcile_then_restarted_converges(
         cluster.kubectl("-n", namespace, "apply", "-f", "-", stdin=json.dumps(body))
         # Kill it as soon as it has begun writing children, before it could finish.
         wait_for(
-            lambda: (
-                cluster.kubectl(
-                    "-n", namespace, "get", "configmap", f"{NAME}-runtime", check=False
-                ).returncode
-                == 0
-            ),
+            lambda: cluster.kubectl(
+                "-n",
+                namespace,
+                "get",
+                "configmap",
+                "-o",
+                "name",
+                "-l",
+                f"disagg.deepstack.dev/instance={NAME}",
+            ).stdout.strip(),
             timeout=60,
             what="the first child",
         )

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -135,3 +136,59 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
     (found,) = [c for c in status.get("conditions", []) if c["type"] == kind]
     assert isinstance(found, dict)
     return found
+
+
+def group_name(cluster: Cluster, namespace: str, name: str, role: str) -> str:
+    """The StatefulSet of a pod group's current revision, as the status names it."""
+    return f"{name}-{role}-{dsd(cluster, namespace, name)['status']['revision']}"
+
+
+def config_map_name(cluster: Cluster, namespace: str, name: str) -> str:
+    """The current revision's runtime ConfigMap."""
+    return f"{name}-runtime-{dsd(cluster, namespace, name)['status']['revision']}"
+
+
+class StatusRecorder:
+    """Every status a resource goes through, from a watch (a poll can miss a short one)."""
+
+    def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
+        from kubernetes import client, watch
+
+        self.statuses: list[dict[str, Any]] = []
+        self._api: Any = client.CustomObjectsApi(cluster.api_client())
+        self._watch: Any = watch.Watch()  # type: ignore[no-untyped-call]
+        self._args = ("disagg.deepstack.dev", "v1alpha1", namespace, "deepstackdisaggregations")
+        self._name = name
+        self._start = dsd(cluster, namespace, name)["metadata"]["resourceVersion"]
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> StatusRecorder:
+        self._thread.start()
+        return self
+
+    def _follow(self) -> None:
+        try:
+            for event in self._watch.stream(
+                self._api.list_namespaced_custom_object, *self._args,
+                field_selector=f"metadata.name={self._name}",
+                resource_version=self._start, timeout_seconds=600,
+            ):  # fmt: skip
+                self.statuses.append(event["object"].get("status") or {})
+        except Exception:
+            if not self._stopping.is_set():
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        self._watch.stop()
+        self._thread.join(10)
+
+    def seen(self, kind: str) -> list[tuple[str, str]]:
+        """(status, reason) of one condition, in the order the statuses came."""
+        out = []
+        for status in self.statuses:
+            found = [c for c in status.get("conditions", []) if c["type"] == kind]
+            if found:
+                out.append((found[0]["status"], found[0]["reason"]))
+        return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from deepstack_operator.render.config import render_config_map, runtime_config
+from deepstack_operator.render.config import render_config_map, revision, runtime_config
 from deepstack_operator.render.policy import (
     render_autoscalers,
     render_disruption_budgets,
@@ -29,16 +29,22 @@ class Capabilities:
     pod_monitor: bool = False
 
 
-def render_all(cr: Manifest, capabilities: Capabilities = Capabilities()) -> list[Manifest]:
-    """Every child the resource should have, in apply order (config before workloads).
-    Raises ConfigError (from deepstack_runtime.config) for a spec the runtime rejects."""
+def render_all(
+    cr: Manifest,
+    capabilities: Capabilities = Capabilities(),
+    replicas: dict[str, int | None] | None = None,
+) -> list[Manifest]:
+    """Every child the resource should have, in apply order (config before workloads);
+    of the pod groups, the current revision's StatefulSets, sized by `replicas` (the
+    rollout plan's; default: the spec's). Raises ConfigError (from
+    deepstack_runtime.config) for a spec the runtime rejects."""
     config = runtime_config(cr)
     children: list[Manifest] = [render_config_map(cr, config)]
     children += render_role_services(cr, config)
-    children += render_role_statefulsets(cr, config)
+    children += render_role_statefulsets(cr, config, replicas)
     children += render_router(cr, config)
     children += render_disruption_budgets(cr)
-    children += render_autoscalers(cr)
+    children += render_autoscalers(cr, config)
     children += render_network_policy(cr, config)
     if capabilities.pod_monitor:
         from deepstack_operator.render.monitoring import render_pod_monitor
@@ -47,4 +53,4 @@ def render_all(cr: Manifest, capabilities: Capabilities = Capabilities()) -> lis
     return children
 
 
-__all__ = ["Capabilities", "Manifest", "render_all"]
+__all__ = ["Capabilities", "Manifest", "render_all", "revision", "runtime_config"]

@@ -6,6 +6,7 @@ from typing import Any
 
 from deepstack_operator import names
 from deepstack_operator.render.common import Manifest, cr_name, metadata, spec
+from deepstack_operator.render.config import revision
 from deepstack_runtime.config import RuntimeConfig
 
 
@@ -31,7 +32,8 @@ def render_disruption_budgets(cr: Manifest) -> list[Manifest]:
     ]
 
 
-def render_autoscalers(cr: Manifest) -> list[Manifest]:
+def render_autoscalers(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
+    """One per autoscaled group, sizing the current revision's StatefulSet."""
     autoscaling = spec(cr).get("autoscaling") or {}
     out = []
     for role in names.ROLES:
@@ -39,6 +41,7 @@ def render_autoscalers(cr: Manifest) -> list[Manifest]:
         if not bounds:
             continue
         name = names.child_name(cr_name(cr), role)
+        target = names.workload_name(cr_name(cr), role, revision(cr, config))
         out.append(
             {
                 "apiVersion": "autoscaling/v2",
@@ -48,7 +51,7 @@ def render_autoscalers(cr: Manifest) -> list[Manifest]:
                     "scaleTargetRef": {
                         "apiVersion": "apps/v1",
                         "kind": "StatefulSet",
-                        "name": name,
+                        "name": target,
                     },
                     "minReplicas": bounds.get("minReplicas", 1),
                     "maxReplicas": bounds["maxReplicas"],

@@ -12,6 +12,7 @@ from deepstack_operator.render.common import (
     metadata,
     spec,
 )
+from deepstack_operator.render.config import revision
 from deepstack_runtime.config import CONFIG_DIR, CONFIG_FILE, RuntimeConfig
 
 CONFIG_VOLUME = "runtime-config"
@@ -100,10 +101,13 @@ def _resources(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, Any]
     return resources
 
 
-def _volumes(cr: Manifest) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _volumes(
+    cr: Manifest, config: RuntimeConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     model = spec(cr)["model"]
+    config_map = names.config_map_name(cr_name(cr), revision(cr, config))
     volumes: list[dict[str, Any]] = [
-        {"name": CONFIG_VOLUME, "configMap": {"name": names.config_map_name(cr_name(cr))}},
+        {"name": CONFIG_VOLUME, "configMap": {"name": config_map}},
         {"name": "tmp", "emptyDir": {}},
         {"name": "shm", "emptyDir": {"medium": "Memory"}},
     ]
@@ -138,8 +142,10 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
     pod_security, container_security = _security(
         config.transfer.protocol, transfers=role in names.ROLES
     )
-    volumes, mounts = _volumes(cr)
+    volumes, mounts = _volumes(cr, config)
     probe_http = {"path": "/health", "port": "http"}
+    # A router is ready once it has seen a pair of its own contract (servers/router.py).
+    ready_http = {"path": "/ready" if role == names.ROUTER else "/health", "port": "http"}
     container: dict[str, Any] = {
         "name": "runtime",
         "image": runtime["image"],
@@ -151,7 +157,7 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
         # Loading weights can take minutes: the startup probe covers it, then the
         # liveness probe restarts a hung server and readiness gates traffic.
         "startupProbe": {"httpGet": probe_http, "periodSeconds": 5, "failureThreshold": 360},
-        "readinessProbe": {"httpGet": probe_http, "periodSeconds": 5, "failureThreshold": 2},
+        "readinessProbe": {"httpGet": ready_http, "periodSeconds": 5, "failureThreshold": 2},
         "livenessProbe": {"httpGet": probe_http, "periodSeconds": 10, "failureThreshold": 6},
         "resources": _resources(cr, role, config),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}},
@@ -176,7 +182,7 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
             pod_spec[key] = role_spec[key]
     return {
         "metadata": {
-            "labels": names.common_labels(cr_name(cr), role),
+            "labels": {**names.common_labels(cr_name(cr), role), **revision_labels(cr, config)},
             # A changed runtime configuration rolls the pods.
             "annotations": {names.CONFIG_HASH_ANNOTATION: content_hash(config.to_json())},
         },
@@ -205,17 +211,43 @@ def render_role_services(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
     return out
 
 
-def render_role_statefulsets(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
+def revision_labels(cr: Manifest, config: RuntimeConfig) -> dict[str, str]:
+    return {
+        names.CONTRACT_LABEL: config.contract_hash(),
+        names.REVISION_LABEL: revision(cr, config),
+    }
+
+
+def default_replicas(cr: Manifest) -> dict[str, int | None]:
+    """Replicas per pod group as the spec gives them; None where an autoscaler decides."""
     s = spec(cr)
     autoscaled = s.get("autoscaling") or {}
+    return {
+        role: None if role in autoscaled else s.get(role, {}).get("replicas", 1)
+        for role in names.ROLES
+    }
+
+
+def render_role_statefulsets(
+    cr: Manifest, config: RuntimeConfig, replicas: dict[str, int | None] | None = None
+) -> list[Manifest]:
+    """The current revision's StatefulSet of each group (deepstack_operator.rollout);
+    `replicas` (default: the spec's) as the rollout plan sizes them, None: the HPA's."""
+    s = spec(cr)
+    replicas = replicas or default_replicas(cr)
     max_unavailable = s.get("rollout", {}).get("maxUnavailable", 1)
+    labels = revision_labels(cr, config)
     out = []
     for role in names.ROLES:
-        name = names.child_name(cr_name(cr), role)
         sts_spec: dict[str, Any] = {
-            "serviceName": name,
+            "serviceName": names.child_name(cr_name(cr), role),
             "podManagementPolicy": "Parallel",
-            "selector": {"matchLabels": names.selector_labels(cr_name(cr), role)},
+            "selector": {
+                "matchLabels": {
+                    **names.selector_labels(cr_name(cr), role),
+                    names.REVISION_LABEL: labels[names.REVISION_LABEL],
+                }
+            },
             "updateStrategy": {
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxUnavailable": max_unavailable},
@@ -223,13 +255,15 @@ def render_role_statefulsets(cr: Manifest, config: RuntimeConfig) -> list[Manife
             "template": _pod_template(cr, role, config),
         }
         # With an autoscaler the HPA owns the replica count; do not fight it.
-        if role not in autoscaled:
-            sts_spec["replicas"] = s.get(role, {}).get("replicas", 1)
+        if replicas.get(role) is not None:
+            sts_spec["replicas"] = replicas[role]
+        meta = metadata(cr, names.workload_name(cr_name(cr), role, revision(cr, config)), role)
+        meta["labels"].update(labels)
         out.append(
             {
                 "apiVersion": "apps/v1",
                 "kind": "StatefulSet",
-                "metadata": metadata(cr, name, role),
+                "metadata": meta,
                 "spec": sts_spec,
             }
         )

@@ -40,8 +40,11 @@ NUM_DEEPSTACK = 3
 HIDDEN_SIZE = 64
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
-    """Write the checkpoint into `directory` (created) and return it."""
+def make_tiny_model(
+    directory: str | Path, seed: int = 0, num_deepstack: int = NUM_DEEPSTACK
+) -> Path:
+    """Write the checkpoint into `directory` (created) and return it; `num_deepstack`
+    vision layers feed the language model (at most the vision depth, 4)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -102,7 +105,7 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
             "temporal_patch_size": 2,
             "out_hidden_size": HIDDEN_SIZE,
             "num_position_embeddings": 256,
-            "deepstack_visual_indexes": list(range(NUM_DEEPSTACK)),
+            "deepstack_visual_indexes": list(range(num_deepstack)),
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -124,7 +127,7 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     )
     processor.save_pretrained(out)
     (out / "deepstack.json").write_text(
-        json.dumps({"hidden_size": HIDDEN_SIZE, "num_deepstack": NUM_DEEPSTACK, "seed": seed})
+        json.dumps({"hidden_size": HIDDEN_SIZE, "num_deepstack": num_deepstack, "seed": seed})
         + "\n"
     )
     # safetensors writes owner-only files; the runtime's pods read them as another user.

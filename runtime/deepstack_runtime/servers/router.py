@@ -36,6 +36,7 @@ class Instance:
     healthy: bool = False
     inflight: int = 0
     bootstrap: str = ""
+    contract: str = ""  # the embedding contract it serves (RuntimeConfig.contract_hash)
     picked: int = 0  # when it was last picked (a pool-wide sequence number)
     slow_probes: int = 0  # consecutive health probes that timed out
 
@@ -91,6 +92,7 @@ class Pool:
                     body = await r.json() if r.status == 200 else {}
                     instance.healthy = r.status == 200 and body.get("role") == self.role
                     instance.bootstrap = str(body.get("bootstrap", ""))
+                    instance.contract = str(body.get("contract", ""))
                     instance.slow_probes = 0
             except TimeoutError:
                 instance.slow_probes += 1
@@ -99,15 +101,38 @@ class Pool:
             except (aiohttp.ClientError, json.JSONDecodeError):
                 instance.healthy = False
 
-    def pick(self) -> Instance | None:
-        """Least in-flight; among equals, the one picked longest ago (round robin)."""
-        healthy = [i for i in self.instances.values() if i.healthy]
+    def healthy(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.healthy]
+
+    def pick(self, contracts: set[str] | None = None) -> Instance | None:
+        """Least in-flight; among equals, the one picked longest ago (round robin).
+        With `contracts`, only an instance serving one of them."""
+        healthy = [i for i in self.healthy() if contracts is None or i.contract in contracts]
         if not healthy:
             return None
         chosen = min(healthy, key=lambda i: (i.inflight, i.picked, i.url))
         self._sequence += 1
         chosen.picked = self._sequence
         return chosen
+
+
+def pick_pair(
+    language: Pool, encode: Pool, with_encoder: bool, contract: str
+) -> tuple[Instance | None, Instance | None, str]:
+    """(language instance, encode instance or None, why not) for one request.
+
+    Only pods of this router's own contract: the prompt was tokenized with its model, and
+    an image's embeddings only ever move between pods of one contract. (While a paired
+    rollout runs two contracts are live; each router serves the one it was made for.)"""
+    chosen = language.pick({contract})
+    if chosen is None:
+        return None, None, f"no healthy language instance of contract {contract}"
+    if not with_encoder:
+        return chosen, None, ""
+    encoder = encode.pick({contract})
+    if encoder is None or not encoder.bootstrap:
+        return None, None, f"no healthy encode instance of contract {contract}"
+    return chosen, encoder, ""
 
 
 @dataclass(frozen=True)
@@ -185,6 +210,7 @@ def parse_messages(
 
 async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptions) -> None:
     server = Server("router")
+    contract = config.contract_hash()
     preprocessor = ReferencePreprocessor(config.model.path)
     pools = {
         "encode": Pool(
@@ -212,6 +238,22 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             await asyncio.sleep(options.health_interval)
 
     health_task = asyncio.create_task(health_loop())
+
+    async def ready(_: web.Request) -> web.Response:
+        """Kubernetes' readiness: ready once this router has seen a pair of its own
+        contract, and from then on (an outage later is answered with 503s and reasons,
+        not hidden behind a Service without endpoints). A router made for a new contract
+        so takes traffic only once a pair of that contract serves."""
+        if not paired.is_set():
+            if all(any(i.contract == contract for i in p.healthy()) for p in pools.values()):
+                paired.set()
+            else:
+                return error(
+                    503, f"no encode and language pair of contract {contract} yet", "unavailable"
+                )
+        return web.json_response({"status": "ready", "contract": contract})
+
+    paired = asyncio.Event()
     server.extra_health = lambda: {
         role: sum(i.healthy for i in pool.instances.values()) for role, pool in pools.items()
     }
@@ -258,12 +300,11 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             raise BadRequest(
                 f"the prompt has {prompt_tokens} tokens; the limit is {options.max_prompt_tokens}"
             )
-        language = pools["language"].pick()
+        language, encoder, unavailable = pick_pair(
+            pools["language"], pools["encode"], bool(images), contract
+        )
         if language is None:
-            return error(503, "no healthy language instance", "unavailable")
-        encoder = pools["encode"].pick() if images else None
-        if images and (encoder is None or not encoder.bootstrap):
-            return error(503, "no healthy encode instance", "unavailable")
+            return error(503, unavailable, "unavailable")
         room = uuid.uuid4().hex
         generate_payload: dict[str, Any] = {
             "room": room,
@@ -417,6 +458,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
     app = server.app()
     app.router.add_post("/v1/chat/completions", server.tracked("/v1/chat/completions", completions))
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/ready", ready)
 
     async def stop() -> None:
         health_task.cancel()

@@ -162,7 +162,8 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
     )
     await sender.start()
     bootstrap = f"{listen.advertise_host}:{sender.address.rsplit(':', 1)[1]}"
-    server.extra_health = lambda: {"bootstrap": bootstrap}
+    contract = config.contract_hash()
+    server.extra_health = lambda: {"bootstrap": bootstrap, "contract": contract}
     # One forward at a time; a bounded number of requests wait their turn.
     tower = Admission(
         "the vision tower",
@@ -355,7 +356,8 @@ async def run_language(
     attach = getattr(model, "attach", None)
     if attach is not None:  # SGLang: its result loop and failure handling on our loop
         attach(asyncio.get_running_loop())
-    server.extra_health = lambda: {}
+    contract = config.contract_hash()
+    server.extra_health = lambda: {"contract": contract}
 
     async def generate(request: web.Request) -> web.StreamResponse:
         body = await read_json(request, MAX_BODY)

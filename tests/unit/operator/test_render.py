@@ -25,6 +25,17 @@ def one(children: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return found
 
 
+def group(children: list[dict[str, Any]], role: str) -> dict[str, Any]:
+    """The StatefulSet of one pod group (named after its revision)."""
+    (found,) = [
+        c
+        for c in children
+        if c["kind"] == "StatefulSet"
+        and c["metadata"]["labels"]["disagg.deepstack.dev/role"] == role
+    ]
+    return found
+
+
 def container(sts: dict[str, Any]) -> dict[str, Any]:
     (c,) = sts["spec"]["template"]["spec"]["containers"]
     assert isinstance(c, dict)
@@ -61,7 +72,7 @@ def test_minimal_example_children() -> None:
         + ["PodDisruptionBudget"] * 2
         + ["NetworkPolicy"] * 2
     )
-    encode = one(children, "StatefulSet", "tiny-qwen3-vl-moe-encode")
+    encode = group(children, "encode")
     c = container(encode)
     assert c["command"] == [
         "deepstack-runtime",
@@ -101,7 +112,7 @@ def test_tcp_pods_meet_the_restricted_pod_security_level() -> None:
 
 def test_rdma_pods_get_devices_ipc_lock_and_gpus() -> None:
     children = render_all(example("qwen3-vl-moe-rdma"))
-    language = one(children, "StatefulSet", "qwen3-vl-moe-language")
+    language = group(children, "language")
     c = container(language)
     assert c["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
     assert c["resources"]["limits"]["rdma/hca_shared_devices_a"] == 1
@@ -149,6 +160,9 @@ def test_autoscaled_roles_get_an_hpa_and_no_replica_count() -> None:
     assert hpas["qwen3-vl-moe-language"]["scaleTargetRef"]["kind"] == "StatefulSet"
     for sts in by_kind(children, "StatefulSet"):
         assert "replicas" not in sts["spec"]
+    # Each sizes its group's current revision.
+    target = hpas["qwen3-vl-moe-language"]["scaleTargetRef"]["name"]
+    assert target == group(children, "language")["metadata"]["name"]
 
 
 def test_router_and_network_policy_can_be_turned_off() -> None:
@@ -174,7 +188,7 @@ def test_user_env_cannot_override_the_runtime_own_variables() -> None:
         {"name": "POD_IP", "value": "1.2.3.4"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
     ]
-    c = container(one(render_all(cr), "StatefulSet", "tiny-qwen3-vl-moe-encode"))
+    c = container(group(render_all(cr), "encode"))
     values = [e for e in c["env"] if e["name"] == "POD_IP"]
     assert len(values) == 1
     assert "valueFrom" in values[0]
@@ -189,11 +203,56 @@ def test_config_change_changes_the_pod_template() -> None:
     key = "disagg.deepstack.dev/config-hash"
 
     def hash_of(cr: dict[str, Any]) -> str:
-        sts = one(render_all(cr), "StatefulSet", "tiny-qwen3-vl-moe-language")
+        sts = group(render_all(cr), "language")
         value: str = sts["spec"]["template"]["metadata"]["annotations"][key]
         return value
 
     assert hash_of(a) != hash_of(b)
+    # Not a contract change: the same revision, rolled in place.
+    assert (
+        group(render_all(a), "language")["metadata"]["name"]
+        == (group(render_all(b), "language")["metadata"]["name"])
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "new_contract"),
+    [
+        (("deepstack", "numLayers"), 2, True),
+        (("deepstack", "dtype"), "float16", True),
+        (("transfer", "blockTokens"), 32, True),
+        (("model", "path"), "/models/other", True),
+        (("runtime", "image"), "example.com/runtime:2", False),  # a new revision only
+    ],
+)
+def test_a_contract_or_image_change_makes_a_new_revision(
+    field: tuple[str, str], value: object, new_contract: bool
+) -> None:
+    """A new revision is a new StatefulSet per group and a new ConfigMap (the old pods
+    keep theirs), with the contract on every pod; the router mounts the new one."""
+    a = example("minimal-cpu")
+    b = copy.deepcopy(a)
+    b["spec"][field[0]][field[1]] = value
+    before, after = render_all(a), render_all(b)
+    for role in ("encode", "language"):
+        old, new = group(before, role), group(after, role)
+        assert old["metadata"]["name"] != new["metadata"]["name"]
+        revision = new["metadata"]["labels"]["disagg.deepstack.dev/revision"]
+        assert new["metadata"]["name"] == f"tiny-qwen3-vl-moe-{role}-{revision}"
+        assert new["spec"]["selector"]["matchLabels"]["disagg.deepstack.dev/revision"] == revision
+        labels = [
+            old["spec"]["template"]["metadata"]["labels"],
+            new["spec"]["template"]["metadata"]["labels"],
+        ]
+        contracts = [x["disagg.deepstack.dev/contract"] for x in labels]
+        assert (contracts[0] != contracts[1]) == new_contract
+        assert new["spec"]["serviceName"] == f"tiny-qwen3-vl-moe-{role}"  # one Service
+    (cm,) = by_kind(after, "ConfigMap")
+    assert cm["metadata"]["name"] != by_kind(before, "ConfigMap")[0]["metadata"]["name"]
+    router = one(after, "Deployment", "tiny-qwen3-vl-moe-router")
+    mounted = {v["name"]: v for v in router["spec"]["template"]["spec"]["volumes"]}
+    assert mounted["runtime-config"]["configMap"]["name"] == cm["metadata"]["name"]
+    assert container(router)["readinessProbe"]["httpGet"]["path"] == "/ready"
 
 
 def test_a_spec_the_runtime_rejects_is_a_config_error() -> None:

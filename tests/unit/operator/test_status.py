@@ -239,3 +239,52 @@ def test_transition_time_kept_while_a_condition_holds() -> None:
 )
 def test_role_state(workload: dict[str, Any] | None, desired: int, settled: bool) -> None:
     assert role_state(workload, desired).settled is settled
+
+
+def test_a_paired_rollout_is_progressing_until_the_old_pair_is_gone() -> None:
+    """The new revision's groups may be complete, but while the old pair still serves
+    (the router has not rolled) the resource is not Ready; the status names both."""
+    common: dict[str, Any] = {
+        "generation": 3,
+        "roles": {"encode": READY, "language": READY},
+        "problems": [],
+        "url": "",
+        "previous": {},
+        "now": NOW,
+        "contract": "c2",
+        "revision": "r2",
+    }
+    rolling = derive_status(
+        **common,
+        live_contracts={"c1": {"encode": 2, "language": 2}, "c2": {"encode": 2, "language": 2}},
+        old_revisions={"r1": "encode 2/2, language 2/2"},
+    )
+    assert rolling["phase"] == "Progressing"
+    assert conditions(rolling)["Ready"] == ("False", "PairedRollout")
+    assert conditions(rolling)["Compatible"] == ("False", "MixedContracts")
+    progressing = next(c for c in rolling["conditions"] if c["type"] == "Progressing")
+    assert (
+        "revision r1 (encode 2/2, language 2/2) serves until r2 is ready"
+        in (progressing["message"])
+    )
+    assert (rolling["contract"], rolling["revision"]) == ("c2", "r2")
+    done = derive_status(**common, live_contracts={"c2": {"encode": 2, "language": 2}})
+    assert done["phase"] == "Ready"
+    assert conditions(done)["Compatible"] == ("True", "SingleContract")
+
+
+@pytest.mark.parametrize(
+    ("live", "expected"),
+    [
+        ({}, ("True", "SingleContract")),
+        ({"new": {"encode": 1}}, ("True", "SingleContract")),
+        ({"old": {"encode": 1, "language": 1}}, ("False", "ContractPending")),
+        ({"old": {"language": 1}, "new": {"encode": 1}}, ("False", "MixedContracts")),
+    ],
+)
+def test_compatible(live: dict[str, dict[str, int]], expected: tuple[str, str]) -> None:
+    status = derive_status(
+        generation=1, roles={"encode": READY, "language": READY}, problems=[], url="",
+        previous={}, now=NOW, contract="new", live_contracts=live,
+    )  # fmt: skip
+    assert conditions(status)["Compatible"] == expected
