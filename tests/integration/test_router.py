@@ -15,6 +15,7 @@ from deepstack_runtime.backends.reference import (
     ReferenceLanguageModel,
     ReferencePreprocessor,
 )
+from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.models.tiny import make_tiny_model
 from tests.support.cluster import wait_for
 from tests.support.metrics import sample
@@ -236,7 +237,40 @@ def test_no_healthy_instance_is_a_503(stack: dict[str, Any]) -> None:
     ) as lonely:
         status, body = post(f"{lonely.url}/v1/chat/completions", chat())
     assert status == 503
-    assert body["error"]["message"] == "no healthy language instance"
+    assert body["error"]["message"].startswith("no healthy language instance of contract")
+
+
+def test_a_router_uses_only_pods_of_its_own_contract(stack: dict[str, Any]) -> None:
+    """Pods that run another contract (another buffer layout, here) are never paired
+    with this router's requests, and the router is not ready until it sees its own."""
+    config = json.loads(stack["config"].read_text())
+    config["transfer"]["block_tokens"] *= 2
+    other = stack["root"] / "other-contract.json"
+    other.write_text(json.dumps(config))
+    ours = RuntimeConfig.from_file(stack["config"]).contract_hash()
+    theirs = RuntimeConfig.from_file(other).contract_hash()
+    assert ours != theirs
+    assert get(f"{stack['router'].url}/ready")[0] == 200
+    for role in ("encode", "language"):
+        health = json.loads(get(f"{stack[role].url}/health")[1])
+        assert health["contract"] == ours
+    with ServerProcess(
+        "router", other, stack["root"] / "router-other.log",
+        "--encode-url", stack["encode"].url, "--language-url", stack["language"].url,
+    ) as router:  # fmt: skip
+        before = sample(stack["language"].metrics(), "deepstack_requests_total",
+                        role="language", route="/v1/generate", code="200")  # fmt: skip
+        status, body = post(f"{router.url}/v1/chat/completions", chat())
+        assert status == 503
+        assert body["error"]["message"] == f"no healthy language instance of contract {theirs}"
+        status, body = post(f"{router.url}/v1/chat/completions", chat(image=None))
+        assert status == 503, body
+        ready_status, ready_body = get(f"{router.url}/ready")
+        assert ready_status == 503
+        assert theirs in json.loads(ready_body)["error"]["message"]
+        after = sample(stack["language"].metrics(), "deepstack_requests_total",
+                       role="language", route="/v1/generate", code="200")  # fmt: skip
+        assert after == before
 
 
 def test_graceful_shutdown_finishes_every_request_in_flight(
