@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # Looking again for a missing Secret/PVC/ServiceAccount: often enough to notice it soon,
 # seldom enough never to be a hot loop.
 RECHECK_MISSING_SECONDS = 5.0
+RECHECK_ROLLOUT_SECONDS = 2.0
 
 
 @dataclass
@@ -146,6 +147,9 @@ class Reconciler:
         }
         if problems:
             outcome.requeue_after = RECHECK_MISSING_SECONDS
+        elif plan is not None and plan.in_progress:
+            # Pods are not watched: look again for the last old router pod to be gone.
+            outcome.requeue_after = RECHECK_ROLLOUT_SECONDS
         for write in outcome.writes:
             log.info("%s/%s: %s", namespace, name, write)
         return outcome
@@ -183,16 +187,30 @@ class Reconciler:
             for role in names.ROLES
         }
         router_spec = spec.get("router", {})
+        config = runtime_config(cr)
         router_settled = not router_spec.get("enabled", True) or (
-            router is not None and role_state(router, router_spec.get("replicas", 1)).settled
+            router is not None
+            and role_state(router, router_spec.get("replicas", 1)).settled
+            # A terminating router pod may still get requests until kube-proxy catches
+            # up, and it can only use pods of its own contract.
+            and self._router_contracts(cr) <= {config.contract_hash()}
         )
         return plan_rollout(
-            target=revision(cr, runtime_config(cr)),
+            target=revision(cr, config),
             desired=desired,
             autoscaled=frozenset(autoscaling),
             live=[_live_group(s) for s in live_sets],
             router_settled=router_settled,
         )
+
+    def _router_contracts(self, cr: Manifest) -> set[str]:
+        """The contracts of the router pods that exist, terminating ones included."""
+        meta = cr["metadata"]
+        return {
+            (pod["metadata"].get("labels") or {}).get(names.CONTRACT_LABEL, "")
+            for pod in self.kube.list_owned("v1", "Pod", meta["namespace"], meta["name"])
+            if (pod["metadata"].get("labels") or {}).get(names.ROLE_LABEL) == names.ROUTER
+        }
 
     def _prune(
         self,

@@ -338,7 +338,7 @@ def test_a_contract_and_image_change_rolls_out_without_a_failed_request(
         )
         count = len(traffic.results)
         wait_until(lambda: len(traffic.results) >= count + 3, "requests after the rollout")
-    assert traffic.failures() == [], traffic.failures()[:3]
+    assert traffic.failures() == [], (old_contract, status["contract"], traffic.failures()[:3])
     assert len(traffic.results) >= 10
     assert status["contract"] != old_contract
     assert condition(status, "Compatible")["status"] == "True"
