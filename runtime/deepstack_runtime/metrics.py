@@ -100,6 +100,14 @@ class TransferMetrics:
             "Receivers waiting for enough free blocks to be admitted (language side).",
             registry=r,
         )
+        self.verified = Gauge(
+            "deepstack_transfer_verified",
+            "1 once this language server has received a check transfer from an encode peer "
+            "and found every byte as sent, by the transport it took (tcp or rdma); what "
+            "the operator's transfer-ready readiness gate reads.",
+            ["transport"],
+            registry=r,
+        )
         # Every series exists from the start, at zero.
         for payload in PAYLOAD_LABELS:
             self.bytes.labels(payload=payload)

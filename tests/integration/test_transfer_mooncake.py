@@ -360,3 +360,52 @@ def test_layout_mismatch_is_refused_before_any_byte_moves() -> None:
         )
         no_blocks_held(sender)
         assert receiver.state()["used"] == 0
+
+
+def test_the_transfer_check_proves_the_path_and_names_the_transport() -> None:
+    """A language server's check before it takes traffic: one block from the encoder,
+    compared byte for byte with the pattern both derive from the room; nothing held."""
+    with (
+        Peer("sender", layout(3, "bfloat16"), SETTINGS) as sender,
+        Peer("receiver", layout(3, "bfloat16"), SETTINGS) as receiver,
+    ):
+        status, result = receiver.call("check", sender.address)
+        assert status == "ok"
+        assert result["error"] == ""
+        assert result["transport"] == "tcp"
+        assert result["peer"] == sender.address
+        assert result["nbytes"] == layout(3, "bfloat16").token_bytes * BLOCK
+        for peer in (sender, receiver):
+            no_blocks_held(peer)
+        assert sample(sender.state()["metrics"], "deepstack_transfer_bytes_total",
+                      payload="deepstack") > 0  # fmt: skip
+
+
+def test_a_transfer_check_against_another_layout_fails_with_the_reason() -> None:
+    with (
+        Peer("sender", layout(2, "float32"), FAST) as sender,
+        Peer("receiver", layout(3, "float32"), FAST) as receiver,
+    ):
+        status, result = receiver.call("check", sender.address)
+        assert status == "ok"
+        assert "layout" in result["error"], result
+        assert result["nbytes"] == 0
+        no_blocks_held(receiver)
+        no_blocks_held(sender)
+
+
+def test_mooncake_asked_for_rdma_without_a_device_says_it_fell_back_to_tcp() -> None:
+    """These machines have no RDMA device: Mooncake then serves over TCP without an error.
+    The transport reports it instead of claiming RDMA."""
+    from deepstack_runtime.transfer.mooncake import MooncakeTransport
+
+    rdma = MooncakeTransport("127.0.0.1", "rdma", "mlx5_0")
+    tcp = MooncakeTransport("127.0.0.1", "tcp")
+    try:
+        assert rdma.devices == []
+        assert rdma.protocol == "tcp"
+        assert "no RDMA device found" in rdma.fallback
+        assert (tcp.protocol, tcp.fallback) == ("tcp", "")
+    finally:
+        rdma.close()
+        tcp.close()

@@ -33,6 +33,7 @@ import torch
 
 from deepstack_runtime.buffers import BufferLayout, MultimodalItem
 from deepstack_runtime.errors import TransferError
+from deepstack_runtime.transfer.check import check_peer
 from deepstack_runtime.transfer.settings import TransferSettings
 
 DIE_EXIT_CODE = 17
@@ -127,6 +128,10 @@ async def _peer(
                 else:
                     got = await receiving
                 result = ("ok", encode_item(got))
+            elif cmd[0] == "check":  # ("check", sender address): the transfer check
+                assert isinstance(node, EmbeddingReceiver)
+                checked = await check_peer(node, cmd[1], transport.protocol)
+                result = ("ok", asdict(checked))
             elif cmd[0] == "slow_next_write":
                 StallableTransport.delay_next = float(cmd[1])
                 result = ("ok", None)

@@ -20,7 +20,9 @@ import base64
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import AsyncGenerator, Awaitable, Sequence
+from dataclasses import asdict
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -42,6 +44,7 @@ from deepstack_runtime.servers.common import (
     read_json,
     serve,
 )
+from deepstack_runtime.transfer.check import check_peer
 from deepstack_runtime.transfer.mooncake import MooncakeTransport, buffer_device
 from deepstack_runtime.transfer.protocol import check_room
 from deepstack_runtime.transfer.receiver import EmbeddingReceiver
@@ -49,6 +52,8 @@ from deepstack_runtime.transfer.sender import EmbeddingSender
 from deepstack_runtime.transfer.settings import TransferSettings
 
 log = logging.getLogger(__name__)
+# How often a language server that has not yet verified a transfer tries again.
+CHECK_INTERVAL_SECONDS = 2.0
 T = TypeVar("T")
 MAX_BODY = 64 << 20
 # Transfer failures that are the caller's own mistakes (400); most others may be retried.
@@ -349,15 +354,20 @@ async def run_language(
     _check_checkpoint(model.hidden_size, model.num_deepstack, layout)
     metrics = TransferMetrics(server.registry)
     buffers = _buffers(config, metrics)
-    receiver = EmbeddingReceiver(
-        buffers, _transport(config, listen), transfer_settings(config), metrics
-    )
+    transport = _transport(config, listen)
+    if transport.fallback:
+        log.warning("transfer.protocol is %s, but %s", config.transfer.protocol, transport.fallback)
+    receiver = EmbeddingReceiver(buffers, transport, transfer_settings(config), metrics)
     receiver.start()
     attach = getattr(model, "attach", None)
     if attach is not None:  # SGLang: its result loop and failure handling on our loop
         attach(asyncio.get_running_loop())
     contract = config.contract_hash()
-    server.extra_health = lambda: {"contract": contract}
+    transfer_check: dict[str, Any] = {}
+    checking = asyncio.create_task(
+        check_transfers(config, receiver, transport.protocol, metrics, transfer_check)
+    )
+    server.extra_health = lambda: {"contract": contract, "transfer_check": transfer_check}
 
     async def generate(request: web.Request) -> web.StreamResponse:
         body = await read_json(request, MAX_BODY)
@@ -423,6 +433,9 @@ async def run_language(
     app.router.add_post("/v1/generate", server.tracked("/v1/generate", generate))
 
     async def stop() -> None:
+        checking.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await checking
         await receiver.close()  # no block is left to a write still in flight
         engine_stop = getattr(model, "stop", None)
         if engine_stop is not None:
@@ -430,6 +443,42 @@ async def run_language(
 
     await serve(server, app, listen, on_stop=stop)
     return str(getattr(model, "failure", ""))
+
+
+async def check_transfers(
+    config: RuntimeConfig,
+    receiver: EmbeddingReceiver,
+    transport: str,
+    metrics: TransferMetrics,
+    report: dict[str, Any],
+) -> None:
+    """Until one check transfer from an encode pod has passed (transfer/check.py): find
+    the encode pods behind their Service and try each, every CHECK_INTERVAL_SECONDS.
+    `report` (shown on /health) holds the last result; `deepstack_transfer_verified`
+    turns 1 on success, which the operator's readiness gate waits for."""
+    service, port = config.endpoints.encode_service, config.transfer.bootstrap_port
+    if not service:
+        return
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            infos = await loop.getaddrinfo(service, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            infos = []
+            report.update(ok=False, error=f"no encode pod found behind {service}: {e}")
+        for ip in sorted({str(info[4][0]) for info in infos}):
+            result = await check_peer(receiver, f"{ip}:{port}", transport)
+            report.clear()
+            report.update(asdict(result), ok=result.ok)
+            if result.ok:
+                metrics.verified.labels(transport=transport).set(1)
+                log.info(
+                    "transfer check: %d bytes from %s over %s in %.3f s",
+                    result.nbytes, result.peer, transport, result.seconds,
+                )  # fmt: skip
+                return
+            log.warning("transfer check with %s failed: %s", result.peer, result.error)
+        await asyncio.sleep(CHECK_INTERVAL_SECONDS)
 
 
 async def _returning_at_first_token(

@@ -15,6 +15,10 @@ class Transport(ABC):
     raises TransferError on failure. Thread-safe: callers run it off the event loop.
     """
 
+    # The transport the bytes actually take ("tcp", "rdma"; "memory" in tests): not
+    # always the one asked for (Mooncake uses TCP when it finds no RDMA device).
+    protocol: str = "tcp"
+
     @property
     @abstractmethod
     def session_id(self) -> str:

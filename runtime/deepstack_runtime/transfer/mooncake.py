@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,20 @@ def buffer_device() -> str:
     return f"cuda:{torch.cuda.current_device()}"
 
 
+def rdma_devices(engine: Any) -> list[str]:
+    """The RDMA devices (HCAs) an initialized engine found, from its topology: JSON of
+    {location: [[preferred devices], [other devices]]}."""
+    try:
+        topology = json.loads(engine.get_local_topology(""))
+    except (ValueError, TypeError, RuntimeError):
+        return []
+    found: set[str] = set()
+    for tiers in topology.values() if isinstance(topology, dict) else ():
+        for tier in tiers if isinstance(tiers, list) else ():
+            found.update(str(device) for device in tier if isinstance(tier, list))
+    return sorted(found)
+
+
 class MooncakeTransport(Transport):
     """Peer-to-peer handshake (no metadata server): a peer is addressed by
     "host:rpc_port" of its engine."""
@@ -45,6 +60,15 @@ class MooncakeTransport(Transport):
                 f"Mooncake TransferEngine.initialize({host!r}, {protocol!r}) returned {rc}"
             )
         self._session = f"{host}:{self._engine.get_rpc_port()}"
+        # Asked for RDMA but given no device, Mooncake serves over TCP without an error:
+        # say which it is, so that the fallback is never silent.
+        self.devices = rdma_devices(self._engine)
+        self.protocol = "rdma" if protocol == "rdma" and self.devices else "tcp"
+        self.fallback = (
+            "no RDMA device found (Mooncake's topology lists none): transfers use TCP"
+            if protocol != self.protocol
+            else ""
+        )
         self._registered: list[tuple[int, int]] = []
         self._lock = threading.Lock()
         self.calls = 0  # transfer calls made, for benchmarks

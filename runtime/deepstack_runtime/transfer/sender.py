@@ -26,6 +26,7 @@ from deepstack_runtime.errors import FailureReason, TransferError
 from deepstack_runtime.metrics import ChunkStats, TransferMetrics
 from deepstack_runtime.transfer import protocol
 from deepstack_runtime.transfer.base import Transport
+from deepstack_runtime.transfer.check import check_item, is_check_room
 from deepstack_runtime.transfer.plan import RegionInfo, WriteEntry, plan_chunk, region_of
 from deepstack_runtime.transfer.settings import TransferSettings
 
@@ -311,6 +312,9 @@ class EmbeddingSender:
                 raise TransferError(FailureReason.BAD_REQUEST, f"expected hello, got {hello['op']}")
             room = protocol.check_room(hello.get("room"))
             session, dst_region, theirs = self._check_hello(hello)
+            if is_check_room(room) and room not in self._rooms:
+                # A receiver's transfer check: the pattern it expects, sent as any item.
+                await self.submit(room, check_item(self.layout, room))
             dst_blocks = protocol.int_list(hello, "blocks", limit=theirs.num_blocks)
             target = _Target(session, dst_region, dst_blocks, writer, asyncio.current_task())
             if room not in self._rooms and room not in self._parked:
