@@ -144,6 +144,13 @@ class Kube:
             names.GROUP, names.VERSION, namespace, names.PLURAL, name, {"status": status}
         )
 
+    def set_pod_condition(self, namespace: str, name: str, condition: Manifest) -> None:
+        """Add or replace one condition of a pod's status (a readiness gate's): a
+        strategic merge keyed by the condition type leaves the kubelet's alone."""
+        self.core.patch_namespaced_pod_status(
+            name, namespace, {"status": {"conditions": [condition]}}
+        )
+
     def post_event(self, cr: Manifest, event_type: str, reason: str, message: str) -> None:
         """An events.k8s.io/v1 Event about the resource (best effort)."""
         meta = cr["metadata"]

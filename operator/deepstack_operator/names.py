@@ -18,6 +18,9 @@ CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
 # deepstack_operator.rollout).
 CONTRACT_LABEL = f"{GROUP}/contract"
 REVISION_LABEL = f"{GROUP}/revision"
+# The readiness gate of language pods: True once the operator has seen the pod verify a
+# real transfer from an encode pod (deepstack_runtime.transfer.check).
+TRANSFER_READY_GATE = f"{GROUP}/transfer-ready"
 
 ROLES = ("encode", "language")
 ROUTER = "router"

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import datetime
 import logging
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic.exceptions import DynamicApiError
 
-from deepstack_operator import names
+from deepstack_operator import names, transfers
 from deepstack_operator.kube import OWNED_KINDS, Kube, Manifest
 from deepstack_operator.render import Capabilities, render_all, revision, runtime_config
 from deepstack_operator.rollout import LiveGroup, RolloutPlan, plan_rollout
@@ -27,7 +28,11 @@ log = logging.getLogger(__name__)
 # Looking again for a missing Secret/PVC/ServiceAccount: often enough to notice it soon,
 # seldom enough never to be a hot loop.
 RECHECK_MISSING_SECONDS = 5.0
-RECHECK_ROLLOUT_SECONDS = 2.0
+# What the operator does not watch (pods), it looks at again this often while it waits on
+# them: the last old router pod of a rollout to go, a language pod's transfer check.
+RECHECK_PODS_SECONDS = 2.0
+# A pod's /metrics that does not answer within this long is asked again next time.
+SCRAPE_TIMEOUT_SECONDS = 2.0
 
 
 @dataclass
@@ -95,9 +100,11 @@ class Reconciler:
         capabilities = self.capabilities()
         live_sets = self._owned(cr, "apps/v1", "StatefulSet")
         router = self._router(cr)
+        pods = self.kube.list_owned("v1", "Pod", namespace, name)
+        awaiting_check = self._verify_transfers(pods, outcome)
         plan: RolloutPlan | None = None
         try:
-            plan = self._plan(cr, live_sets, router)
+            plan = self._plan(cr, live_sets, router, pods)
             children: list[Manifest] | None = render_all(cr, capabilities, plan.target_replicas)
         except ConfigError as e:
             problems.append(Problem("InvalidSpec", str(e)))
@@ -126,7 +133,7 @@ class Reconciler:
             assert plan is not None
             outcome.writes += self._prune(cr, children, capabilities, plan, live_sets)
 
-        status = self._status(cr, problems, workloads, plan, live_sets, router)
+        status = self._status(cr, problems, workloads, plan, live_sets, router, pods)
         previous = cr.get("status") or {}
         if status != previous:
             # A merge patch removes a field only when told to (for example the router's).
@@ -147,9 +154,8 @@ class Reconciler:
         }
         if problems:
             outcome.requeue_after = RECHECK_MISSING_SECONDS
-        elif plan is not None and plan.in_progress:
-            # Pods are not watched: look again for the last old router pod to be gone.
-            outcome.requeue_after = RECHECK_ROLLOUT_SECONDS
+        elif (plan is not None and plan.in_progress) or awaiting_check:
+            outcome.requeue_after = RECHECK_PODS_SECONDS
         for write in outcome.writes:
             log.info("%s/%s: %s", namespace, name, write)
         return outcome
@@ -173,8 +179,41 @@ class Reconciler:
         name = names.child_name(meta["name"], names.ROUTER)
         return self.kube.get("apps/v1", "Deployment", meta["namespace"], name)
 
+    def _verify_transfers(self, pods: list[Manifest], outcome: Outcome) -> int:
+        """Open the transfer-ready gate of each language pod that has verified a transfer
+        (transfers.py); the pods still waiting for theirs, counted."""
+        waiting = 0
+        for pod in pods:
+            if not transfers.awaiting_check(pod):
+                continue
+            try:
+                with urllib.request.urlopen(
+                    transfers.metrics_url(pod), timeout=SCRAPE_TIMEOUT_SECONDS
+                ) as response:
+                    transport = transfers.verified_transport(response.read().decode())
+            except (OSError, UnicodeDecodeError):
+                transport = None
+            if transport is None:
+                waiting += 1
+                continue
+            condition = transfers.gate_condition(transport, _now())
+            meta = pod["metadata"]
+            try:
+                self.kube.set_pod_condition(meta["namespace"], meta["name"], condition)
+            except ApiException as e:
+                if e.status == 404:  # gone meanwhile
+                    continue
+                raise
+            pod.setdefault("status", {}).setdefault("conditions", []).append(condition)
+            outcome.writes.append(f"transfer verified over {transport}: Pod/{meta['name']}")
+        return waiting
+
     def _plan(
-        self, cr: Manifest, live_sets: list[Manifest], router: Manifest | None
+        self,
+        cr: Manifest,
+        live_sets: list[Manifest],
+        router: Manifest | None,
+        pods: list[Manifest],
     ) -> RolloutPlan:
         spec = cr.get("spec", {})
         autoscaling = spec.get("autoscaling") or {}
@@ -193,7 +232,7 @@ class Reconciler:
             and role_state(router, router_spec.get("replicas", 1)).settled
             # A terminating router pod may still get requests until kube-proxy catches
             # up, and it can only use pods of its own contract.
-            and self._router_contracts(cr) <= {config.contract_hash()}
+            and _router_contracts(pods) <= {config.contract_hash()}
         )
         return plan_rollout(
             target=revision(cr, config),
@@ -202,15 +241,6 @@ class Reconciler:
             live=[_live_group(s) for s in live_sets],
             router_settled=router_settled,
         )
-
-    def _router_contracts(self, cr: Manifest) -> set[str]:
-        """The contracts of the router pods that exist, terminating ones included."""
-        meta = cr["metadata"]
-        return {
-            (pod["metadata"].get("labels") or {}).get(names.CONTRACT_LABEL, "")
-            for pod in self.kube.list_owned("v1", "Pod", meta["namespace"], meta["name"])
-            if (pod["metadata"].get("labels") or {}).get(names.ROLE_LABEL) == names.ROUTER
-        }
 
     def _prune(
         self,
@@ -248,6 +278,7 @@ class Reconciler:
         plan: RolloutPlan | None,
         live_sets: list[Manifest],
         router: Manifest | None,
+        pods: list[Manifest],
     ) -> dict[str, Any]:
         meta, spec = cr["metadata"], cr.get("spec", {})
         autoscaled = spec.get("autoscaling") or {}
@@ -289,12 +320,12 @@ class Reconciler:
         ]
         live_contracts: dict[str, dict[str, int]] = {}
         for sts in staying:
-            pods = (sts.get("status") or {}).get("replicas", 0)
+            count = (sts.get("status") or {}).get("replicas", 0)
             labels = sts["metadata"].get("labels") or {}
-            if pods:
+            if count:
                 by_role = live_contracts.setdefault(labels.get(names.CONTRACT_LABEL, "unknown"), {})
                 role = labels.get(names.ROLE_LABEL, "unknown")
-                by_role[role] = by_role.get(role, 0) + pods
+                by_role[role] = by_role.get(role, 0) + count
         return derive_status(
             generation=meta.get("generation", 0),
             roles=roles,
@@ -306,10 +337,15 @@ class Reconciler:
             revision=target,
             live_contracts=live_contracts,
             old_revisions=plan.old_revisions if plan else None,
+            transfer=transfers.summarize(pods),
+            protocol=spec.get("transfer", {}).get("protocol", "tcp"),
         )
 
     def _announce(self, cr: Manifest, previous: dict[str, Any], status: dict[str, Any]) -> None:
         """Events for the transitions a person wants to hear about."""
+        transfer = _reason(status, "TransferReady")
+        if transfer[1] == "TCPFallback" and _reason(previous, "TransferReady")[1] != "TCPFallback":
+            self.kube.post_event(cr, "Warning", "TCPFallback", transfer[2])
         before, after = previous.get("phase"), status["phase"]
         if before == after:
             return
@@ -323,6 +359,15 @@ class Reconciler:
             self.kube.post_event(cr, "Normal", "Ready", "all replicas are ready")
         elif after == "Progressing" and before == "Ready":
             self.kube.post_event(cr, "Normal", "RollingOut", "a change is rolling out")
+
+
+def _router_contracts(pods: list[Manifest]) -> set[str]:
+    """The contracts of the router pods that exist, terminating ones included."""
+    return {
+        (pod["metadata"].get("labels") or {}).get(names.CONTRACT_LABEL, "")
+        for pod in pods
+        if (pod["metadata"].get("labels") or {}).get(names.ROLE_LABEL) == names.ROUTER
+    }
 
 
 def _live_group(sts: Manifest) -> LiveGroup:
@@ -342,3 +387,11 @@ def _config_maps(sts: Manifest) -> list[str]:
     """The ConfigMaps a StatefulSet's pods mount."""
     volumes = (((sts.get("spec") or {}).get("template") or {}).get("spec") or {}).get("volumes")
     return [v["configMap"]["name"] for v in volumes or [] if v.get("configMap")]
+
+
+def _reason(status: dict[str, Any], kind: str) -> tuple[str, str, str]:
+    """(status, reason, message) of one condition; empty strings if it is not there."""
+    for c in status.get("conditions") or []:
+        if c.get("type") == kind:
+            return c.get("status", ""), c.get("reason", ""), c.get("message", "")
+    return "", "", ""

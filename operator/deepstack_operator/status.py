@@ -8,7 +8,9 @@ Conditions:
   Progressing  a workload is being created or has not caught up with its spec (generation
                not observed, or its pods not all updated and ready, or old ones left).
   Ready        every role's rollout is complete: replicas = updated = ready = desired >= 1.
-  TransferReady at least one encode and one language pod are ready: embeddings can move.
+  TransferReady a language pod has verified a real transfer from an encode pod (its
+               transfer-ready readiness gate, see transfers.py); reason TCPFallback when
+               RDMA was asked for and a check went over TCP.
   Compatible   every live encode and language pod serves the spec's embedding contract;
                False while pods of two contracts live side by side (a paired rollout)
                or the live pods serve only an older one.
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from deepstack_operator.transfers import NO_TRANSFERS, TransferSummary
 
 Status = dict[str, Any]
 
@@ -124,6 +128,22 @@ def compatibility(contract: str, live: dict[str, dict[str, int]]) -> tuple[bool,
     return True, "SingleContract", f"every pod serves contract {contract}" if live else ""
 
 
+def transfer_condition(transfer: TransferSummary, protocol: str) -> tuple[bool, str, str]:
+    """(status, reason, message) of TransferReady."""
+    if not transfer.verified:
+        return (
+            False,
+            "Unverified",
+            "no language pod has verified a transfer from an encode pod yet",
+        )
+    message = f"{transfer.verified} language pod(s) verified a transfer over " + ", ".join(
+        transfer.transports
+    )
+    if protocol == "rdma" and "tcp" in transfer.transports:
+        return True, "TCPFallback", f"RDMA was asked for, but {message}"
+    return True, "TransferVerified", message
+
+
 def derive_status(
     *,
     generation: int,
@@ -136,6 +156,8 @@ def derive_status(
     revision: str = "",
     live_contracts: dict[str, dict[str, int]] | None = None,
     old_revisions: dict[str, str] | None = None,
+    transfer: TransferSummary = NO_TRANSFERS,
+    protocol: str = "tcp",
 ) -> Status:
     """`roles` maps encode/language (and router, if enabled) to their state (the current
     revision's); `old_revisions` (revision: summary) are those a paired rollout keeps
@@ -177,8 +199,7 @@ def derive_status(
     else:
         ready = (True, "AllReplicasReady", "")
 
-    encode, language = states.get("encode"), states.get("language")
-    transfer_ready = bool(encode and encode.ready and language and language.ready)
+    transfer_ready = transfer_condition(transfer, protocol)
 
     if degraded[0]:
         phase = "Degraded"
@@ -193,15 +214,7 @@ def derive_status(
         _condition("Ready", *ready, generation, prev_conditions, now),
         _condition("Progressing", *progressing, generation, prev_conditions, now),
         _condition("Degraded", *degraded, generation, prev_conditions, now),
-        _condition(
-            "TransferReady",
-            transfer_ready,
-            "PeersReady" if transfer_ready else "NoPeers",
-            "" if transfer_ready else "needs at least one ready encode and one ready language pod",
-            generation,
-            prev_conditions,
-            now,
-        ),
+        _condition("TransferReady", *transfer_ready, generation, prev_conditions, now),
         _condition(
             "Compatible",
             *compatibility(contract, live_contracts or {}),
@@ -217,6 +230,9 @@ def derive_status(
         status["revision"] = revision
     for role, state in roles.items():
         status[role] = state.as_status()
+    if "language" in status:
+        status["language"]["transferVerified"] = transfer.verified
+        status["language"]["transports"] = list(transfer.transports)
     if url:
         status["url"] = url
     return status

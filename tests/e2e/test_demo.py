@@ -169,6 +169,15 @@ def test_demo_answers_like_the_monolithic_model(cluster: Cluster, demo: dict[str
     assert status == 200, body
     assert body["choices"][0]["message"]["content"] == monolithic_answer(demo["MODEL_DIR"], 16)
     assert router_counts(demo["ROUTER_URL"]) == {"encode": 1, "language": 1}
+    # The language pod turned Ready only after a real transfer from the encode pod.
+    dsd_status = dsd(cluster, namespace, NAME)["status"]
+    assert condition(dsd_status, "TransferReady")["reason"] == "TransferVerified"
+    assert dsd_status["language"]["transferVerified"] == 1
+    assert dsd_status["language"]["transports"] == ["tcp"]
+    (language,) = pods(cluster, namespace, "language")
+    gate = condition(language["status"], "disagg.deepstack.dev/transfer-ready")
+    assert gate["status"] == "True"
+    assert "over tcp" in gate["message"]
     (encode,) = pods(cluster, namespace, "encode")
     assert sample(metrics(encode), "deepstack_transfer_bytes_total", payload="deepstack") > 0
 
@@ -418,6 +427,43 @@ def test_network_policies_let_only_the_needed_flows_through(
         for src, dst, port in flows
     }
     assert seen == flows
+
+
+def test_rdma_that_falls_back_to_tcp_is_said_not_hidden(
+    cluster: Cluster, demo: dict[str, Any]
+) -> None:
+    """This node has no RDMA device. Asked for RDMA, Mooncake serves over TCP without an
+    error; the transfer check sees which transport it took, and the resource says
+    TCPFallback (a condition reason and a Warning event)."""
+    namespace = demo["namespace"]
+    resource = "rdma/hca_shared_devices_a"  # the default transfer.rdmaResourceName
+    path = "/status/capacity/" + resource.replace("/", "~1")
+    # Advertised by hand, as an RDMA device plugin would (the pods request one each).
+    cluster.kubectl("patch", "node", NODE_NAME, "--subresource=status", "--type=json",
+                    "-p", json.dumps([{"op": "add", "path": path, "value": "4"}]))  # fmt: skip
+    try:
+        cluster.kubectl(
+            "-n", namespace, "patch", "dsd", NAME, "--type=merge", "-p",
+            json.dumps({"spec": {"transfer": {"protocol": "rdma", "rdmaDevices": ["mlx5_0"]}}}),
+        )  # fmt: skip
+        generation = dsd(cluster, namespace, NAME)["metadata"]["generation"]
+        status = wait_for_status(
+            cluster, namespace, NAME, timeout=300, phase="Ready", observedGeneration=generation
+        )
+        transfer = condition(status, "TransferReady")
+        assert (transfer["status"], transfer["reason"]) == ("True", "TCPFallback")
+        assert "RDMA was asked for" in transfer["message"]
+        assert status["language"]["transports"] == ["tcp"]
+        (language,) = pods(cluster, namespace, "language")
+        assert language["spec"]["containers"][0]["resources"]["limits"][resource] == "1"
+        events = get_json(cluster, "-n", namespace, "get", "events.events.k8s.io")["items"]
+        warnings = [e for e in events if e.get("reason") == "TCPFallback"]
+        assert warnings, [e.get("reason") for e in events]
+        assert warnings[0]["type"] == "Warning"
+    finally:
+        undo = json.dumps([{"op": "remove", "path": path}])
+        cluster.kubectl("patch", "node", NODE_NAME, "--subresource=status", "--type=json",
+                        "-p", undo, check=False)  # fmt: skip
 
 
 def test_uninstall_removes_the_operator_and_its_workloads(

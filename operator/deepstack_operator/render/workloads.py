@@ -173,6 +173,8 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
         # No runtime server calls the Kubernetes API (the router finds pods by DNS).
         "automountServiceAccountToken": False,
     }
+    if role == "language":
+        pod_spec["readinessGates"] = [{"conditionType": names.TRANSFER_READY_GATE}]
     if runtime.get("serviceAccountName"):
         pod_spec["serviceAccountName"] = runtime["serviceAccountName"]
     if runtime.get("imagePullSecrets"):

@@ -260,3 +260,17 @@ def test_a_spec_the_runtime_rejects_is_a_config_error() -> None:
     cr["spec"]["model"]["path"] = "/models/../etc"
     with pytest.raises(ConfigError, match=r"without '\.\.'"):
         render_all(cr)
+
+
+def test_only_language_pods_wait_for_a_verified_transfer() -> None:
+    children = render_all(example("minimal-cpu"))
+    gates = {
+        role: group(children, role)["spec"]["template"]["spec"].get("readinessGates")
+        for role in ("encode", "language")
+    }
+    assert gates == {
+        "encode": None,
+        "language": [{"conditionType": "disagg.deepstack.dev/transfer-ready"}],
+    }
+    router = one(children, "Deployment", "tiny-qwen3-vl-moe-router")
+    assert "readinessGates" not in router["spec"]["template"]["spec"]

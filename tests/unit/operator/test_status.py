@@ -5,6 +5,7 @@ from typing import Any
 import pytest
 
 from deepstack_operator.status import Problem, RoleState, derive_status, role_state
+from deepstack_operator.transfers import TransferSummary
 
 NOW = "2026-01-01T00:00:00Z"
 READY = RoleState(desired=2, replicas=2, ready=2, updated=2, up_to_date=True)
@@ -27,7 +28,6 @@ def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
                 "Ready": ("True", "AllReplicasReady"),
                 "Progressing": ("False", "Stable"),
                 "Degraded": ("False", "AsExpected"),
-                "TransferReady": ("True", "PeersReady"),
             },
         ),
         (
@@ -37,7 +37,6 @@ def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
             {
                 "Ready": ("False", "RollingOut"),
                 "Progressing": ("True", "RollingOut"),
-                "TransferReady": ("True", "PeersReady"),
             },
         ),
         (
@@ -47,7 +46,6 @@ def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
             {
                 "Ready": ("False", "Creating"),
                 "Progressing": ("True", "Creating"),
-                "TransferReady": ("False", "NoPeers"),
             },
         ),
         (
@@ -63,7 +61,6 @@ def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
             {
                 "Ready": ("False", "ScaledToZero"),
                 "Progressing": ("False", "Stable"),
-                "TransferReady": ("False", "NoPeers"),
             },
         ),
         (  # a Deployment mid-rollout: enough new pods ready, an old one still there
@@ -288,3 +285,27 @@ def test_compatible(live: dict[str, dict[str, int]], expected: tuple[str, str]) 
         previous={}, now=NOW, contract="new", live_contracts=live,
     )  # fmt: skip
     assert conditions(status)["Compatible"] == expected
+
+
+@pytest.mark.parametrize(
+    ("summary", "protocol", "expected"),
+    [
+        (TransferSummary(0, ()), "tcp", ("False", "Unverified")),
+        (TransferSummary(2, ("tcp",)), "tcp", ("True", "TransferVerified")),
+        (TransferSummary(1, ("rdma",)), "rdma", ("True", "TransferVerified")),
+        (TransferSummary(2, ("rdma", "tcp")), "rdma", ("True", "TCPFallback")),
+    ],
+)
+def test_transfer_ready_says_what_was_verified(
+    summary: TransferSummary, protocol: str, expected: tuple[str, str]
+) -> None:
+    """Ready pods are not proof: only a verified transfer is; RDMA asked for and TCP
+    taken is said, never hidden."""
+    status = derive_status(
+        generation=1, roles={"encode": READY, "language": READY}, problems=[], url="",
+        previous={}, now=NOW, transfer=summary, protocol=protocol,
+    )  # fmt: skip
+    assert conditions(status)["TransferReady"] == expected
+    assert status["language"]["transferVerified"] == summary.verified
+    assert status["language"]["transports"] == list(summary.transports)
+    assert status["phase"] == "Ready"  # serving does not wait on the condition

@@ -1,0 +1,71 @@
+"""The transfer-ready gate's pure parts: which pods, what their metrics say, the summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from deepstack_operator.transfers import (
+    awaiting_check,
+    gate_condition,
+    metrics_url,
+    summarize,
+    verified_transport,
+)
+
+GATE = "disagg.deepstack.dev/transfer-ready"
+
+
+def pod(role: str = "language", **conditions: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "p", "labels": {"disagg.deepstack.dev/role": role}},
+        "spec": {"containers": [{"ports": [{"name": "metrics", "containerPort": 9191}]}]},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.244.0.7",
+            "conditions": [{"type": k, "status": v} for k, v in conditions.items()],
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("candidate", "awaiting"),
+    [
+        (pod(ContainersReady="True", Ready="False"), True),
+        (pod(ContainersReady="False", Ready="False"), False),  # its server is not up yet
+        (pod(ContainersReady="True", Ready="False", **{GATE: "True"}), False),  # done
+        (pod(ContainersReady="True", Ready="True"), False),  # simulated: nothing to judge
+        (pod("encode", ContainersReady="True", Ready="False"), False),
+    ],
+)
+def test_which_pods_await_their_check(candidate: dict[str, Any], awaiting: bool) -> None:
+    assert awaiting_check(candidate) is awaiting
+
+
+def test_metrics_url_uses_the_pods_metrics_port() -> None:
+    assert metrics_url(pod()) == "http://10.244.0.7:9191/metrics"
+
+
+@pytest.mark.parametrize(
+    ("text", "transport"),
+    [
+        ('deepstack_transfer_verified{transport="tcp"} 1.0\n', "tcp"),
+        ('deepstack_transfer_verified{transport="rdma"} 1.0\n', "rdma"),
+        ('deepstack_transfer_verified{transport="tcp"} 0.0\n', None),
+        ("# HELP x y\nx 1\n", None),
+        ("<html>not metrics</html>", None),
+    ],
+)
+def test_verified_transport(text: str, transport: str | None) -> None:
+    assert verified_transport(text) == transport
+
+
+def test_summary_counts_live_language_pods_with_an_open_gate() -> None:
+    verified = pod()
+    verified["status"]["conditions"].append(gate_condition("tcp", "2026-11-30T00:00:00Z"))
+    leaving = pod()
+    leaving["status"]["conditions"].append(gate_condition("rdma", "2026-11-30T00:00:00Z"))
+    leaving["metadata"]["deletionTimestamp"] = "2026-11-30T00:00:00Z"
+    summary = summarize([verified, leaving, pod(), pod("encode")])
+    assert (summary.verified, summary.transports) == (1, ("tcp",))
