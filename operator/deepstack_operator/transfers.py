@@ -22,6 +22,7 @@ from deepstack_operator import names
 
 Manifest = dict[str, Any]
 VERIFIED_METRIC = "deepstack_transfer_verified"
+VERIFIED_REASON = "TransferVerified"
 _TRANSPORT = re.compile(r"over (\w+)")
 
 
@@ -74,7 +75,7 @@ def gate_condition(transport: str, now: str) -> Manifest:
     return {
         "type": names.TRANSFER_READY_GATE,
         "status": "True",
-        "reason": "TransferVerified",
+        "reason": VERIFIED_REASON,
         "message": f"a check transfer from an encode pod arrived intact over {transport}",
         "lastTransitionTime": now,
     }
@@ -99,7 +100,12 @@ def summarize(pods: list[Manifest]) -> TransferSummary:
         if labels.get(names.ROLE_LABEL) != "language" or pod["metadata"].get("deletionTimestamp"):
             continue
         for c in (pod.get("status") or {}).get("conditions") or []:
-            if c.get("type") == names.TRANSFER_READY_GATE and c.get("status") == "True":
+            # Ours only: a simulator (kwok) opens every readiness gate, with no reason.
+            if (
+                c.get("type") == names.TRANSFER_READY_GATE
+                and c.get("status") == "True"
+                and c.get("reason") == VERIFIED_REASON
+            ):
                 verified += 1
                 found = _TRANSPORT.search(c.get("message", ""))
                 transports.add(found.group(1) if found else "unknown")

@@ -67,5 +67,6 @@ def test_summary_counts_live_language_pods_with_an_open_gate() -> None:
     leaving = pod()
     leaving["status"]["conditions"].append(gate_condition("rdma", "2026-11-30T00:00:00Z"))
     leaving["metadata"]["deletionTimestamp"] = "2026-11-30T00:00:00Z"
-    summary = summarize([verified, leaving, pod(), pod("encode")])
+    simulated = pod(**{GATE: "True"})  # kwok opens every gate, without a reason
+    summary = summarize([verified, leaving, simulated, pod(), pod("encode")])
     assert (summary.verified, summary.transports) == (1, ("tcp",))
