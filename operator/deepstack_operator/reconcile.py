@@ -184,7 +184,8 @@ class Reconciler:
         (transfers.py); the pods still waiting for theirs, counted."""
         waiting = 0
         for pod in pods:
-            if not transfers.awaiting_check(pod):
+            if not transfers.can_check(pod):
+                waiting += transfers.awaiting_gate(pod)  # still starting
                 continue
             try:
                 with urllib.request.urlopen(

@@ -33,20 +33,29 @@ def _conditions(pod: Manifest) -> dict[str, str]:
     }
 
 
-def awaiting_check(pod: Manifest) -> bool:
-    """A running language pod whose server is up (its containers are ready) but whose
-    gate is not yet True. A pod Ready without the gate is not ours to judge (a simulated
+def awaiting_gate(pod: Manifest) -> bool:
+    """A language pod, live, not Ready, whose gate is not yet open: the operator looks
+    at it again soon. A pod Ready without the gate is not ours to judge (a simulated
     pod: nothing there can transfer)."""
     labels = pod["metadata"].get("labels") or {}
     conditions = _conditions(pod)
     return (
         labels.get(names.ROLE_LABEL) == "language"
         and not pod["metadata"].get("deletionTimestamp")
-        and (pod.get("status") or {}).get("phase") == "Running"
-        and bool((pod.get("status") or {}).get("podIP"))
-        and conditions.get("ContainersReady") == "True"
         and conditions.get(names.TRANSFER_READY_GATE) != "True"
         and conditions.get("Ready") != "True"
+    )
+
+
+def can_check(pod: Manifest) -> bool:
+    """Awaiting its gate, and its server is up (its containers are ready): its metrics
+    can say whether its transfer check passed."""
+    status = pod.get("status") or {}
+    return (
+        awaiting_gate(pod)
+        and status.get("phase") == "Running"
+        and bool(status.get("podIP"))
+        and _conditions(pod).get("ContainersReady") == "True"
     )
 
 

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from deepstack_operator.transfers import (
-    awaiting_check,
+    awaiting_gate,
+    can_check,
     gate_condition,
     metrics_url,
     summarize,
@@ -30,17 +31,20 @@ def pod(role: str = "language", **conditions: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("candidate", "awaiting"),
+    ("candidate", "awaiting", "checkable"),
     [
-        (pod(ContainersReady="True", Ready="False"), True),
-        (pod(ContainersReady="False", Ready="False"), False),  # its server is not up yet
-        (pod(ContainersReady="True", Ready="False", **{GATE: "True"}), False),  # done
-        (pod(ContainersReady="True", Ready="True"), False),  # simulated: nothing to judge
-        (pod("encode", ContainersReady="True", Ready="False"), False),
+        (pod(ContainersReady="True", Ready="False"), True, True),
+        (pod(ContainersReady="False", Ready="False"), True, False),  # its server is starting
+        (pod(ContainersReady="True", Ready="False", **{GATE: "True"}), False, False),  # done
+        (pod(ContainersReady="True", Ready="True"), False, False),  # simulated: not ours
+        (pod("encode", ContainersReady="True", Ready="False"), False, False),
     ],
 )
-def test_which_pods_await_their_check(candidate: dict[str, Any], awaiting: bool) -> None:
-    assert awaiting_check(candidate) is awaiting
+def test_which_pods_await_their_gate(
+    candidate: dict[str, Any], awaiting: bool, checkable: bool
+) -> None:
+    assert awaiting_gate(candidate) is awaiting
+    assert can_check(candidate) is checkable
 
 
 def test_metrics_url_uses_the_pods_metrics_port() -> None:
