@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +21,22 @@ from kubernetes.dynamic.exceptions import DynamicApiError
 from deepstack_operator import names, transfers
 from deepstack_operator.kube import OWNED_KINDS, Kube, Manifest
 from deepstack_operator.render import Capabilities, render_all, revision, runtime_config
+from deepstack_operator.render.common import scaled_by_hpa, scaled_by_load
 from deepstack_operator.rollout import LiveGroup, RolloutPlan, plan_rollout
-from deepstack_operator.status import Problem, RoleState, derive_status, role_state
+from deepstack_operator.scaling import (
+    GroupBounds,
+    Recommendation,
+    ScalePolicy,
+    plan_scale,
+    requests_inflight,
+)
+from deepstack_operator.status import (
+    Problem,
+    RoleState,
+    derive_status,
+    role_state,
+    transitions,
+)
 from deepstack_runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -31,6 +47,8 @@ RECHECK_MISSING_SECONDS = 5.0
 # What the operator does not watch (pods), it looks at again this often while it waits on
 # them: the last old router pod of a rollout to go, a language pod's transfer check.
 RECHECK_PODS_SECONDS = 2.0
+# autoscaling.policy Load: how often the pods' load is read.
+LOAD_INTERVAL_SECONDS = 5.0
 # A pod's /metrics that does not answer within this long is asked again next time.
 SCRAPE_TIMEOUT_SECONDS = 2.0
 
@@ -79,6 +97,8 @@ def _api_message(error: Exception) -> str:
 class Reconciler:
     def __init__(self, kube: Kube) -> None:
         self.kube = kube
+        # autoscaling.policy Load: each resource's recent recommendations (scaling.py).
+        self._scale_history: dict[tuple[str, str], list[Recommendation]] = {}
 
     def capabilities(self) -> Capabilities:
         return Capabilities(
@@ -88,6 +108,7 @@ class Reconciler:
     def reconcile(self, namespace: str, name: str) -> Outcome:
         cr = self.kube.get_cr(namespace, name)
         if cr is None or cr["metadata"].get("deletionTimestamp"):
+            self._scale_history.pop((namespace, name), None)
             return Outcome(phase=None)  # children go with it: they carry ownerReferences
         spec = cr.get("spec", {})
         outcome = Outcome(phase=None)
@@ -156,6 +177,8 @@ class Reconciler:
             outcome.requeue_after = RECHECK_MISSING_SECONDS
         elif (plan is not None and plan.in_progress) or awaiting_check:
             outcome.requeue_after = RECHECK_PODS_SECONDS
+        elif scaled_by_load(cr):
+            outcome.requeue_after = LOAD_INTERVAL_SECONDS
         for write in outcome.writes:
             log.info("%s/%s: %s", namespace, name, write)
         return outcome
@@ -179,6 +202,71 @@ class Reconciler:
         name = names.child_name(meta["name"], names.ROUTER)
         return self.kube.get("apps/v1", "Deployment", meta["namespace"], name)
 
+    def _scrape(self, pod: Manifest) -> str | None:
+        """A runtime pod's /metrics, or None when it does not answer in time."""
+        try:
+            with urllib.request.urlopen(
+                transfers.metrics_url(pod), timeout=SCRAPE_TIMEOUT_SECONDS
+            ) as response:
+                return str(response.read().decode())
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def _scale_on_load(
+        self, cr: Manifest, pods: list[Manifest], live_sets: list[Manifest], target: str
+    ) -> dict[str, int]:
+        """autoscaling.policy Load: the replicas of each group, from the load its ready
+        pods report (scaling.py); a group not listed keeps its spec's count."""
+        spec, meta = cr["spec"], cr["metadata"]
+        autoscaling = spec["autoscaling"]
+        bounds: dict[str, GroupBounds] = {}
+        for role in names.ROLES:
+            if role in autoscaling:
+                given = autoscaling[role]
+                bounds[role] = GroupBounds(
+                    given.get("minReplicas", 1),
+                    given["maxReplicas"],
+                    float(given.get("targetRequestsPerPod", 4)),
+                )
+            else:
+                fixed = spec.get(role, {}).get("replicas", 1)
+                bounds[role] = GroupBounds(fixed, fixed, math.inf)
+        ratio = autoscaling.get("ratio") or {}
+        policy = ScalePolicy(
+            bounds,
+            float(ratio.get("min", 0.25)),
+            float(ratio.get("max", 4)),
+            float(autoscaling.get("scaleDownStabilizationSeconds", 60)),
+        )
+        groups = [_live_group(s) for s in live_sets]
+        live = {g.role: g.replicas for g in groups if g.revision == target}
+        current = {role: live.get(role, bounds[role].minimum) for role in names.ROLES}
+        load = dict.fromkeys(names.ROLES, 0.0)
+        for pod in pods:
+            role = (pod["metadata"].get("labels") or {}).get(names.ROLE_LABEL, "")
+            ready = any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (pod.get("status") or {}).get("conditions") or []
+            )
+            if role in load and ready and (pod.get("status") or {}).get("podIP"):
+                text = self._scrape(pod)
+                load[role] += requests_inflight(text) if text is not None else 0.0
+        key = (meta["namespace"], meta["name"])
+        replicas, self._scale_history[key] = plan_scale(
+            now=time.monotonic(),
+            load=load,
+            current=current,
+            history=self._scale_history.get(key, []),
+            policy=policy,
+        )
+        if replicas != current:
+            change = ", ".join(f"{r} {current[r]} -> {replicas[r]}" for r in names.ROLES)
+            seen = ", ".join(f"{r} {load[r]:g}" for r in names.ROLES)
+            self.kube.post_event(
+                cr, "Normal", "ScaledOnLoad", f"{change} (requests in flight: {seen})"
+            )
+        return replicas
+
     def _verify_transfers(self, pods: list[Manifest], outcome: Outcome) -> int:
         """Open the transfer-ready gate of each language pod that has verified a transfer
         (transfers.py); the pods still waiting for theirs, counted."""
@@ -187,13 +275,8 @@ class Reconciler:
             if not transfers.can_check(pod):
                 waiting += transfers.awaiting_gate(pod)  # still starting
                 continue
-            try:
-                with urllib.request.urlopen(
-                    transfers.metrics_url(pod), timeout=SCRAPE_TIMEOUT_SECONDS
-                ) as response:
-                    transport = transfers.verified_transport(response.read().decode())
-            except (OSError, UnicodeDecodeError):
-                transport = None
+            text = self._scrape(pod)
+            transport = transfers.verified_transport(text) if text is not None else None
             if transport is None:
                 waiting += 1
                 continue
@@ -218,16 +301,19 @@ class Reconciler:
     ) -> RolloutPlan:
         spec = cr.get("spec", {})
         autoscaling = spec.get("autoscaling") or {}
+        by_hpa = scaled_by_hpa(cr)
         desired = {
             role: (
                 autoscaling[role].get("minReplicas", 1)
-                if role in autoscaling
+                if role in by_hpa
                 else spec.get(role, {}).get("replicas", 1)
             )
             for role in names.ROLES
         }
         router_spec = spec.get("router", {})
         config = runtime_config(cr)
+        if scaled_by_load(cr):
+            desired = self._scale_on_load(cr, pods, live_sets, revision(cr, config))
         router_settled = not router_spec.get("enabled", True) or (
             router is not None
             and role_state(router, router_spec.get("replicas", 1)).settled
@@ -238,7 +324,7 @@ class Reconciler:
         return plan_rollout(
             target=revision(cr, config),
             desired=desired,
-            autoscaled=frozenset(autoscaling),
+            autoscaled=frozenset(by_hpa),
             live=[_live_group(s) for s in live_sets],
             router_settled=router_settled,
         )
@@ -343,23 +429,8 @@ class Reconciler:
         )
 
     def _announce(self, cr: Manifest, previous: dict[str, Any], status: dict[str, Any]) -> None:
-        """Events for the transitions a person wants to hear about."""
-        transfer = _reason(status, "TransferReady")
-        if transfer[1] == "TCPFallback" and _reason(previous, "TransferReady")[1] != "TCPFallback":
-            self.kube.post_event(cr, "Warning", "TCPFallback", transfer[2])
-        before, after = previous.get("phase"), status["phase"]
-        if before == after:
-            return
-        degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
-        if after == "Degraded":
-            self.kube.post_event(cr, "Warning", degraded["reason"], degraded["message"])
-            return
-        if before == "Degraded":
-            self.kube.post_event(cr, "Normal", "Recovered", f"no longer degraded; now {after}")
-        if after == "Ready":
-            self.kube.post_event(cr, "Normal", "Ready", "all replicas are ready")
-        elif after == "Progressing" and before == "Ready":
-            self.kube.post_event(cr, "Normal", "RollingOut", "a change is rolling out")
+        for event_type, reason, message in transitions(previous, status):
+            self.kube.post_event(cr, event_type, reason, message)
 
 
 def _router_contracts(pods: list[Manifest]) -> set[str]:
@@ -388,11 +459,3 @@ def _config_maps(sts: Manifest) -> list[str]:
     """The ConfigMaps a StatefulSet's pods mount."""
     volumes = (((sts.get("spec") or {}).get("template") or {}).get("spec") or {}).get("volumes")
     return [v["configMap"]["name"] for v in volumes or [] if v.get("configMap")]
-
-
-def _reason(status: dict[str, Any], kind: str) -> tuple[str, str, str]:
-    """(status, reason, message) of one condition; empty strings if it is not there."""
-    for c in status.get("conditions") or []:
-        if c.get("type") == kind:
-            return c.get("status", ""), c.get("reason", ""), c.get("message", "")
-    return "", "", ""

@@ -236,3 +236,33 @@ def derive_status(
     if url:
         status["url"] = url
     return status
+
+
+def _condition_of(status: Status, kind: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == kind), {})
+
+
+def transitions(previous: Status, status: Status) -> list[tuple[str, str, str]]:
+    """The events a person wants to hear about, (type, reason, message), from one status
+    to the next: entering or leaving Degraded, Ready, a rollout starting, and an RDMA
+    transfer that took TCP (never silent)."""
+    events: list[tuple[str, str, str]] = []
+    transfer = _condition_of(status, "TransferReady")
+    if (
+        transfer.get("reason") == "TCPFallback"
+        and _condition_of(previous, "TransferReady").get("reason") != "TCPFallback"
+    ):
+        events.append(("Warning", "TCPFallback", transfer.get("message", "")))
+    before, after = previous.get("phase"), status["phase"]
+    if before == after:
+        return events
+    if after == "Degraded":
+        degraded = _condition_of(status, "Degraded")
+        return [*events, ("Warning", degraded["reason"], degraded["message"])]
+    if before == "Degraded":
+        events.append(("Normal", "Recovered", f"no longer degraded; now {after}"))
+    if after == "Ready":
+        events.append(("Normal", "Ready", "all replicas are ready"))
+    elif after == "Progressing" and before == "Ready":
+        events.append(("Normal", "RollingOut", "a change is rolling out"))
+    return events

@@ -5,12 +5,14 @@ the router finds them by DNS)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +113,7 @@ class Traffic:
     """Requests sent one after another until stopped: each one's status and body."""
 
     url: str
+    body: dict[str, Any] = field(default_factory=lambda: chat(4))
     results: list[tuple[int, Any]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -122,7 +125,7 @@ class Traffic:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.results.append(post(f"{self.url}/v1/chat/completions", chat(4), timeout=60))
+                self.results.append(post(f"{self.url}/v1/chat/completions", self.body, timeout=60))
             except OSError as e:  # no HTTP answer at all: recorded, never hidden
                 self.results.append((0, str(e)))
 
@@ -429,41 +432,87 @@ def test_network_policies_let_only_the_needed_flows_through(
     assert seen == flows
 
 
-def test_rdma_that_falls_back_to_tcp_is_said_not_hidden(
+def scaled_on_load(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    events = get_json(cluster, "-n", namespace, "get", "events.events.k8s.io")["items"]
+    found = [e for e in events if e.get("reason") == "ScaledOnLoad"]
+    return sorted(found, key=lambda e: e.get("eventTime") or "")
+
+
+def group_replicas(cluster: Cluster, namespace: str) -> dict[str, int]:
+    return {
+        role: get_json(
+            cluster, "-n", namespace, "get", "statefulset",
+            group_name(cluster, namespace, NAME, role),
+        )["spec"]["replicas"]
+        for role in ("encode", "language")
+    }  # fmt: skip
+
+
+def test_load_autoscaling_scales_encode_on_image_load_within_the_ratio(
     cluster: Cluster, demo: dict[str, Any]
 ) -> None:
-    """This node has no RDMA device. Asked for RDMA, Mooncake serves over TCP without an
-    error; the transfer check sees which transport it took, and the resource says
-    TCPFallback (a condition reason and a Warning event)."""
+    """autoscaling.policy Load on real pods: image requests load the encoders, which grow
+    first; the encode:language ratio brings a language pod with them; once the load is
+    gone both shrink, but only after the stabilization window."""
     namespace = demo["namespace"]
-    resource = "rdma/hca_shared_devices_a"  # the default transfer.rdmaResourceName
-    path = "/status/capacity/" + resource.replace("/", "~1")
-    # Advertised by hand, as an RDMA device plugin would (the pods request one each).
-    cluster.kubectl("patch", "node", NODE_NAME, "--subresource=status", "--type=json",
-                    "-p", json.dumps([{"op": "add", "path": path, "value": "4"}]))  # fmt: skip
-    try:
-        cluster.kubectl(
-            "-n", namespace, "patch", "dsd", NAME, "--type=merge", "-p",
-            json.dumps({"spec": {"transfer": {"protocol": "rdma", "rdmaDevices": ["mlx5_0"]}}}),
-        )  # fmt: skip
-        generation = dsd(cluster, namespace, NAME)["metadata"]["generation"]
-        status = wait_for_status(
-            cluster, namespace, NAME, timeout=300, phase="Ready", observedGeneration=generation
+    window = 20
+    autoscaling = {
+        "policy": "Load",
+        "encode": {"minReplicas": 1, "maxReplicas": 2, "targetRequestsPerPod": 0.5},
+        "language": {"minReplicas": 1, "maxReplicas": 2, "targetRequestsPerPod": 64},
+        "ratio": {"min": 0.5, "max": 1},
+        "scaleDownStabilizationSeconds": window,
+    }
+    cluster.kubectl(
+        "-n", namespace, "patch", "dsd", NAME, "--type=merge",
+        "-p", json.dumps({"spec": {"autoscaling": autoscaling}}),
+    )  # fmt: skip
+    assert group_replicas(cluster, namespace) == {"encode": 1, "language": 1}
+    body = chat(1)
+    body["messages"][0]["content"][0]["image_url"]["url"] = data_url(png(448, 448, (200, 40, 90)))
+    clients = [Traffic(demo["ROUTER_URL"], body) for _ in range(8)]
+    with contextlib.ExitStack() as running:
+        for client in clients:
+            running.enter_context(client)
+        wait_until(
+            lambda: group_replicas(cluster, namespace) == {"encode": 2, "language": 2},
+            "the operator to scale on the image load",
+            timeout=120,
         )
-        transfer = condition(status, "TransferReady")
-        assert (transfer["status"], transfer["reason"]) == ("True", "TCPFallback")
-        assert "RDMA was asked for" in transfer["message"]
-        assert status["language"]["transports"] == ["tcp"]
-        (language,) = pods(cluster, namespace, "language")
-        assert language["spec"]["containers"][0]["resources"]["limits"][resource] == "1"
-        events = get_json(cluster, "-n", namespace, "get", "events.events.k8s.io")["items"]
-        warnings = [e for e in events if e.get("reason") == "TCPFallback"]
-        assert warnings, [e.get("reason") for e in events]
-        assert warnings[0]["type"] == "Warning"
-    finally:
-        undo = json.dumps([{"op": "remove", "path": path}])
-        cluster.kubectl("patch", "node", NODE_NAME, "--subresource=status", "--type=json",
-                        "-p", undo, check=False)  # fmt: skip
+
+        def both_ready() -> bool:
+            status = dsd(cluster, namespace, NAME).get("status") or {}
+            return status.get("phase") == "Ready" and all(
+                status.get(role, {}).get("readyReplicas") == 2 for role in ("encode", "language")
+            )
+
+        wait_until(both_ready, "the new pods to be ready", timeout=300)
+    stopped = time.monotonic()
+    assert all(c.failures() == [] for c in clients), [c.failures()[:1] for c in clients]
+    (up,) = scaled_on_load(cluster, namespace)
+    # The encoders grew on their own load; the language pod came with them for the ratio
+    # (its own load, at 64 per pod, asked for one).
+    change, _, seen = up["note"].partition(" (requests in flight: ")
+    assert change == "encode 1 -> 2, language 1 -> 2", up["note"]
+    loads = dict(part.split(" ") for part in seen.rstrip(")").split(", "))
+    assert float(loads["encode"]) > 0.5
+    assert float(loads["language"]) <= 64
+    # Load gone: nothing shrinks within the window (less one reading's interval)...
+    while time.monotonic() - stopped < window - 6:
+        assert group_replicas(cluster, namespace) == {"encode": 2, "language": 2}
+        time.sleep(1)
+    # ...and then both do.
+    wait_until(
+        lambda: group_replicas(cluster, namespace) == {"encode": 1, "language": 1},
+        "the scale down after the window",
+        timeout=90,
+    )
+    down = scaled_on_load(cluster, namespace)[-1]
+    assert down["note"].startswith("encode 2 -> 1, language 2 -> 1"), down["note"]
+    cluster.kubectl(
+        "-n", namespace, "patch", "dsd", NAME, "--type=merge",
+        "-p", json.dumps({"spec": {"autoscaling": None}}),
+    )  # fmt: skip
 
 
 def test_uninstall_removes_the_operator_and_its_workloads(

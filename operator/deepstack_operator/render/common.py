@@ -49,3 +49,19 @@ def content_hash(value: Any) -> str:
     """Stable short hash of JSON-able content (for pod-template annotations)."""
     data = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def scaled_by_hpa(cr: Manifest) -> set[str]:
+    """Pod groups a HorizontalPodAutoscaler sizes (autoscaling.policy HPA)."""
+    autoscaling = spec(cr).get("autoscaling") or {}
+    if autoscaling.get("policy", "HPA") != "HPA":
+        return set()
+    return {role for role in names.ROLES if role in autoscaling}
+
+
+def scaled_by_load(cr: Manifest) -> set[str]:
+    """Pod groups the operator sizes from their load (autoscaling.policy Load)."""
+    autoscaling = spec(cr).get("autoscaling") or {}
+    if autoscaling.get("policy", "HPA") != "Load":
+        return set()
+    return {role for role in names.ROLES if role in autoscaling}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from deepstack_operator import names
-from deepstack_operator.render.common import Manifest, cr_name, metadata, spec
+from deepstack_operator.render.common import Manifest, cr_name, metadata, scaled_by_hpa, spec
 from deepstack_operator.render.config import revision
 from deepstack_runtime.config import RuntimeConfig
 
@@ -36,10 +36,8 @@ def render_autoscalers(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
     """One per autoscaled group, sizing the current revision's StatefulSet."""
     autoscaling = spec(cr).get("autoscaling") or {}
     out = []
-    for role in names.ROLES:
-        bounds = autoscaling.get(role)
-        if not bounds:
-            continue
+    for role in sorted(scaled_by_hpa(cr)):
+        bounds = autoscaling[role]
         name = names.child_name(cr_name(cr), role)
         target = names.workload_name(cr_name(cr), role, revision(cr, config))
         out.append(

@@ -10,6 +10,7 @@ from deepstack_operator.render.common import (
     content_hash,
     cr_name,
     metadata,
+    scaled_by_hpa,
     spec,
 )
 from deepstack_operator.render.config import revision
@@ -223,10 +224,9 @@ def revision_labels(cr: Manifest, config: RuntimeConfig) -> dict[str, str]:
 def default_replicas(cr: Manifest) -> dict[str, int | None]:
     """Replicas per pod group as the spec gives them; None where an autoscaler decides."""
     s = spec(cr)
-    autoscaled = s.get("autoscaling") or {}
+    by_hpa = scaled_by_hpa(cr)
     return {
-        role: None if role in autoscaled else s.get(role, {}).get("replicas", 1)
-        for role in names.ROLES
+        role: None if role in by_hpa else s.get(role, {}).get("replicas", 1) for role in names.ROLES
     }
 
 

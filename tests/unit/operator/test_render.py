@@ -274,3 +274,15 @@ def test_only_language_pods_wait_for_a_verified_transfer() -> None:
     }
     router = one(children, "Deployment", "tiny-qwen3-vl-moe-router")
     assert "readinessGates" not in router["spec"]["template"]["spec"]
+
+
+def test_load_autoscaling_renders_no_hpa_and_keeps_the_replica_count() -> None:
+    """Policy Load: the operator sizes the groups itself (deepstack_operator.scaling)."""
+    cr = example("minimal-cpu")
+    cr["spec"]["autoscaling"] = {
+        "policy": "Load",
+        "encode": {"minReplicas": 1, "maxReplicas": 4},
+    }
+    children = render_all(cr)
+    assert by_kind(children, "HorizontalPodAutoscaler") == []
+    assert group(children, "encode")["spec"]["replicas"] == 1

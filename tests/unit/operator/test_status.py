@@ -4,7 +4,13 @@ from typing import Any
 
 import pytest
 
-from deepstack_operator.status import Problem, RoleState, derive_status, role_state
+from deepstack_operator.status import (
+    Problem,
+    RoleState,
+    derive_status,
+    role_state,
+    transitions,
+)
 from deepstack_operator.transfers import TransferSummary
 
 NOW = "2026-01-01T00:00:00Z"
@@ -309,3 +315,27 @@ def test_transfer_ready_says_what_was_verified(
     assert status["language"]["transferVerified"] == summary.verified
     assert status["language"]["transports"] == list(summary.transports)
     assert status["phase"] == "Ready"  # serving does not wait on the condition
+
+
+def test_a_fallback_to_tcp_is_announced_once_as_a_warning() -> None:
+    common: dict[str, Any] = {
+        "generation": 1, "roles": {"encode": READY, "language": READY}, "problems": [],
+        "url": "", "now": NOW, "protocol": "rdma",
+    }  # fmt: skip
+    before = derive_status(**common, previous={}, transfer=TransferSummary(0, ()))
+    fallback = derive_status(**common, previous=before, transfer=TransferSummary(1, ("tcp",)))
+    warnings = [e for e in transitions(before, fallback) if e[1] == "TCPFallback"]
+    assert len(warnings) == 1
+    assert warnings[0][0] == "Warning"
+    assert "RDMA was asked for" in warnings[0][2]
+    again = derive_status(**common, previous=fallback, transfer=TransferSummary(2, ("tcp",)))
+    assert transitions(fallback, again) == []  # said once, not at every status
+
+
+def test_phase_transitions_are_announced() -> None:
+    ready = derive_status(generation=1, roles={"encode": READY, "language": READY},
+                          problems=[], url="", previous={}, now=NOW)  # fmt: skip
+    rolling = derive_status(generation=2, roles={"encode": READY, "language": ROLLING},
+                            problems=[], url="", previous=ready, now=NOW)  # fmt: skip
+    assert transitions({}, ready) == [("Normal", "Ready", "all replicas are ready")]
+    assert transitions(ready, rolling) == [("Normal", "RollingOut", "a change is rolling out")]
