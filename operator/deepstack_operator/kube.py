@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
+import json
 import threading
 import uuid
 from typing import Any
@@ -45,6 +47,31 @@ _VOLATILE_METADATA = (
 )
 
 
+def _digest(manifest: Manifest) -> str:
+    data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _version(obj: Manifest) -> str:
+    """Changes with every change of the spec (of anything, for kinds without a generation)."""
+    meta = obj.get("metadata", {})
+    if meta.get("generation"):
+        return f"generation {meta['generation']}"
+    return f"resourceVersion {meta.get('resourceVersion', '')}"
+
+
+def _metadata_holds(manifest: Manifest, live: Manifest) -> bool:
+    """The labels, annotations and owner references we set are all still on `live`
+    (an edit of metadata changes no generation)."""
+    want, have = manifest["metadata"], live.get("metadata", {})
+    for field in ("labels", "annotations"):
+        held = have.get(field) or {}
+        if any(held.get(k) != v for k, v in (want.get(field) or {}).items()):
+            return False
+    owners = {r.get("uid") for r in have.get("ownerReferences") or []}
+    return all(r.get("uid") in owners for r in want.get("ownerReferences") or [])
+
+
 def comparable(obj: Manifest) -> Manifest:
     """The parts of an object a reconcile may change."""
     meta = {k: v for k, v in obj.get("metadata", {}).items() if k not in _VOLATILE_METADATA}
@@ -59,6 +86,9 @@ class Kube:
         self.events = client.EventsV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self._resources: dict[tuple[str, str], Any] = {}
+        # (kind, namespace, name) -> (digest of the manifest, version of the object) when
+        # the two were last seen to agree (apply_if_changed).
+        self._current: dict[tuple[str, str, str], tuple[str, str]] = {}
         self._lock = threading.Lock()
 
     def resource(self, api_version: str, kind: str) -> Any:
@@ -119,20 +149,36 @@ class Kube:
         result: Manifest = obj.to_dict()
         return result
 
-    def apply_if_changed(self, manifest: Manifest) -> tuple[str | None, Manifest]:
-        """Apply `manifest` unless the server already holds exactly that. Returns
-        ("created" | "updated" | None when nothing was written, the object as stored)."""
+    def apply_if_changed(
+        self, manifest: Manifest, live: Manifest | None
+    ) -> tuple[str | None, Manifest]:
+        """Apply `manifest` unless the server already holds exactly that. `live` is the
+        object as just read (None: absent). Returns ("created" | "updated" | None when
+        nothing was written, the object as stored).
+
+        Whether a write would change anything is asked of the server (a dry-run apply),
+        except when this same manifest was found or made current at this same spec
+        generation (resourceVersion for kinds without one) and the metadata we set is
+        still there: most reconciles follow a status change of a child, not a change."""
         meta = manifest["metadata"]
-        live = self.get(manifest["apiVersion"], manifest["kind"], meta["namespace"], meta["name"])
         manifest = keep_replicas_until_handed_over(manifest, live)
+        key = (manifest["kind"], meta["namespace"], meta["name"])
+        digest = _digest(manifest)
         if live is not None:
+            if self._current.get(key) == (digest, _version(live)) and _metadata_holds(
+                manifest, live
+            ):
+                return None, live
             would_be = self.apply(manifest, dry_run=True)
             if comparable(would_be) == comparable(live):
+                self._current[key] = (digest, _version(live))
                 return None, live
         stored = self.apply(manifest)
+        self._current[key] = (digest, _version(stored))
         return ("created" if live is None else "updated"), stored
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self._current.pop((kind, namespace, name), None)
         with contextlib.suppress(NotFoundError):
             self.resource(api_version, kind).delete(
                 name=name, namespace=namespace, body={"propagationPolicy": "Background"}

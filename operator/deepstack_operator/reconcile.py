@@ -119,8 +119,9 @@ class Reconciler:
             if self.kube.exists(api_version, kind, namespace, ref) is False
         ]
         capabilities = self.capabilities()
-        live_sets = self._owned(cr, "apps/v1", "StatefulSet")
-        router = self._router(cr)
+        live_children = self._live_children(cr, capabilities)
+        live_sets = [obj for (kind, _), obj in live_children.items() if kind == "StatefulSet"]
+        router = self._router(cr, live_children)
         pods = self.kube.list_owned("v1", "Pod", namespace, name)
         awaiting_check = self._verify_transfers(pods, outcome)
         plan: RolloutPlan | None = None
@@ -137,7 +138,8 @@ class Reconciler:
         if children is not None:
             for child in children:
                 try:
-                    change, stored = self.kube.apply_if_changed(child)
+                    live = live_children.get((child["kind"], child["metadata"]["name"]))
+                    change, stored = self.kube.apply_if_changed(child, live)
                 except (DynamicApiError, ApiException) as e:
                     if getattr(e, "status", 500) >= 500:
                         raise  # the server's trouble: retry with backoff
@@ -152,7 +154,7 @@ class Reconciler:
                     outcome.writes.append(f"{change} {child['kind']}/{child['metadata']['name']}")
                     workloads[(child["kind"], child["metadata"]["name"])] = stored
             assert plan is not None
-            outcome.writes += self._prune(cr, children, capabilities, plan, live_sets)
+            outcome.writes += self._prune(cr, children, plan, live_children)
 
         status = self._status(cr, problems, workloads, plan, live_sets, router, pods)
         previous = cr.get("status") or {}
@@ -195,12 +197,26 @@ class Reconciler:
             )
         ]
 
-    def _router(self, cr: Manifest) -> Manifest | None:
+    def _live_children(
+        self, cr: Manifest, capabilities: Capabilities
+    ) -> dict[tuple[str, str], Manifest]:
+        """Every child this resource controls, by (kind, name): one list per kind."""
+        found = {}
+        for api_version, kind in OWNED_KINDS:
+            if kind == "PodMonitor" and not capabilities.pod_monitor:
+                continue
+            for obj in self._owned(cr, api_version, kind):
+                found[(kind, obj["metadata"]["name"])] = obj
+        return found
+
+    def _router(
+        self, cr: Manifest, live_children: dict[tuple[str, str], Manifest]
+    ) -> Manifest | None:
         if not cr.get("spec", {}).get("router", {}).get("enabled", True):
             return None
-        meta = cr["metadata"]
-        name = names.child_name(meta["name"], names.ROUTER)
-        return self.kube.get("apps/v1", "Deployment", meta["namespace"], name)
+        return live_children.get(
+            ("Deployment", names.child_name(cr["metadata"]["name"], names.ROUTER))
+        )
 
     def _scrape(self, pod: Manifest) -> str | None:
         """A runtime pod's /metrics, or None when it does not answer in time."""
@@ -333,28 +349,22 @@ class Reconciler:
         self,
         cr: Manifest,
         children: list[Manifest],
-        capabilities: Capabilities,
         plan: RolloutPlan,
-        live_sets: list[Manifest],
+        live_children: dict[tuple[str, str], Manifest],
     ) -> list[str]:
         """Delete what is ours and no longer wanted; a rollout's old revisions (their
         StatefulSets and the ConfigMaps their pods mount) stay until the plan drops them."""
-        meta = cr["metadata"]
         wanted = {(c["kind"], c["metadata"]["name"]) for c in children}
-        for kept in live_sets:
-            if kept["metadata"]["name"] in plan.keep:
-                wanted.add(("StatefulSet", kept["metadata"]["name"]))
-                wanted.update(("ConfigMap", name) for name in _config_maps(kept))
+        for (kind, name), kept in live_children.items():
+            if kind == "StatefulSet" and name in plan.keep:
+                wanted.add((kind, name))
+                wanted.update(("ConfigMap", config_map) for config_map in _config_maps(kept))
+        api_versions = {kind: api_version for api_version, kind in OWNED_KINDS}
         pruned = []
-        for api_version, kind in OWNED_KINDS:
-            if kind == "PodMonitor" and not capabilities.pod_monitor:
-                continue
-            live = live_sets if kind == "StatefulSet" else self._owned(cr, api_version, kind)
-            for obj in live:
-                name = obj["metadata"]["name"]
-                if (kind, name) not in wanted:
-                    self.kube.delete(api_version, kind, meta["namespace"], name)
-                    pruned.append(f"deleted {kind}/{name}")
+        for kind, name in live_children:  # in the order of OWNED_KINDS
+            if (kind, name) not in wanted:
+                self.kube.delete(api_versions[kind], kind, cr["metadata"]["namespace"], name)
+                pruned.append(f"deleted {kind}/{name}")
         return pruned
 
     def _status(
