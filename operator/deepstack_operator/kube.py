@@ -2,7 +2,9 @@
 
 Writes go through server-side apply under one field manager. Before a write, a dry-run
 apply shows what the server would store; if that equals the live object, nothing is
-written, so a no-op reconcile leaves every resourceVersion as it was.
+written, so a no-op reconcile leaves every resourceVersion as it was. The dry-run itself
+is skipped when the same manifest was already found current at the object's present
+generation (apply_if_changed).
 """
 
 from __future__ import annotations
@@ -53,11 +55,13 @@ def _digest(manifest: Manifest) -> str:
 
 
 def _version(obj: Manifest) -> str:
-    """Changes with every change of the spec (of anything, for kinds without a generation)."""
+    """Changes with every change of the spec (of anything, for kinds without a
+    generation), and when the object is recreated."""
     meta = obj.get("metadata", {})
+    uid = meta.get("uid", "")  # a deleted and recreated object starts again at 1
     if meta.get("generation"):
-        return f"generation {meta['generation']}"
-    return f"resourceVersion {meta.get('resourceVersion', '')}"
+        return f"{uid} generation {meta['generation']}"
+    return f"{uid} resourceVersion {meta.get('resourceVersion', '')}"
 
 
 def _metadata_holds(manifest: Manifest, live: Manifest) -> bool:

@@ -1,5 +1,8 @@
-"""One level-based reconciliation: read -> check references -> render (pure) -> apply what
-changed -> prune -> derive status (pure) -> write status if it changed.
+"""One level-based reconciliation: read (the children, one list per kind; the pods) ->
+check references -> open the transfer-ready gates of language pods that verified a
+transfer (transfers.py) -> plan the rollout (rollout.py; sizes from scaling.py under
+autoscaling.policy Load) -> render (pure) -> apply what changed -> prune -> derive status
+(pure) -> write status if it changed.
 
 Runs in a worker thread; raises only for unexpected failures (the work queue retries those
 with backoff). Problems a user must fix become a Degraded condition, not an exception.
@@ -8,6 +11,7 @@ with backoff). Problems a user must fix become a Degraded condition, not an exce
 from __future__ import annotations
 
 import datetime
+import http.client
 import logging
 import math
 import time
@@ -49,6 +53,8 @@ RECHECK_MISSING_SECONDS = 5.0
 RECHECK_PODS_SECONDS = 2.0
 # autoscaling.policy Load: how often the pods' load is read.
 LOAD_INTERVAL_SECONDS = 5.0
+# A runtime pod's /metrics is a few KiB; more is not read.
+MAX_METRICS_BYTES = 1 << 20
 # A pod's /metrics that does not answer within this long is asked again next time.
 SCRAPE_TIMEOUT_SECONDS = 2.0
 
@@ -122,8 +128,10 @@ class Reconciler:
         live_children = self._live_children(cr, capabilities)
         live_sets = [obj for (kind, _), obj in live_children.items() if kind == "StatefulSet"]
         router = self._router(cr, live_children)
-        pods = self.kube.list_owned("v1", "Pod", namespace, name)
-        awaiting_check = self._verify_transfers(pods, outcome)
+        pods = _controlled_pods(
+            self.kube.list_owned("v1", "Pod", namespace, name), cr, live_children
+        )
+        awaiting_check = self._verify_transfers(cr, pods, outcome, problems)
         plan: RolloutPlan | None = None
         try:
             plan = self._plan(cr, live_sets, router, pods)
@@ -181,6 +189,8 @@ class Reconciler:
             outcome.requeue_after = RECHECK_PODS_SECONDS
         elif scaled_by_load(cr):
             outcome.requeue_after = LOAD_INTERVAL_SECONDS
+        if not scaled_by_load(cr):
+            self._scale_history.pop((namespace, name), None)
         for write in outcome.writes:
             log.info("%s/%s: %s", namespace, name, write)
         return outcome
@@ -219,14 +229,19 @@ class Reconciler:
         )
 
     def _scrape(self, pod: Manifest) -> str | None:
-        """A runtime pod's /metrics, or None when it does not answer in time."""
-        try:
-            with urllib.request.urlopen(
-                transfers.metrics_url(pod), timeout=SCRAPE_TIMEOUT_SECONDS
-            ) as response:
-                return str(response.read().decode())
-        except (OSError, UnicodeDecodeError):
+        """A runtime pod's /metrics; None when it cannot be read (no answer in time, an
+        error, a redirect, a body over MAX_METRICS_BYTES)."""
+        url = transfers.metrics_url(pod)
+        if url is None:
             return None
+        try:
+            with _DIRECT.open(url, timeout=SCRAPE_TIMEOUT_SECONDS) as response:
+                body = response.read(MAX_METRICS_BYTES + 1)
+        except (OSError, http.client.HTTPException, ValueError):
+            return None
+        if len(body) > MAX_METRICS_BYTES:
+            return None
+        return str(body.decode(errors="replace"))
 
     def _scale_on_load(
         self, cr: Manifest, pods: list[Manifest], live_sets: list[Manifest], target: str
@@ -258,6 +273,7 @@ class Reconciler:
         live = {g.role: g.replicas for g in groups if g.revision == target}
         current = {role: live.get(role, bounds[role].minimum) for role in names.ROLES}
         load = dict.fromkeys(names.ROLES, 0.0)
+        unread: set[str] = set()
         for pod in pods:
             role = (pod["metadata"].get("labels") or {}).get(names.ROLE_LABEL, "")
             ready = any(
@@ -266,7 +282,14 @@ class Reconciler:
             )
             if role in load and ready and (pod.get("status") or {}).get("podIP"):
                 text = self._scrape(pod)
-                load[role] += requests_inflight(text) if text is not None else 0.0
+                if text is None:
+                    unread.add(role)
+                else:
+                    load[role] += requests_inflight(text)
+        for role in unread:
+            # A busy pod may be slow to answer: an unread pod never makes its group
+            # smaller (its load counts as the group's full target).
+            load[role] = max(load[role], current[role] * bounds[role].target_per_pod)
         key = (meta["namespace"], meta["name"])
         replicas, self._scale_history[key] = plan_scale(
             now=time.monotonic(),
@@ -283,29 +306,43 @@ class Reconciler:
             )
         return replicas
 
-    def _verify_transfers(self, pods: list[Manifest], outcome: Outcome) -> int:
+    def _verify_transfers(
+        self, cr: Manifest, pods: list[Manifest], outcome: Outcome, problems: list[Problem]
+    ) -> int:
         """Open the transfer-ready gate of each language pod that has verified a transfer
-        (transfers.py); the pods still waiting for theirs, counted."""
+        (transfers.py), or of every language pod when the encode group is held at zero
+        (text only: there is nothing to verify); the running pods still waiting, counted."""
+        spec = cr.get("spec", {})
+        no_encoders = (
+            "encode" not in (spec.get("autoscaling") or {})
+            and spec.get("encode", {}).get("replicas", 1) == 0
+        )
         waiting = 0
         for pod in pods:
             if not transfers.can_check(pod):
-                waiting += transfers.awaiting_gate(pod)  # still starting
+                waiting += transfers.awaiting_gate(pod)  # its server is still starting
                 continue
-            text = self._scrape(pod)
-            transport = transfers.verified_transport(text) if text is not None else None
-            if transport is None:
-                waiting += 1
-                continue
-            condition = transfers.gate_condition(transport, _now())
+            if no_encoders:
+                condition = transfers.text_only_condition(_now())
+            else:
+                text = self._scrape(pod)
+                transport = transfers.verified_transport(text) if text is not None else None
+                if transport is None:
+                    waiting += 1
+                    continue
+                condition = transfers.gate_condition(transport, _now())
             meta = pod["metadata"]
             try:
                 self.kube.set_pod_condition(meta["namespace"], meta["name"], condition)
             except ApiException as e:
                 if e.status == 404:  # gone meanwhile
                     continue
-                raise
+                if e.status >= 500:
+                    raise  # the server's trouble: retry with backoff
+                problems.append(Problem("GateFailed", f"Pod {meta['name']}: {_api_message(e)}"))
+                continue
             pod.setdefault("status", {}).setdefault("conditions", []).append(condition)
-            outcome.writes.append(f"transfer verified over {transport}: Pod/{meta['name']}")
+            outcome.writes.append(f"{condition['reason']}: Pod/{meta['name']}")
         return waiting
 
     def _plan(
@@ -434,7 +471,7 @@ class Reconciler:
             revision=target,
             live_contracts=live_contracts,
             old_revisions=plan.old_revisions if plan else None,
-            transfer=transfers.summarize(pods),
+            transfer=transfers.summarize(pods, target),
             protocol=spec.get("transfer", {}).get("protocol", "tcp"),
         )
 
@@ -443,12 +480,43 @@ class Reconciler:
             self.kube.post_event(cr, event_type, reason, message)
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *_: Any, **__: Any) -> None:
+        return None  # a redirect is an error: the operator fetches only what it asked for
+
+
+# Pods' /metrics are fetched directly: never through a proxy, never redirected elsewhere.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects)
+
+
+def _controlled_pods(
+    pods: list[Manifest], cr: Manifest, live_children: dict[tuple[str, str], Manifest]
+) -> list[Manifest]:
+    """The pods our own workloads made: a pod that merely carries our labels is not
+    scraped, not gated and holds no rollout."""
+    sets = {name for kind, name in live_children if kind == "StatefulSet"}
+    router_prefix = names.child_name(cr["metadata"]["name"], names.ROUTER) + "-"
+    mine = []
+    for pod in pods:
+        for ref in pod["metadata"].get("ownerReferences") or []:
+            if not ref.get("controller"):
+                continue
+            if (ref.get("kind") == "StatefulSet" and ref.get("name") in sets) or (
+                ref.get("kind") == "ReplicaSet"
+                and str(ref.get("name", "")).startswith(router_prefix)
+            ):
+                mine.append(pod)
+    return mine
+
+
 def _router_contracts(pods: list[Manifest]) -> set[str]:
-    """The contracts of the router pods that exist, terminating ones included."""
+    """The contracts of the router pods that exist, terminating ones included (they may
+    still get requests); failed or finished ones (evicted, for example) do not count."""
     return {
         (pod["metadata"].get("labels") or {}).get(names.CONTRACT_LABEL, "")
         for pod in pods
         if (pod["metadata"].get("labels") or {}).get(names.ROLE_LABEL) == names.ROUTER
+        and (pod.get("status") or {}).get("phase") not in ("Failed", "Succeeded")
     }
 
 

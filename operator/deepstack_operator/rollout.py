@@ -17,8 +17,11 @@ A change of revision is a surge of whole pairs:
   3. once every group of the new revision is ready at its desired size and the router has
      rolled, the old revisions are deleted (their pods drain as any deleted pod does).
 
-A new revision that never becomes ready never takes the old one down. An old revision
-that serves nothing (no ready pod) is removed at once: it only holds capacity.
+A new revision that never becomes ready never takes the old one down: every older
+revision stays, as it is, until the new one is complete (one that was itself never
+finished included: telling a revision that never served from one that is only briefly
+unready would need a memory the planner does not keep, and deleting the wrong one is an
+outage).
 
 `plan_rollout` decides each step from what is live; it is pure and table-tested.
 """
@@ -96,15 +99,13 @@ def plan_rollout(
     if complete or not older:
         return RolloutPlan(target_replicas)
 
-    # Keep each old revision that still serves, whole (its groups as they are).
-    serving: dict[str, list[LiveGroup]] = {}
+    # Keep every old revision, whole (its groups as they are).
+    by_revision: dict[str, list[LiveGroup]] = {}
     for group in older:
-        serving.setdefault(group.revision, []).append(group)
+        by_revision.setdefault(group.revision, []).append(group)
     keep: list[str] = []
     old_revisions: dict[str, str] = {}
-    for revision, groups in sorted(serving.items()):
-        if not any(g.ready for g in groups):
-            continue
+    for revision, groups in sorted(by_revision.items()):
         keep += [g.name for g in groups]
         old_revisions[revision] = ", ".join(
             f"{g.role} {g.ready}/{g.replicas}" for g in sorted(groups, key=lambda g: g.role)

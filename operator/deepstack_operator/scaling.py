@@ -53,6 +53,8 @@ def within_ratio(replicas: dict[str, int], policy: ScalePolicy) -> dict[str, int
     smaller side where its maximum allows, else lowering the larger one."""
     e, lang = replicas[ENCODE], replicas[LANGUAGE]
     be, bl = policy.bounds[ENCODE], policy.bounds[LANGUAGE]
+    if be.maximum == 0 or bl.maximum == 0:
+        return {ENCODE: e, LANGUAGE: lang}  # a group held at zero: no ratio to keep
     if e > policy.ratio_max * lang:
         lang = _clamp(max(lang, math.ceil(e / policy.ratio_max)), bl)
         if e > policy.ratio_max * lang:
@@ -83,11 +85,12 @@ def plan_scale(
 ) -> tuple[dict[str, int], list[Recommendation]]:
     """(replicas to apply, the history to keep for next time).
 
-    `history` is empty the first time a resource is seen: the current size then counts
-    as a recommendation, so that a restarted operator never scales down at once."""
-    if not history:
-        history = [Recommendation(now, dict(current))]
+    When nothing recent is remembered (the first time a resource is seen, or after a
+    pause longer than the window) the current size counts as a recommendation, so that
+    a restarted operator never scales down at once."""
     kept = [r for r in history if now - r.at <= policy.down_window_seconds]
+    if not kept:
+        kept = [Recommendation(now, dict(current))]
     kept.append(Recommendation(now, recommend(load, policy)))
     highest = {
         role: _clamp(max(r.replicas[role] for r in kept), policy.bounds[role])
@@ -102,8 +105,9 @@ def requests_inflight(metrics_text: str) -> float:
     try:
         for family in text_string_to_metric_families(metrics_text):
             for sample in family.samples:
-                if sample.name == "deepstack_requests_inflight":
-                    total += sample.value
+                # A value that is no count (NaN, infinite, negative) is not load.
+                if sample.name == "deepstack_requests_inflight" and math.isfinite(sample.value):
+                    total += max(sample.value, 0.0)
     except ValueError:
         return 0.0
     return total

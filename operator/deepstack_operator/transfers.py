@@ -42,9 +42,22 @@ def awaiting_gate(pod: Manifest) -> bool:
     return (
         labels.get(names.ROLE_LABEL) == "language"
         and not pod["metadata"].get("deletionTimestamp")
+        # Not a pod that cannot be scheduled: it waits for capacity, not for us.
+        and (pod.get("status") or {}).get("phase") == "Running"
         and conditions.get(names.TRANSFER_READY_GATE) != "True"
         and conditions.get("Ready") != "True"
     )
+
+
+def text_only_condition(now: str) -> Manifest:
+    """The gate of a language pod that has no encode group to verify a transfer with."""
+    return {
+        "type": names.TRANSFER_READY_GATE,
+        "status": "True",
+        "reason": "NoEncodeGroup",
+        "message": "the encode group is held at zero pods: text only, nothing to transfer",
+        "lastTransitionTime": now,
+    }
 
 
 def can_check(pod: Manifest) -> bool:
@@ -59,13 +72,14 @@ def can_check(pod: Manifest) -> bool:
     )
 
 
-def metrics_url(pod: Manifest) -> str:
-    port = 9090
-    for container in pod["spec"].get("containers", []):
-        for p in container.get("ports", []):
-            if p.get("name") == "metrics":
-                port = int(p["containerPort"])
-    return f"http://{pod['status']['podIP']}:{port}/metrics"
+def metrics_url(pod: Manifest) -> str | None:
+    """Where a runtime pod serves /metrics (its port named "metrics"); None if nowhere."""
+    ip = (pod.get("status") or {}).get("podIP")
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == "metrics" and isinstance(port.get("containerPort"), int):
+                return f"http://{ip}:{port['containerPort']}/metrics" if ip else None
+    return None
 
 
 def verified_transport(metrics_text: str) -> str | None:
@@ -101,12 +115,18 @@ class TransferSummary:
 NO_TRANSFERS = TransferSummary(0, ())
 
 
-def summarize(pods: list[Manifest]) -> TransferSummary:
+def summarize(pods: list[Manifest], revision: str) -> TransferSummary:
+    """Over the live language pods of `revision` (an older revision's pods may have
+    verified another protocol)."""
     verified = 0
     transports: set[str] = set()
     for pod in pods:
         labels = pod["metadata"].get("labels") or {}
-        if labels.get(names.ROLE_LABEL) != "language" or pod["metadata"].get("deletionTimestamp"):
+        if (
+            labels.get(names.ROLE_LABEL) != "language"
+            or labels.get(names.REVISION_LABEL) != revision
+            or pod["metadata"].get("deletionTimestamp")
+        ):
             continue
         for c in (pod.get("status") or {}).get("conditions") or []:
             # Ours only: a simulator (kwok) opens every readiness gate, with no reason.

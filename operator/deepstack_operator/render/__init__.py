@@ -18,8 +18,11 @@ from deepstack_operator.render.workloads import (
     render_role_statefulsets,
     render_router,
 )
+from deepstack_runtime.config import ConfigError
 
 Manifest = dict[str, Any]
+# The longest resource name whose children's names stay within Kubernetes' limits.
+MAX_NAME_LENGTH = 36
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,11 @@ def render_all(
     rollout plan's; default: the spec's). Raises ConfigError (from
     deepstack_runtime.config) for a spec the runtime rejects."""
     config = runtime_config(cr)
+    if len(cr["metadata"]["name"]) > MAX_NAME_LENGTH:  # the CRD says so; older objects
+        raise ConfigError(
+            f"metadata.name must be at most {MAX_NAME_LENGTH} characters: a pod group's "
+            'StatefulSet adds "-language-" and a 6-digit revision, and must stay within 52'
+        )
     children: list[Manifest] = [render_config_map(cr, config)]
     children += render_role_services(cr, config)
     children += render_role_statefulsets(cr, config, replicas)

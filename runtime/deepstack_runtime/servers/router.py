@@ -104,10 +104,10 @@ class Pool:
     def healthy(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.healthy]
 
-    def pick(self, contracts: set[str] | None = None) -> Instance | None:
-        """Least in-flight; among equals, the one picked longest ago (round robin).
-        With `contracts`, only an instance serving one of them."""
-        healthy = [i for i in self.healthy() if contracts is None or i.contract in contracts]
+    def pick(self, contracts: set[str]) -> Instance | None:
+        """Of the instances serving one of `contracts`: least in-flight; among equals,
+        the one picked longest ago (round robin)."""
+        healthy = [i for i in self.healthy() if i.contract in contracts]
         if not healthy:
             return None
         chosen = min(healthy, key=lambda i: (i.inflight, i.picked, i.url))
@@ -245,7 +245,13 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         not hidden behind a Service without endpoints). A router made for a new contract
         so takes traffic only once a pair of that contract serves."""
         if not paired.is_set():
-            if all(any(i.contract == contract for i in p.healthy()) for p in pools.values()):
+            ours = {
+                role: [i for i in p.healthy() if i.contract == contract]
+                for role, p in pools.items()
+            }
+            # No encode pod at all (an encode group held at zero): text only.
+            encoders_expected = bool(pools["encode"].instances)
+            if ours["language"] and (ours["encode"] or not encoders_expected):
                 paired.set()
             else:
                 return error(

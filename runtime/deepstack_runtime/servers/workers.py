@@ -157,9 +157,12 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
     )
     _check_checkpoint(encoder.hidden_size, encoder.num_deepstack, layout)
     metrics = TransferMetrics(server.registry)
+    transport = _transport(config, listen)
+    if transport.fallback:
+        log.warning("transfer.protocol is %s, but %s", config.transfer.protocol, transport.fallback)
     sender = EmbeddingSender(
         _buffers(config, metrics),
-        _transport(config, listen),
+        transport,
         transfer_settings(config),
         metrics,
         host=listen.host,
@@ -434,8 +437,8 @@ async def run_language(
 
     async def stop() -> None:
         checking.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await checking
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await checking  # whatever ended it, the receiver still closes below
         await receiver.close()  # no block is left to a write still in flight
         engine_stop = getattr(model, "stop", None)
         if engine_stop is not None:
@@ -467,7 +470,13 @@ async def check_transfers(
             infos = []
             report.update(ok=False, error=f"no encode pod found behind {service}: {e}")
         for ip in sorted({str(info[4][0]) for info in infos}):
-            result = await check_peer(receiver, f"{ip}:{port}", transport)
+            try:
+                result = await check_peer(receiver, f"{ip}:{port}", transport)
+            except Exception as e:  # a bug must not end the checks in silence
+                log.exception("transfer check with %s:%d", ip, port)
+                report.clear()
+                report.update(ok=False, peer=f"{ip}:{port}", error=repr(e))
+                continue
             report.clear()
             report.update(asdict(result), ok=result.ok)
             if result.ok:

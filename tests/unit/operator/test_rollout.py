@@ -66,18 +66,29 @@ CASES = [
         RolloutPlan({E: 1, L: 2}),
     ),
     (
-        "an old revision that serves nothing goes at once",
+        "an old revision briefly unready is kept: the new one is not ready either",
         "new",
         live("old", (1, 0), (2, 0)) + live("new", (1, 0), (2, 0)),
         False,
-        RolloutPlan({E: 1, L: 2}),
+        RolloutPlan({E: 1, L: 2}, names("old"), {"old": "encode 0/1, language 0/2"}),
     ),
     (
-        "a change during a change: the serving revision stays, the half-made one goes",
+        "a change during a change: both older revisions stay until the newest is ready",
         "c",
         live("a", (1, 1), (2, 2)) + live("b", (1, 0), (2, 0)) + live("c", (1, 0), (2, 0)),
         True,
-        RolloutPlan({E: 1, L: 2}, names("a"), {"a": "encode 1/1, language 2/2"}),
+        RolloutPlan(
+            {E: 1, L: 2},
+            tuple(sorted((*names("a"), *names("b")))),
+            {"a": "encode 1/1, language 2/2", "b": "encode 0/1, language 0/2"},
+        ),
+    ),
+    (
+        "... and all go once it is",
+        "c",
+        live("a", (1, 1), (2, 2)) + live("b", (1, 0), (2, 0)) + live("c", (1, 1), (2, 2)),
+        True,
+        RolloutPlan({E: 1, L: 2}),
     ),
     (
         "a partly serving old revision is kept whole",

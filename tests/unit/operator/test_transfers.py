@@ -20,7 +20,10 @@ GATE = "disagg.deepstack.dev/transfer-ready"
 
 def pod(role: str = "language", **conditions: str) -> dict[str, Any]:
     return {
-        "metadata": {"name": "p", "labels": {"disagg.deepstack.dev/role": role}},
+        "metadata": {
+            "name": "p",
+            "labels": {"disagg.deepstack.dev/role": role, "disagg.deepstack.dev/revision": "r1"},
+        },
         "spec": {"containers": [{"ports": [{"name": "metrics", "containerPort": 9191}]}]},
         "status": {
             "phase": "Running",
@@ -38,6 +41,7 @@ def pod(role: str = "language", **conditions: str) -> dict[str, Any]:
         (pod(ContainersReady="True", Ready="False", **{GATE: "True"}), False, False),  # done
         (pod(ContainersReady="True", Ready="True"), False, False),  # simulated: not ours
         (pod("encode", ContainersReady="True", Ready="False"), False, False),
+        ({**pod(), "status": {"phase": "Pending"}}, False, False),  # waits for capacity
     ],
 )
 def test_which_pods_await_their_gate(
@@ -72,5 +76,8 @@ def test_summary_counts_live_language_pods_with_an_open_gate() -> None:
     leaving["status"]["conditions"].append(gate_condition("rdma", "2026-11-30T00:00:00Z"))
     leaving["metadata"]["deletionTimestamp"] = "2026-11-30T00:00:00Z"
     simulated = pod(**{GATE: "True"})  # kwok opens every gate, without a reason
-    summary = summarize([verified, leaving, simulated, pod(), pod("encode")])
+    older = pod()
+    older["metadata"]["labels"]["disagg.deepstack.dev/revision"] = "r0"
+    older["status"]["conditions"].append(gate_condition("rdma", "2026-11-30T00:00:00Z"))
+    summary = summarize([verified, leaving, simulated, older, pod(), pod("encode")], "r1")
     assert (summary.verified, summary.transports) == (1, ("tcp",))
