@@ -75,6 +75,9 @@ def referenced_objects(spec: dict[str, Any]) -> list[tuple[str, str, str]]:
         refs.append(("v1", "Secret", secret["name"]))
     if runtime.get("serviceAccountName"):
         refs.append(("v1", "ServiceAccount", runtime["serviceAccountName"]))
+    api_keys = spec.get("router", {}).get("apiKeySecret")
+    if api_keys and spec.get("router", {}).get("enabled", True):
+        refs.append(("v1", "Secret", api_keys["name"]))
     pvc = spec.get("model", {}).get("volume", {}).get("persistentVolumeClaim")
     if pvc:
         refs.append(("v1", "PersistentVolumeClaim", pvc["claimName"]))

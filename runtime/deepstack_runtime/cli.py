@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         if failure:  # the pod restarts with a fresh engine
             sys.exit(f"deepstack-runtime language: {failure}")
     else:
-        from deepstack_runtime.servers.router import RouterOptions, run_router
+        from deepstack_runtime.config import API_KEYS_ENV
+        from deepstack_runtime.servers.router import RouterOptions, parse_api_keys, run_router
 
         options = RouterOptions(
             encode_urls=args.encode_url,
@@ -118,5 +119,6 @@ def main(argv: list[str] | None = None) -> None:
             max_prompt_tokens=args.max_prompt_tokens,
             allow_local_files=args.allow_local_files,
             instances_file=args.instances_file,
+            api_keys=parse_api_keys(os.environ.get(API_KEYS_ENV, "")),
         )
         asyncio.run(run_router(config, listen, options))

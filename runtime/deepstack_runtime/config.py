@@ -22,6 +22,9 @@ CONFIG_FILE = "config.json"
 # raise it with any change to them, so that old and new pods are never paired.
 WIRE_VERSION = 1
 CONTRACT_HASH_LENGTH = 10
+# The router's API keys (router.apiKeySecret), one per line: the operator renders the
+# Secret into this variable, the router reads it.
+API_KEYS_ENV = "DEEPSTACK_API_KEYS"
 
 
 class ConfigError(ValueError):

@@ -18,7 +18,7 @@ from deepstack_runtime.backends.reference import (
 from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.models.tiny import make_tiny_model
 from tests.support.cluster import wait_for
-from tests.support.metrics import sample
+from tests.support.metrics import sample, sample_or_zero
 from tests.support.runtime import (
     ServerProcess,
     data_url,
@@ -258,8 +258,8 @@ def test_a_router_uses_only_pods_of_its_own_contract(stack: dict[str, Any]) -> N
         "router", other, stack["root"] / "router-other.log",
         "--encode-url", stack["encode"].url, "--language-url", stack["language"].url,
     ) as router:  # fmt: skip
-        before = sample(stack["language"].metrics(), "deepstack_requests_total",
-                        role="language", route="/v1/generate", code="200")  # fmt: skip
+        before = sample_or_zero(stack["language"].metrics(), "deepstack_requests_total",
+                                role="language", route="/v1/generate", code="200")  # fmt: skip
         status, body = post(f"{router.url}/v1/chat/completions", chat())
         assert status == 503
         assert body["error"]["message"] == f"no healthy language instance of contract {theirs}"
@@ -268,8 +268,8 @@ def test_a_router_uses_only_pods_of_its_own_contract(stack: dict[str, Any]) -> N
         ready_status, ready_body = get(f"{router.url}/ready")
         assert ready_status == 503
         assert theirs in json.loads(ready_body)["error"]["message"]
-        after = sample(stack["language"].metrics(), "deepstack_requests_total",
-                       role="language", route="/v1/generate", code="200")  # fmt: skip
+        after = sample_or_zero(stack["language"].metrics(), "deepstack_requests_total",
+                               role="language", route="/v1/generate", code="200")  # fmt: skip
         assert after == before
 
 
@@ -320,3 +320,32 @@ def test_graceful_shutdown_finishes_every_request_in_flight(
         assert body["usage"]["completion_tokens"] == 256
     for body in refused:  # arrived after the drain began: a clear error, never a half answer
         assert "error" in body
+
+
+def test_api_keys_guard_the_openai_routes_but_not_the_probes(stack: dict[str, Any]) -> None:
+    """router.apiKeySecret: the official client without a key, or with a wrong one, gets
+    its AuthenticationError (401); with a key it is answered; probes need none."""
+    import openai
+
+    keys = "first-key\n\nsecond-key\n"
+    with ServerProcess(
+        "router", stack["config"], stack["root"] / "router-keys.log",
+        "--encode-url", stack["encode"].url, "--language-url", stack["language"].url,
+        env={"DEEPSTACK_API_KEYS": keys},
+    ) as router:  # fmt: skip
+        wait_until_router_sees_both(router.url)
+        assert get(f"{router.url}/health")[0] == 200
+        assert get(f"{router.url}/ready")[0] == 200
+        status, body = post(f"{router.url}/v1/chat/completions", chat())
+        assert status == 401
+        assert "Authorization: Bearer" in body["error"]["message"]
+        for wrong in ("not-a-key", "first-key-and-more"):
+            client = openai.OpenAI(base_url=f"{router.url}/v1", api_key=wrong, max_retries=0)
+            with pytest.raises(openai.AuthenticationError) as refused:
+                client.models.list()
+            assert refused.value.status_code == 401
+        for key in ("first-key", "second-key"):
+            client = openai.OpenAI(base_url=f"{router.url}/v1", api_key=key, max_retries=0)
+            assert [m.id for m in client.models.list()] == ["tiny-qwen3-vl-moe"]
+            answer = client.chat.completions.create(**chat(image=None))
+            assert answer.choices[0].message.content == expected_answer(stack["model"], image=None)

@@ -14,7 +14,7 @@ from deepstack_operator.render.common import (
     spec,
 )
 from deepstack_operator.render.config import revision
-from deepstack_runtime.config import CONFIG_DIR, CONFIG_FILE, RuntimeConfig
+from deepstack_runtime.config import API_KEYS_ENV, CONFIG_DIR, CONFIG_FILE, RuntimeConfig
 
 CONFIG_VOLUME = "runtime-config"
 MODEL_VOLUME = "model"
@@ -58,6 +58,15 @@ def _env(role: str, config: RuntimeConfig, extra: list[dict[str, Any]]) -> list[
     ours = {e["name"] for e in env}
     # The user's variables come last; ours cannot be overridden (the runtime relies on them).
     return env + [e for e in extra if e["name"] not in ours]
+
+
+def _api_keys_env(cr: Manifest, role: str) -> list[dict[str, Any]]:
+    """The router's API keys, from router.apiKeySecret (none: no authentication)."""
+    secret = spec(cr).get("router", {}).get("apiKeySecret")
+    if role != names.ROUTER or not secret:
+        return []
+    ref = {"name": secret["name"], "key": secret.get("key", "api-keys")}
+    return [{"name": API_KEYS_ENV, "valueFrom": {"secretKeyRef": ref}}]
 
 
 def _security(protocol: str, transfers: bool) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -153,7 +162,7 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
         "imagePullPolicy": runtime.get("imagePullPolicy", "IfNotPresent"),
         "command": ["deepstack-runtime", role, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
         "args": list(role_spec.get("extraArgs", [])),
-        "env": _env(role, config, role_spec.get("env", [])),
+        "env": _env(role, config, role_spec.get("env", []) + _api_keys_env(cr, role)),
         "ports": _ports(config, role),
         # Loading weights can take minutes: the startup probe covers it, then the
         # liveness probe restarts a hung server and readiness gates traffic.

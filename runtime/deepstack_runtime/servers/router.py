@@ -7,6 +7,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hmac
 import json
 import logging
 import socket
@@ -23,7 +24,15 @@ from aiohttp import web
 from deepstack_runtime.backends.reference import ReferencePreprocessor, decode_image
 from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.errors import InputError
-from deepstack_runtime.servers.common import BadRequest, Listen, Server, error, read_json, serve
+from deepstack_runtime.servers.common import (
+    BadRequest,
+    Handler,
+    Listen,
+    Server,
+    error,
+    read_json,
+    serve,
+)
 from deepstack_runtime.servers.workers import MAX_BODY, encode_tensor
 
 log = logging.getLogger(__name__)
@@ -144,6 +153,25 @@ class RouterOptions:
     allow_local_files: bool = False
     health_interval: float = 1.0
     instances_file: str = ""  # {"encode": [urls], "language": [urls]}
+    # Bearer tokens a client must send on the OpenAI routes; none: no authentication.
+    api_keys: frozenset[str] = frozenset()
+
+
+def parse_api_keys(text: str) -> frozenset[str]:
+    """One key per line (or separated by any whitespace); blank lines ignored."""
+    return frozenset(text.split())
+
+
+def authorized(header: str | None, keys: frozenset[str]) -> bool:
+    """Whether an Authorization header carries one of `keys` (compared in constant time)."""
+    if not keys:
+        return True
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return False
+    offered = token.strip().encode()
+    # Every key is compared, so that the time taken says nothing about which matched.
+    return sum(hmac.compare_digest(offered, key.encode()) for key in keys) > 0
 
 
 def _image_bytes(url: Any, options: RouterOptions, index: int) -> bytes:
@@ -461,9 +489,27 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             {"object": "list", "data": [{"id": config.model.served_model_name, "object": "model"}]}
         )
 
+    def guarded(handler: Handler) -> Handler:
+        """The OpenAI routes, behind the API keys when there are any (probes are not)."""
+
+        async def check(request: web.Request) -> web.StreamResponse:
+            if not authorized(request.headers.get("Authorization"), options.api_keys):
+                return error(
+                    401,
+                    "a valid API key is required: send Authorization: Bearer <key>",
+                    "invalid_request_error",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            return await handler(request)
+
+        return check
+
     app = server.app()
-    app.router.add_post("/v1/chat/completions", server.tracked("/v1/chat/completions", completions))
-    app.router.add_get("/v1/models", models)
+    app.router.add_post(
+        "/v1/chat/completions",
+        guarded(server.tracked("/v1/chat/completions", completions)),
+    )
+    app.router.add_get("/v1/models", guarded(models))
     app.router.add_get("/ready", ready)
 
     async def stop() -> None:

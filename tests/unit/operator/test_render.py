@@ -286,3 +286,16 @@ def test_load_autoscaling_renders_no_hpa_and_keeps_the_replica_count() -> None:
     children = render_all(cr)
     assert by_kind(children, "HorizontalPodAutoscaler") == []
     assert group(children, "encode")["spec"]["replicas"] == 1
+
+
+def test_router_api_keys_come_from_the_secret() -> None:
+    cr = example("minimal-cpu")
+    cr["spec"]["router"]["apiKeySecret"] = {"name": "router-keys", "key": "keys"}
+    children = render_all(cr)
+    router = container(one(children, "Deployment", "tiny-qwen3-vl-moe-router"))
+    (keys,) = [e for e in router["env"] if e["name"] == "DEEPSTACK_API_KEYS"]
+    assert keys["valueFrom"] == {"secretKeyRef": {"name": "router-keys", "key": "keys"}}
+    for role in ("encode", "language"):
+        assert "DEEPSTACK_API_KEYS" not in {
+            e["name"] for e in container(group(children, role))["env"]
+        }
