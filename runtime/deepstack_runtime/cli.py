@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> None:
             )
             p.add_argument("--max-prompt-tokens", type=int, default=4096)
             p.add_argument(
+                "--health-interval",
+                type=float,
+                default=1.0,
+                help="seconds between discovering instances and probing their /health",
+            )
+            p.add_argument(
                 "--allow-local-files", action="store_true", help="accept file: image URLs"
             )
             p.add_argument(
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             max_prompt_tokens=args.max_prompt_tokens,
             allow_local_files=args.allow_local_files,
             instances_file=args.instances_file,
+            health_interval=args.health_interval,
             api_keys=parse_api_keys(os.environ.get(API_KEYS_ENV, "")),
         )
         asyncio.run(run_router(config, listen, options))

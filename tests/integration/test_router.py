@@ -349,3 +349,36 @@ def test_api_keys_guard_the_openai_routes_but_not_the_probes(stack: dict[str, An
             assert [m.id for m in client.models.list()] == ["tiny-qwen3-vl-moe"]
             answer = client.chat.completions.create(**chat(image=None))
             assert answer.choices[0].message.content == expected_answer(stack["model"], image=None)
+
+
+def test_a_request_whose_instance_died_is_retried_on_another(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
+    """A language instance dies while the router still believes it healthy (its next
+    probe is far off): requests sent to it are tried again on the other one before any
+    byte reached the client, so every one succeeds; after repeated failures it leaves
+    the pool without waiting for a probe."""
+    with (
+        ServerProcess("language", stack["config"], tmp_path / "doomed.log") as doomed,
+        ServerProcess(
+            "router", stack["config"], tmp_path / "router-retry.log",
+            "--encode-url", stack["encode"].url,
+            "--language-url", stack["language"].url, "--language-url", doomed.url,
+            "--health-interval", "600",
+        ) as router,
+    ):  # fmt: skip
+        wait_for(
+            lambda: json.loads(get(f"{router.url}/health")[1]).get("language") == 2,
+            timeout=30,
+            what="the router to see both language instances",
+        )
+        doomed.process.kill()
+        doomed.process.wait(30)
+        results = [post(f"{router.url}/v1/chat/completions", chat()) for _ in range(6)]
+        assert [status for status, _ in results] == [200] * 6, results
+        expected = expected_answer(stack["model"], IMAGE)
+        assert all(body["choices"][0]["message"]["content"] == expected for _, body in results)
+        metrics = get(f"{router.url}/metrics")[1]
+        assert sample(metrics, "deepstack_router_retries_total", role="language") >= 1
+        # Out of rotation after repeated failures, though no probe has run since.
+        assert json.loads(get(f"{router.url}/health")[1])["language"] == 1

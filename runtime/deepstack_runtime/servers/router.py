@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import Counter
 
 from deepstack_runtime.backends.reference import ReferencePreprocessor, decode_image
 from deepstack_runtime.config import RuntimeConfig
@@ -48,11 +49,28 @@ class Instance:
     contract: str = ""  # the embedding contract it serves (RuntimeConfig.contract_hash)
     picked: int = 0  # when it was last picked (a pool-wide sequence number)
     slow_probes: int = 0  # consecutive health probes that timed out
+    failures: int = 0  # consecutive requests it failed (a connection error)
+
+    def failed(self) -> None:
+        """One request failed on it: out of rotation after REQUEST_FAILURES_UNHEALTHY
+        in a row, back once a probe passes."""
+        self.failures += 1
+        if self.failures >= REQUEST_FAILURES_UNHEALTHY:
+            self.healthy = False
+
+    def served(self) -> None:
+        self.failures = 0
 
 
 # A probe that times out is usually a busy server, not a dead one (a refused connection
 # or a bad answer counts at once): only this many in a row take it out of rotation.
 SLOW_PROBES_UNHEALTHY = 3
+# One failed request may be the request's bad luck (its peer went away); this many in a
+# row take an instance out of rotation until its health probe passes again.
+REQUEST_FAILURES_UNHEALTHY = 3
+# A request whose leg fails before any byte reached the client is tried again this many
+# times, on other instances.
+RETRIES = 1
 
 
 @dataclass
@@ -92,31 +110,37 @@ class Pool:
         for url in list(self.instances):
             if url not in urls:
                 del self.instances[url]
-        for url in urls:
-            instance = self.instances.setdefault(url, Instance(url))
-            try:
-                async with session.get(
-                    f"{url}/health", timeout=aiohttp.ClientTimeout(total=2)
-                ) as r:
-                    body = await r.json() if r.status == 200 else {}
-                    instance.healthy = r.status == 200 and body.get("role") == self.role
-                    instance.bootstrap = str(body.get("bootstrap", ""))
-                    instance.contract = str(body.get("contract", ""))
-                    instance.slow_probes = 0
-            except TimeoutError:
-                instance.slow_probes += 1
-                if instance.slow_probes >= SLOW_PROBES_UNHEALTHY:
-                    instance.healthy = False
-            except (aiohttp.ClientError, json.JSONDecodeError):
+        # All at once: one slow instance must not delay what the others report.
+        await asyncio.gather(
+            *(self._probe(session, self.instances.setdefault(url, Instance(url))) for url in urls)
+        )
+
+    async def _probe(self, session: aiohttp.ClientSession, instance: Instance) -> None:
+        try:
+            async with session.get(
+                f"{instance.url}/health", timeout=aiohttp.ClientTimeout(total=2)
+            ) as r:
+                body = await r.json() if r.status == 200 else {}
+                instance.healthy = r.status == 200 and body.get("role") == self.role
+                instance.bootstrap = str(body.get("bootstrap", ""))
+                instance.contract = str(body.get("contract", ""))
+                instance.slow_probes = 0
+                if instance.healthy:
+                    instance.failures = 0
+        except TimeoutError:
+            instance.slow_probes += 1
+            if instance.slow_probes >= SLOW_PROBES_UNHEALTHY:
                 instance.healthy = False
+        except (aiohttp.ClientError, json.JSONDecodeError, AttributeError):
+            instance.healthy = False
 
     def healthy(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.healthy]
 
-    def pick(self, contracts: set[str]) -> Instance | None:
-        """Of the instances serving one of `contracts`: least in-flight; among equals,
-        the one picked longest ago (round robin)."""
-        healthy = [i for i in self.healthy() if i.contract in contracts]
+    def pick(self, contracts: set[str], avoid: frozenset[str] = frozenset()) -> Instance | None:
+        """Of the instances serving one of `contracts` (and not in `avoid`): least
+        in-flight; among equals, the one picked longest ago (round robin)."""
+        healthy = [i for i in self.healthy() if i.contract in contracts and i.url not in avoid]
         if not healthy:
             return None
         chosen = min(healthy, key=lambda i: (i.inflight, i.picked, i.url))
@@ -126,19 +150,23 @@ class Pool:
 
 
 def pick_pair(
-    language: Pool, encode: Pool, with_encoder: bool, contract: str
+    language: Pool,
+    encode: Pool,
+    with_encoder: bool,
+    contract: str,
+    avoid: frozenset[str] = frozenset(),
 ) -> tuple[Instance | None, Instance | None, str]:
     """(language instance, encode instance or None, why not) for one request.
 
     Only pods of this router's own contract: the prompt was tokenized with its model, and
     an image's embeddings only ever move between pods of one contract. (While a paired
     rollout runs two contracts are live; each router serves the one it was made for.)"""
-    chosen = language.pick({contract})
+    chosen = language.pick({contract}, avoid)
     if chosen is None:
         return None, None, f"no healthy language instance of contract {contract}"
     if not with_encoder:
         return chosen, None, ""
-    encoder = encode.pick({contract})
+    encoder = encode.pick({contract}, avoid)
     if encoder is None or not encoder.bootstrap:
         return None, None, f"no healthy encode instance of contract {contract}"
     return chosen, encoder, ""
@@ -266,6 +294,15 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             await asyncio.sleep(options.health_interval)
 
     health_task = asyncio.create_task(health_loop())
+    retries = Counter(
+        "deepstack_router_retries_total",
+        "Requests tried again on another instance after a leg failed before any byte "
+        "reached the client, by the role of the instance that failed.",
+        ["role"],
+        registry=server.registry,
+    )
+    for role in pools:
+        retries.labels(role=role)
 
     async def ready(_: web.Request) -> web.Response:
         """Kubernetes' readiness: ready once this router has seen a pair of its own
@@ -303,12 +340,20 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                         r.status,
                         f"{path} on {instance.url}: {message}",
                         r.headers.get("Retry-After"),
+                        instance.url,
+                        retryable=r.status == 503,
                     )
+                instance.served()
                 result: dict[str, Any] = body
                 return result
-        except (aiohttp.ClientError, json.JSONDecodeError) as e:
-            instance.healthy = False
-            raise LegError(502, f"{path} on {instance.url} failed: {e}") from e
+        except aiohttp.ClientError as e:
+            instance.failed()
+            raise LegError(
+                502, f"{path} on {instance.url} failed: {e}", None, instance.url, retryable=True
+            ) from e
+        except json.JSONDecodeError as e:
+            instance.failed()
+            raise LegError(502, f"{path} on {instance.url} failed: {e}", None, instance.url) from e
         finally:
             instance.inflight -= 1
 
@@ -334,53 +379,72 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             raise BadRequest(
                 f"the prompt has {prompt_tokens} tokens; the limit is {options.max_prompt_tokens}"
             )
-        language, encoder, unavailable = pick_pair(
-            pools["language"], pools["encode"], bool(images), contract
-        )
-        if language is None:
-            return error(503, unavailable, "unavailable")
-        room = uuid.uuid4().hex
-        generate_payload: dict[str, Any] = {
-            "room": room,
-            "encoder": encoder.bootstrap if encoder else "",
-            "input_ids": prompt.input_ids.tolist(),
-            "image_grid_thw": prompt.image_grid_thw.tolist()
-            if prompt.image_grid_thw is not None
-            else None,
-            "max_tokens": max_tokens,
-            "ignore_eos": bool(body.get("ignore_eos", False)),  # as in vLLM and SGLang
-        }
-        legs: list[asyncio.Task[dict[str, Any]]] = []
-        if encoder is not None:
-            assert prompt.pixel_values is not None
-            assert prompt.image_grid_thw is not None
-            encode_payload = {
-                "room": room,
-                "pixel_values": encode_tensor(prompt.pixel_values.float()),
-                "image_grid_thw": prompt.image_grid_thw.tolist(),
-            }
-            legs.append(asyncio.create_task(leg(encoder, "/v1/encode", encode_payload)))
         created = int(time.time())
-        completion_id = f"chatcmpl-{room}"
-        if body.get("stream"):
-            return await stream(
-                request, language, generate_payload, legs, completion_id, created, prompt_tokens
+        avoid: frozenset[str] = frozenset()
+        failure: LegError | None = None
+        for attempt in range(RETRIES + 1):
+            language, encoder, unavailable = pick_pair(
+                pools["language"], pools["encode"], bool(images), contract, avoid
             )
-        legs.insert(0, asyncio.create_task(leg(language, "/v1/generate", generate_payload)))
-        try:
-            # If either leg fails, the other is cancelled (the language side then frees
-            # its blocks): the client gets one clear error, nothing waits for a timeout.
-            done, pending = await asyncio.wait(legs, return_when=asyncio.FIRST_EXCEPTION)
-            for task in pending:
-                if any(t.exception() for t in done):
+            if language is None:
+                if failure is not None:  # nowhere else to try: the failure is the answer
+                    return _upstream_error(failure.status, failure.message, failure.retry_after)
+                return error(503, unavailable, "unavailable")
+            room = uuid.uuid4().hex  # a fresh room for each try: the last one may linger
+            generate_payload: dict[str, Any] = {
+                "room": room,
+                "encoder": encoder.bootstrap if encoder else "",
+                "input_ids": prompt.input_ids.tolist(),
+                "image_grid_thw": prompt.image_grid_thw.tolist()
+                if prompt.image_grid_thw is not None
+                else None,
+                "max_tokens": max_tokens,
+                "ignore_eos": bool(body.get("ignore_eos", False)),  # as in vLLM and SGLang
+            }
+            legs: list[asyncio.Task[dict[str, Any]]] = []
+            if encoder is not None:
+                assert prompt.pixel_values is not None
+                assert prompt.image_grid_thw is not None
+                encode_payload = {
+                    "room": room,
+                    "pixel_values": encode_tensor(prompt.pixel_values.float()),
+                    "image_grid_thw": prompt.image_grid_thw.tolist(),
+                }
+                legs.append(asyncio.create_task(leg(encoder, "/v1/encode", encode_payload)))
+            completion_id = f"chatcmpl-{room}"
+            try:
+                if body.get("stream"):
+                    return await stream(
+                        request, language, generate_payload, legs, completion_id, created,
+                        prompt_tokens,
+                    )  # fmt: skip
+                legs.insert(0, asyncio.create_task(leg(language, "/v1/generate", generate_payload)))
+                # If either leg fails, the other is cancelled (the language side then
+                # frees its blocks): one clear error, nothing waits for a timeout.
+                done, pending = await asyncio.wait(legs, return_when=asyncio.FIRST_EXCEPTION)
+                for task in pending:
+                    if any(t.exception() for t in done):
+                        task.cancel()
+                results = await asyncio.gather(*legs)
+                break
+            except LegError as e:
+                for task in legs:
                     task.cancel()
-            results = await asyncio.gather(*legs)
-        except LegError as e:
-            for task in legs:
-                task.cancel()
-            return _upstream_error(e.status, e.message, e.retry_after)
-        except asyncio.CancelledError:
-            raise
+                failure = e
+                # Nothing reached the client yet: another pair may serve it. The instances
+                # that failed are not asked again.
+                failed = {e.url} | {
+                    t.exception().url  # type: ignore[union-attr]
+                    for t in legs
+                    if t.done() and not t.cancelled() and isinstance(t.exception(), LegError)
+                }
+                if not e.retryable or attempt == RETRIES:
+                    return _upstream_error(e.status, e.message, e.retry_after)
+                log.info("retrying %s elsewhere: %s", completion_id, e.message)
+                retries.labels(
+                    role="encode" if encoder and e.url == encoder.url else "language"
+                ).inc()
+                avoid = avoid | failed
         tokens: list[int] = results[0]["tokens"]
         finish = "stop" if tokens and tokens[-1] == preprocessor.eos_token_id else "length"
         return web.json_response(
@@ -431,11 +495,13 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             ) as r:
                 if r.status != 200:
                     body = await r.json(content_type=None)
-                    for task in legs:
-                        task.cancel()
                     message = (body.get("error") or {}).get("message", r.reason)
-                    return _upstream_error(
-                        r.status, f"/v1/generate: {message}", r.headers.get("Retry-After")
+                    raise LegError(
+                        r.status,
+                        f"/v1/generate on {language.url}: {message}",
+                        r.headers.get("Retry-After"),
+                        language.url,
+                        retryable=r.status == 503,
                     )
                 response = web.StreamResponse(
                     headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -476,11 +542,13 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 return response
         except (aiohttp.ClientError, json.JSONDecodeError) as e:
             message = f"/v1/generate on {language.url} failed: {e}"
+            language.failed()
             if response is not None and response.prepared:
                 return await fail_stream(message, 502)
-            for task in legs:
-                task.cancel()
-            return error(502, message, "upstream_error")
+            # Before the first byte: the caller may try another instance.
+            raise LegError(
+                502, message, None, language.url, retryable=isinstance(e, aiohttp.ClientError)
+            ) from e
         finally:
             language.inflight -= 1
 
@@ -522,11 +590,24 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
 
 
 class LegError(Exception):
-    def __init__(self, status: int, message: str, retry_after: str | None = None) -> None:
+    """One leg's failure: `url` the instance it failed on; `retryable` when another
+    instance may well succeed (it could not be reached, or it said busy or draining)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        retry_after: str | None = None,
+        url: str = "",
+        *,
+        retryable: bool = False,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.retry_after = retry_after
+        self.url = url
+        self.retryable = retryable
 
 
 def _upstream_error(status: int, message: str, retry_after: str | None) -> web.Response:
