@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
                 "--language-url", action="append", default=[], help="static language instances"
             )
             p.add_argument("--max-prompt-tokens", type=int, default=4096)
+            # Limits per request; unset: RouterOptions' defaults.
+            p.add_argument("--max-images", type=int, help="images in one request")
+            p.add_argument("--max-image-pixels", type=int, help="pixels of one image")
+            p.add_argument("--max-visual-tokens", type=int, help="visual tokens of one request")
             p.add_argument(
                 "--health-interval",
                 type=float,
@@ -126,6 +130,11 @@ def main(argv: list[str] | None = None) -> None:
             allow_local_files=args.allow_local_files,
             instances_file=args.instances_file,
             health_interval=args.health_interval,
+            **{
+                limit: getattr(args, limit)
+                for limit in ("max_images", "max_image_pixels", "max_visual_tokens")
+                if getattr(args, limit) is not None
+            },
             api_keys=parse_api_keys(os.environ.get(API_KEYS_ENV, "")),
         )
         asyncio.run(run_router(config, listen, options))

@@ -204,6 +204,41 @@ BAD: list[tuple[str, Any, int, str]] = [
     ),
     ("max-tokens-zero", chat(max_tokens=0), 400, "max_tokens must be an integer in [1, 512]"),
     ("wrong-model", {**chat(), "model": "gpt-4o"}, 404, "model 'gpt-4o' is not served here"),
+    # What the server does not implement is refused by name, never silently ignored.
+    (
+        "tools",
+        {**chat(), "tools": [{"type": "function", "function": {"name": "f"}}]},
+        400,
+        "tools is not supported by this server",
+    ),
+    (
+        "response-format",
+        {**chat(), "response_format": {"type": "json_object"}},
+        400,
+        "response_format is not supported by this server",
+    ),
+    ("n", {**chat(), "n": 2}, 400, "n must be 1"),
+    ("logprobs", {**chat(), "logprobs": True}, 400, "logprobs and top_logprobs are not supported"),
+    # Limits, checked before anything is decoded.
+    (
+        "too-many-images",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": data_url(IMAGE)}}] * 9,
+                }
+            ]
+        },
+        400,
+        "the request has 9 images; the limit is 8",
+    ),
+    (
+        "too-many-pixels",
+        image_part(data_url(png(4100, 4100, (0, 0, 0)))),
+        400,
+        "the image is 4100x4100 = 16810000 pixels; the limit is 16777216",
+    ),
 ]
 
 
@@ -382,3 +417,20 @@ def test_a_request_whose_instance_died_is_retried_on_another(
         assert sample(metrics, "deepstack_router_retries_total", role="language") >= 1
         # Out of rotation after repeated failures, though no probe has run since.
         assert json.loads(get(f"{router.url}/health")[1])["language"] == 1
+
+
+def test_visual_token_limit_is_checked_before_encoding(stack: dict[str, Any]) -> None:
+    with ServerProcess(
+        "router", stack["config"], stack["root"] / "router-limits.log",
+        "--encode-url", stack["encode"].url, "--language-url", stack["language"].url,
+        "--max-visual-tokens", "4",
+    ) as router:  # fmt: skip
+        wait_until_router_sees_both(router.url)
+        before = sample_or_zero(stack["encode"].metrics(), "deepstack_requests_total",
+                                role="encode", route="/v1/encode", code="200")  # fmt: skip
+        status, body = post(f"{router.url}/v1/chat/completions", chat())
+        assert status == 400
+        assert "visual tokens; the limit is 4" in body["error"]["message"]
+        after = sample_or_zero(stack["encode"].metrics(), "deepstack_requests_total",
+                               role="encode", route="/v1/encode", code="200")  # fmt: skip
+        assert after == before  # the encoder never saw it

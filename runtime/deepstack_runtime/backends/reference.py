@@ -42,14 +42,21 @@ def _load_model(model_dir: str | Path) -> Any:
     return model
 
 
-def decode_image(data: bytes) -> Any:
-    """PNG/JPEG/... bytes -> RGB PIL image; InputError if it is not an image."""
+def decode_image(data: bytes, max_pixels: int | None = None) -> Any:
+    """PNG/JPEG/... bytes -> RGB PIL image; InputError if it is not an image, or if it
+    has more than `max_pixels` pixels (known from its header: nothing is decoded then)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise InputError(
+                f"the image is {width}x{height} = {width * height} pixels; "
+                f"the limit is {max_pixels}"
+            )
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"the image could not be decoded: {e}") from e
     return image.convert("RGB")
 

@@ -183,6 +183,38 @@ class RouterOptions:
     instances_file: str = ""  # {"encode": [urls], "language": [urls]}
     # Bearer tokens a client must send on the OpenAI routes; none: no authentication.
     api_keys: frozenset[str] = frozenset()
+    # What one request may cost, checked before anything is decoded or encoded.
+    max_images: int = 8
+    max_image_pixels: int = 4096 * 4096
+    max_visual_tokens: int = 16384
+
+
+# OpenAI parameters this server does not implement: a request that sets one is refused
+# with its name rather than answered as if it had not been sent.
+UNSUPPORTED_PARAMETERS = (
+    "audio",
+    "function_call",
+    "functions",
+    "logit_bias",
+    "modalities",
+    "parallel_tool_calls",
+    "prediction",
+    "response_format",
+    "tool_choice",
+    "tools",
+    "web_search_options",
+)
+
+
+def check_parameters(body: dict[str, Any]) -> None:
+    """BadRequest naming the first parameter the server cannot honour."""
+    for name in UNSUPPORTED_PARAMETERS:
+        if body.get(name) is not None:
+            raise BadRequest(f"{name} is not supported by this server")
+    if body.get("n", 1) != 1:
+        raise BadRequest("n: only one choice per request is supported (n must be 1)")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise BadRequest("logprobs and top_logprobs are not supported by this server")
 
 
 def parse_api_keys(text: str) -> frozenset[str]:
@@ -233,6 +265,15 @@ def parse_messages(
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list")
+    count = sum(
+        1
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, dict) and part.get("type") == "image_url"
+    )
+    if count > options.max_images:  # before any image is read
+        raise BadRequest(f"the request has {count} images; the limit is {options.max_images}")
     out: list[dict[str, Any]] = []
     images: list[Any] = []
     for n, message in enumerate(messages):
@@ -252,7 +293,7 @@ def parse_messages(
             elif kind == "image_url" and isinstance(part.get("image_url"), dict):
                 data = _image_bytes(part["image_url"].get("url"), options, len(images) + 1)
                 try:
-                    images.append(decode_image(data))
+                    images.append(decode_image(data, options.max_image_pixels))
                 except InputError as e:
                     raise BadRequest(f"image {len(images) + 1}: {e}") from e
                 parts.append({"type": "image"})
@@ -369,6 +410,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
         if not isinstance(max_tokens, int) or not 1 <= max_tokens <= options.max_tokens_limit:
             raise BadRequest(f"max_tokens must be an integer in [1, {options.max_tokens_limit}]")
+        check_parameters(body)
         messages, images = parse_messages(body, options)
         try:
             prompt = await asyncio.to_thread(preprocessor.prepare, messages, images)
@@ -378,6 +420,11 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         if prompt_tokens > options.max_prompt_tokens:
             raise BadRequest(
                 f"the prompt has {prompt_tokens} tokens; the limit is {options.max_prompt_tokens}"
+            )
+        visual = int((prompt.input_ids == preprocessor.image_token_id).sum())
+        if visual > options.max_visual_tokens:  # before any image is encoded
+            raise BadRequest(
+                f"the images make {visual} visual tokens; the limit is {options.max_visual_tokens}"
             )
         created = int(time.time())
         avoid: frozenset[str] = frozenset()
