@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from collections.abc import Iterator
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deepstack_runtime.backends.reference import (
     ReferenceEncoder,
@@ -251,6 +254,64 @@ def test_bad_requests_get_a_clear_4xx(
     got, answer = post(f"{stack['router'].url}/v1/chat/completions", body)
     assert got == status, answer
     assert message in answer["error"]["message"]
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=16),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+_B64 = "data:image/png;base64,"
+IMAGE_URLS = st.one_of(
+    st.binary(max_size=48).map(lambda b: _B64 + base64.b64encode(b).decode()),  # not an image
+    st.integers(0, len(IMAGE)).map(lambda n: _B64 + base64.b64encode(IMAGE[:n]).decode()),
+    st.text(max_size=24).map(lambda t: _B64 + t),  # not base64
+    st.text(max_size=24),  # not a data: URL
+    JSON,
+)
+PARTS = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": st.one_of(st.text(max_size=24), JSON)}),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("image_url"),
+            "image_url": st.one_of(JSON, st.fixed_dictionaries({"url": IMAGE_URLS})),
+        }
+    ),
+    JSON,
+)
+MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "system", "assistant", "robot"]),
+            "content": st.one_of(st.text(max_size=24), st.lists(PARTS, max_size=3), JSON),
+        }
+    ),
+    max_size=3,
+)
+BODIES = st.one_of(
+    JSON,
+    st.fixed_dictionaries(
+        {"messages": st.one_of(MESSAGES, JSON)},
+        optional={
+            name: JSON | st.integers(-2, 600)
+            for name in ("max_tokens", "max_completion_tokens", "model", "n", "ignore_eos",
+                         "temperature", "tools", "logprobs")
+        },
+    ),
+)  # fmt: skip
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=BODIES)
+def test_any_body_gets_an_answer_or_a_4xx_with_a_reason(stack: dict[str, Any], body: Any) -> None:
+    """Wrong types, huge values, nested garbage, bad base64, truncated images: an answer
+    or a 4xx that says why, never a 5xx."""
+    status, answer = post(f"{stack['router'].url}/v1/chat/completions", body)
+    assert status == 200 or 400 <= status < 500, (status, answer)
+    if status != 200:
+        assert answer["error"]["message"], answer
 
 
 def test_no_block_leaks_after_all_that(stack: dict[str, Any]) -> None:
