@@ -374,16 +374,9 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         instance.inflight += 1
         try:
             async with session.post(f"{instance.url}{path}", json=payload) as r:
-                body = await r.json(content_type=None)
                 if r.status != 200:
-                    message = (body.get("error") or {}).get("message", r.reason)
-                    raise LegError(
-                        r.status,
-                        f"{path} on {instance.url}: {message}",
-                        r.headers.get("Retry-After"),
-                        instance.url,
-                        retryable=r.status == 503,
-                    )
+                    raise await _refusal(r, path, instance.url)
+                body = await r.json(content_type=None)
                 instance.served()
                 result: dict[str, Any] = body
                 return result
@@ -541,15 +534,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 f"{language.url}/v1/generate", json={**payload, "stream": True}
             ) as r:
                 if r.status != 200:
-                    body = await r.json(content_type=None)
-                    message = (body.get("error") or {}).get("message", r.reason)
-                    raise LegError(
-                        r.status,
-                        f"/v1/generate on {language.url}: {message}",
-                        r.headers.get("Retry-After"),
-                        language.url,
-                        retryable=r.status == 503,
-                    )
+                    raise await _refusal(r, "/v1/generate", language.url)
                 response = web.StreamResponse(
                     headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
                 )
@@ -655,6 +640,24 @@ class LegError(Exception):
         self.retry_after = retry_after
         self.url = url
         self.retryable = retryable
+
+
+async def _refusal(r: aiohttp.ClientResponse, path: str, url: str) -> LegError:
+    """An instance's answer other than 200, as a LegError: a 503 (busy, draining) may
+    be retried elsewhere."""
+    try:
+        body = await r.json(content_type=None)
+    except (json.JSONDecodeError, aiohttp.ClientError):
+        body = None  # not an error body of ours: the status says enough
+    error_part = body.get("error") if isinstance(body, dict) else None
+    message = error_part.get("message", r.reason) if isinstance(error_part, dict) else r.reason
+    return LegError(
+        r.status,
+        f"{path} on {url}: {message}",
+        r.headers.get("Retry-After"),
+        url,
+        retryable=r.status == 503,
+    )
 
 
 def _upstream_error(status: int, message: str, retry_after: str | None) -> web.Response:
