@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--max-images", type=int, help="images in one request")
             p.add_argument("--max-image-pixels", type=int, help="pixels of one image")
             p.add_argument("--max-visual-tokens", type=int, help="visual tokens of one request")
+            p.add_argument("--max-inflight", type=int, help="requests at once (beyond: 429)")
             p.add_argument(
                 "--health-interval",
                 type=float,
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             health_interval=args.health_interval,
             **{
                 limit: getattr(args, limit)
-                for limit in ("max_images", "max_image_pixels", "max_visual_tokens")
+                for limit in ("max_images", "max_image_pixels", "max_visual_tokens", "max_inflight")
                 if getattr(args, limit) is not None
             },
             api_keys=parse_api_keys(os.environ.get(API_KEYS_ENV, "")),

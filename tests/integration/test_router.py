@@ -495,3 +495,35 @@ def test_visual_token_limit_is_checked_before_encoding(stack: dict[str, Any]) ->
         after = sample_or_zero(stack["encode"].metrics(), "deepstack_requests_total",
                                role="encode", route="/v1/encode", code="200")  # fmt: skip
         assert after == before  # the encoder never saw it
+
+
+def test_over_its_limit_the_router_answers_429_with_retry_after(stack: dict[str, Any]) -> None:
+    import openai
+
+    with ServerProcess(
+        "router", stack["config"], stack["root"] / "router-admission.log",
+        "--encode-url", stack["encode"].url, "--language-url", stack["language"].url,
+        "--max-inflight", "1",
+    ) as router:  # fmt: skip
+        wait_until_router_sees_both(router.url)
+        long = threading.Thread(
+            target=post,
+            args=(f"{router.url}/v1/chat/completions", chat(max_tokens=256, ignore_eos=True)),
+        )
+        long.start()
+        try:
+            wait_for(
+                lambda: sample(get(f"{router.url}/metrics")[1], "deepstack_requests_inflight",
+                               role="router") >= 1,
+                timeout=30, what="a request in flight on the router",
+            )  # fmt: skip
+            client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="-", max_retries=0)
+            with pytest.raises(openai.RateLimitError) as refused:
+                client.chat.completions.create(**chat(image=None))
+            assert refused.value.status_code == 429
+            assert refused.value.response.headers["Retry-After"] == "1"
+            assert "limit of 1 requests in flight" in str(refused.value)
+        finally:
+            long.join(120)
+        status, _ = post(f"{router.url}/v1/chat/completions", chat(image=None))
+        assert status == 200  # free again

@@ -26,6 +26,7 @@ from deepstack_runtime.backends.reference import ReferencePreprocessor, decode_i
 from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.errors import InputError
 from deepstack_runtime.servers.common import (
+    RETRY_AFTER_SECONDS,
     BadRequest,
     Handler,
     Listen,
@@ -187,6 +188,9 @@ class RouterOptions:
     max_images: int = 8
     max_image_pixels: int = 4096 * 4096
     max_visual_tokens: int = 16384
+    # Requests one router serves at once; beyond, 429 with Retry-After (before the body
+    # is read).
+    max_inflight: int = 256
 
 
 # OpenAI parameters this server does not implement: a request that sets one is refused
@@ -392,6 +396,14 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             instance.inflight -= 1
 
     async def completions(request: web.Request) -> web.StreamResponse:
+        if server.inflight > options.max_inflight:  # this one included
+            return error(
+                429,
+                f"the router is at its limit of {options.max_inflight} requests in flight; "
+                "retry shortly",
+                "rate_limit_exceeded",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
         body = await read_json(request, MAX_BODY)
         if body.get("model") not in (None, config.model.served_model_name):
             return error(
