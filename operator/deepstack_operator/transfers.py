@@ -42,8 +42,10 @@ def awaiting_gate(pod: Manifest) -> bool:
     return (
         labels.get(names.ROLE_LABEL) == "language"
         and not pod["metadata"].get("deletionTimestamp")
-        # Not a pod that cannot be scheduled: it waits for capacity, not for us.
-        and (pod.get("status") or {}).get("phase") == "Running"
+        # Placed on a node (starting or running); not one that cannot be scheduled: that
+        # waits for capacity, not for us, and would keep the operator looking for nothing.
+        and bool((pod.get("spec") or {}).get("nodeName"))
+        and (pod.get("status") or {}).get("phase") in ("Pending", "Running")
         and conditions.get(names.TRANSFER_READY_GATE) != "True"
         and conditions.get("Ready") != "True"
     )

@@ -24,7 +24,10 @@ def pod(role: str = "language", **conditions: str) -> dict[str, Any]:
             "name": "p",
             "labels": {"disagg.deepstack.dev/role": role, "disagg.deepstack.dev/revision": "r1"},
         },
-        "spec": {"containers": [{"ports": [{"name": "metrics", "containerPort": 9191}]}]},
+        "spec": {
+            "nodeName": "node-1",
+            "containers": [{"ports": [{"name": "metrics", "containerPort": 9191}]}],
+        },
         "status": {
             "phase": "Running",
             "podIP": "10.244.0.7",
@@ -41,7 +44,11 @@ def pod(role: str = "language", **conditions: str) -> dict[str, Any]:
         (pod(ContainersReady="True", Ready="False", **{GATE: "True"}), False, False),  # done
         (pod(ContainersReady="True", Ready="True"), False, False),  # simulated: not ours
         (pod("encode", ContainersReady="True", Ready="False"), False, False),
-        ({**pod(), "status": {"phase": "Pending"}}, False, False),  # waits for capacity
+        # Created, its containers starting: looked at again soon (no event will say
+        # when it runs: pods are not watched).
+        ({**pod(), "status": {"phase": "Pending"}}, True, False),
+        # Not scheduled: it waits for capacity, not for the operator.
+        ({**pod(), "spec": {}, "status": {"phase": "Pending"}}, False, False),
     ],
 )
 def test_which_pods_await_their_gate(
