@@ -36,6 +36,17 @@ TRANSFER = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 256}
 IMAGE = png(64, 48, (10, 200, 30))
 
 
+def another_router(
+    stack: dict[str, Any], name: str, *args: str, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """A second router over the stack's encode and language servers, with `args`."""
+    return ServerProcess(
+        "router", stack["config"], stack["root"] / f"{name}.log",
+        "--encode-url", stack["encode"].url, "--language-url", stack["language"].url,
+        *args, env=env,
+    )  # fmt: skip
+
+
 def wait_until_router_sees_both(router_url: str) -> None:
     def both_healthy() -> bool:
         health = json.loads(get(f"{router_url}/health")[1])
@@ -424,11 +435,7 @@ def test_api_keys_guard_the_openai_routes_but_not_the_probes(stack: dict[str, An
     import openai
 
     keys = "first-key\n\nsecond-key\n"
-    with ServerProcess(
-        "router", stack["config"], stack["root"] / "router-keys.log",
-        "--encode-url", stack["encode"].url, "--language-url", stack["language"].url,
-        env={"DEEPSTACK_API_KEYS": keys},
-    ) as router:  # fmt: skip
+    with another_router(stack, "router-keys", env={"DEEPSTACK_API_KEYS": keys}) as router:
         wait_until_router_sees_both(router.url)
         assert get(f"{router.url}/health")[0] == 200
         assert get(f"{router.url}/ready")[0] == 200
@@ -481,11 +488,7 @@ def test_a_request_whose_instance_died_is_retried_on_another(
 
 
 def test_visual_token_limit_is_checked_before_encoding(stack: dict[str, Any]) -> None:
-    with ServerProcess(
-        "router", stack["config"], stack["root"] / "router-limits.log",
-        "--encode-url", stack["encode"].url, "--language-url", stack["language"].url,
-        "--max-visual-tokens", "4",
-    ) as router:  # fmt: skip
+    with another_router(stack, "router-limits", "--max-visual-tokens", "4") as router:
         wait_until_router_sees_both(router.url)
         before = sample_or_zero(stack["encode"].metrics(), "deepstack_requests_total",
                                 role="encode", route="/v1/encode", code="200")  # fmt: skip
@@ -500,11 +503,7 @@ def test_visual_token_limit_is_checked_before_encoding(stack: dict[str, Any]) ->
 def test_over_its_limit_the_router_answers_429_with_retry_after(stack: dict[str, Any]) -> None:
     import openai
 
-    with ServerProcess(
-        "router", stack["config"], stack["root"] / "router-admission.log",
-        "--encode-url", stack["encode"].url, "--language-url", stack["language"].url,
-        "--max-inflight", "1",
-    ) as router:  # fmt: skip
+    with another_router(stack, "router-admission", "--max-inflight", "1") as router:
         wait_until_router_sees_both(router.url)
         long = threading.Thread(
             target=post,
