@@ -49,7 +49,7 @@ def request_body() -> dict[str, Any]:
     return {
         "model": "tiny-qwen3-vl-moe",
         "max_tokens": MAX_TOKENS,
-        "temperature": 0,  # greedy on both sides (SGLang samples at 1.0 by default)
+        "temperature": 0,  # greedy on both sides (the OpenAI default is 1.0)
         "messages": [
             {
                 "role": "user",

@@ -221,6 +221,7 @@ def ask(url: str) -> dict[str, Any]:
     body = {
         "model": NAME,
         "max_tokens": 16,
+        "temperature": 0,  # greedy: the answer the monolithic model gives
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
                                                 + base64.b64encode(buf.getvalue()).decode()}},

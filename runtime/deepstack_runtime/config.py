@@ -18,9 +18,10 @@ DTYPES = ("bfloat16", "float16", "float32")
 HTTP_PORT = 8000  # every runtime server's API port inside the pod
 CONFIG_DIR = "/etc/deepstack"
 CONFIG_FILE = "config.json"
-# The version of the messages encode and language pods exchange (transfer/protocol.py):
-# raise it with any change to them, so that old and new pods are never paired.
-WIRE_VERSION = 1
+# The version of the messages the router, encode and language pods exchange
+# (transfer/protocol.py, the language pod's /v1/generate): raise it with any change to
+# them, so that old and new pods are never paired. 2: sampling, n choices, steps.
+WIRE_VERSION = 2
 CONTRACT_HASH_LENGTH = 10
 # The router's API keys (router.apiKeySecret), one per line: the operator renders the
 # Secret into this variable, the router reads it.

@@ -51,6 +51,7 @@ def chat(max_tokens: int = 16, **extra: Any) -> dict[str, Any]:
     return {
         "model": NAME,
         "max_tokens": max_tokens,
+        "temperature": 0,  # greedy: compared with the monolithic model's answer
         "messages": [
             {
                 "role": "user",

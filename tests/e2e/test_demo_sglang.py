@@ -38,7 +38,7 @@ def chat(image: bytes) -> dict[str, Any]:
     return {
         "model": NAME,
         "max_tokens": 16,
-        "temperature": 0,  # SGLang samples at 1.0 by default; the router is greedy
+        "temperature": 0,  # greedy on both sides (the OpenAI default is 1.0)
         "messages": [{"role": "user", "content": content}],
     }
 

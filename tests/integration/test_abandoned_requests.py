@@ -65,7 +65,7 @@ def test_abandoned_receive_frees_the_language_blocks(stack: dict[str, Any]) -> N
     image_token = ReferencePreprocessor(stack["model"]).image_token_id
     encoder = json.loads(http_get(stack["encode"].url + "/health"))["bootstrap"]
     body = {"room": "abandoned-receive", "encoder": encoder, "image_grid_thw": GRID,
-            "input_ids": [1, 2, *[image_token] * 4, 3], "max_tokens": 4}  # fmt: skip
+            "input_ids": [1, 2, *[image_token] * 4, 3], "sampling": {"max_tokens": 4}}  # fmt: skip
     hung_up = abandon(stack["language"], "/v1/generate", body, lambda: used(stack["language"]) > 0)
     freed_within(stack["language"], hung_up, 1.0)
 

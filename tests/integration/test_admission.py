@@ -69,7 +69,8 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(
     def generate(room: str, side: int) -> dict[str, Any]:
         tokens = side * side // 4  # merge 2x2
         return {"room": room, "encoder": encoder, "image_grid_thw": [[1, side, side]],
-                "input_ids": [1, *[image_token] * tokens, 2], "max_tokens": 2}  # fmt: skip
+                "input_ids": [1, *[image_token] * tokens, 2],
+                "sampling": {"max_tokens": 2}}  # fmt: skip
 
     # Admitted: holds the whole pool while it waits for an image nobody encodes.
     holder = open_request(language, "/v1/generate", generate("holds-the-pool", 8))

@@ -20,6 +20,7 @@ from deepstack_runtime.backends.reference import (
 )
 from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.models.tiny import make_tiny_model
+from deepstack_runtime.sampling import SamplingParams
 from tests.support.cluster import wait_for
 from tests.support.metrics import sample, sample_or_zero
 from tests.support.runtime import (
@@ -30,6 +31,7 @@ from tests.support.runtime import (
     post,
     runtime_config,
     serving_stack,
+    wait_until_router_sees_both,
 )
 
 TRANSFER = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 256}
@@ -45,14 +47,6 @@ def another_router(
         "--encode-url", stack["encode"].url, "--language-url", stack["language"].url,
         *args, env=env,
     )  # fmt: skip
-
-
-def wait_until_router_sees_both(router_url: str) -> None:
-    def both_healthy() -> bool:
-        health = json.loads(get(f"{router_url}/health")[1])
-        return bool(health.get("encode") == 1 and health.get("language") == 1)
-
-    wait_for(both_healthy, timeout=30, what="the router to see one healthy instance per role")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +81,7 @@ def chat(
     return {
         "model": "tiny-qwen3-vl-moe",
         "max_tokens": 8,
+        "temperature": 0,  # greedy: compared with the monolithic model's greedy answer
         "messages": [{"role": "user", "content": content}],
         **extra,
     }
@@ -108,7 +103,7 @@ def expected_answer(model: Path, image: bytes | None) -> str:
     if prompt.pixel_values is not None and prompt.image_grid_thw is not None:
         item = ReferenceEncoder(model).encode(prompt.pixel_values, prompt.image_grid_thw)
     tokens = ReferenceLanguageModel(model).generate(
-        prompt.input_ids, item, prompt.image_grid_thw, 8
+        prompt.input_ids, item, prompt.image_grid_thw, SamplingParams(max_tokens=8)
     )
     return pre.decode(tokens)
 
@@ -231,8 +226,29 @@ BAD: list[tuple[str, Any, int, str]] = [
         400,
         "response_format is not supported by this server",
     ),
-    ("n", {**chat(), "n": 2}, 400, "n must be 1"),
-    ("logprobs", {**chat(), "logprobs": True}, 400, "logprobs and top_logprobs are not supported"),
+    # Sampling parameters out of range or of the wrong type, named.
+    ("n", {**chat(), "n": 9}, 400, "n must be an integer in [1, 8]"),
+    ("temperature", {**chat(), "temperature": 2.5}, 400, "temperature must be in [0, 2]"),
+    ("temperature-type", {**chat(), "temperature": "hot"}, 400, "temperature must be a number"),
+    ("top-p", {**chat(), "top_p": 0}, 400, "top_p must be in (0, 1]"),
+    ("top-k", {**chat(), "top_k": -5}, 400, "top_k must be -1 or 0 (off)"),
+    ("seed", {**chat(), "seed": -1}, 400, "seed must be in [0, 2^63)"),
+    ("penalty", {**chat(), "presence_penalty": 3}, 400, "presence_penalty must be in [-2, 2]"),
+    ("top-logprobs-alone", {**chat(), "top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+    (
+        "top-logprobs",
+        {**chat(), "logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs must be in [0, 20]",
+    ),
+    ("stop", {**chat(), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be a string or"),
+    ("stop-empty", {**chat(), "stop": ""}, 400, "stop must be a string or"),
+    (
+        "stream-options",
+        {**chat(), "stream_options": {"include_usage": True}},
+        400,
+        "only for stream: true",
+    ),
     # Limits, checked before anything is decoded.
     (
         "too-many-images",

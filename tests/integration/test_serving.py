@@ -98,7 +98,7 @@ def test_disaggregated_equals_monolithic(stack: dict[str, Any], case: str) -> No
             "encoder": bootstrap(stack["encode"]),
             "input_ids": prompt.input_ids.tolist(),
             "image_grid_thw": grid,
-            "max_tokens": MAX_TOKENS,
+            "sampling": {"max_tokens": MAX_TOKENS},
             "debug_logits": True,
         },
     )
@@ -109,7 +109,8 @@ def test_disaggregated_equals_monolithic(stack: dict[str, Any], case: str) -> No
     diff = (torch.tensor(body["logits"]) - want).abs().max().item()
     print(f"{case}: max abs logit difference {diff:.3g}")
     assert diff <= 1e-5
-    assert body["tokens"] == monolithic_generate(stack["model"], prompt, MAX_TOKENS)
+    tokens = [step["token"] for step in body["steps"]]
+    assert tokens == monolithic_generate(stack["model"], prompt, MAX_TOKENS)
     after = stack["language"].metrics()
     resumed = sample(after, "deepstack_transfer_resumptions_total") - sample(
         before, "deepstack_transfer_resumptions_total"

@@ -216,3 +216,11 @@ def png(width: int, height: int, color: tuple[int, int, int]) -> bytes:
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def wait_until_router_sees_both(router_url: str) -> None:
+    def both_healthy() -> bool:
+        health = json.loads(get(f"{router_url}/health")[1])
+        return bool(health.get("encode") == 1 and health.get("language") == 1)
+
+    wait_for(both_healthy, timeout=30, what="the router to see one healthy instance per role")

@@ -3,7 +3,7 @@
   router    ReferencePreprocessor: chat template, image processor, image-token expansion
   encode    ReferenceEncoder: the vision tower -> merged embeddings + K DeepStack features
   language  ReferenceLanguageModel: token embeddings with the visual rows put in, M-RoPE
-            positions, DeepStack added after decoder layers 0..K-1, greedy decoding
+            positions, DeepStack added after decoder layers 0..K-1, sampling.Sampler
 
 Split this way it reproduces the monolithic model exactly (see the fidelity tests).
 """
@@ -20,6 +20,7 @@ import torch
 
 from deepstack_runtime.buffers import MultimodalItem, copy_item, settle
 from deepstack_runtime.errors import InputError
+from deepstack_runtime.sampling import Sampler, SamplingParams, Step
 
 
 @dataclass
@@ -306,45 +307,38 @@ class ReferenceLanguageModel:
         input_ids: torch.Tensor,
         item: MultimodalItem | None,
         image_grid_thw: torch.Tensor | None,
-        max_new_tokens: int,
-        *,
-        ignore_eos: bool = False,
+        params: SamplingParams,
     ) -> list[int]:
-        return list(
-            self.generate_iter(
-                input_ids, item, image_grid_thw, max_new_tokens, ignore_eos=ignore_eos
-            )
-        )
+        return [step.token for step in self.generate_iter(input_ids, item, image_grid_thw, params)]
 
     def generate_iter(
         self,
         input_ids: torch.Tensor,
         item: MultimodalItem | None,
         image_grid_thw: torch.Tensor | None,
-        max_new_tokens: int,
-        *,
-        ignore_eos: bool = False,
-    ) -> Iterator[int]:
-        """Greedy decoding with a KV cache, one token at a time: the prompt once (visual
-        rows and DeepStack included), then one step per token."""
+        params: SamplingParams,
+    ) -> Iterator[Step]:
+        """Decoding with a KV cache, one token at a time: the prompt once (visual rows
+        and DeepStack included), then one step per token, each chosen by `params`."""
+        sampler = Sampler(params, int(self.model.config.text_config.vocab_size))
         with torch.no_grad():
             logits, cache, position = self._prefill(input_ids, item, image_grid_thw, use_cache=True)
-            token = int(logits[-1].argmax())
-        yield token
+            step = sampler.step(logits[-1])
+        yield step
         inner = self.model.model
-        for _ in range(max_new_tokens - 1):
-            if token == self.eos_token_id and not ignore_eos:
+        for _ in range(params.max_tokens - 1):
+            if step.token == self.eos_token_id and not params.ignore_eos:
                 return
             with torch.no_grad():
-                embeds = inner.get_input_embeddings()(torch.tensor([[token]]))
+                embeds = inner.get_input_embeddings()(torch.tensor([[step.token]]))
                 positions = torch.full((3, 1, 1), position, dtype=torch.int64)
                 hidden = inner.language_model(
                     inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True
                 )
                 cache = _cache_of(hidden)
-                token = int(self.model.lm_head(hidden.last_hidden_state)[0, -1].argmax())
+                step = sampler.step(self.model.lm_head(hidden.last_hidden_state)[0, -1])
             position += 1
-            yield token
+            yield step
 
 
 def _cache_of(output: Any) -> Any:

@@ -27,6 +27,7 @@ import torch
 from deepstack_runtime.buffers import MultimodalItem
 from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.errors import EngineFailure, InputError
+from deepstack_runtime.sampling import SamplingParams, Step
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,10 @@ class SGLangLanguageModel:
         from sglang.srt.entrypoints.engine import Engine
         from sglang.srt.server_args import prepare_server_args
 
+        # Log probabilities of the model's own distribution (before temperature and
+        # truncation), as the reference backend reports them; read by SGLang's
+        # scheduler process, which starts below and inherits it.
+        os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
         argv = server_argv(config, extra_args)
         server_args = prepare_server_args(argv)
         check_parsed(config, server_args)
@@ -119,6 +124,7 @@ class SGLangLanguageModel:
         self.num_deepstack = len(getattr(vision, "deepstack_visual_indexes", None) or [])
         self.merge_size = int(getattr(vision, "spatial_merge_size", 1))
         self.vocab_size = int(text_config.vocab_size)
+        self.seeded = bool(getattr(server_args, "enable_deterministic_inference", False))
 
         self.failure = ""
         self._stopped: asyncio.Future[None] | None = None
@@ -145,12 +151,11 @@ class SGLangLanguageModel:
         input_ids: list[int],
         item: MultimodalItem | None,
         image_grid_thw: torch.Tensor | None,
-        max_tokens: int,
-        *,
-        ignore_eos: bool = False,
-    ) -> AsyncGenerator[int, None]:
-        """Greedy tokens, one at a time, as SGLang produces them. Closing the iterator
-        early aborts the request inside SGLang."""
+        params: SamplingParams,
+    ) -> AsyncGenerator[Step, None]:
+        """One choice's tokens, one at a time, as SGLang produces them, sampled by
+        SGLang's own sampler. Closing the iterator early aborts the request inside SGLang."""
+        sampling = self.sampling_params(params)
         image_data = None
         if item is not None:
             if image_grid_thw is None:
@@ -170,7 +175,6 @@ class SGLangLanguageModel:
             raise EngineFailure(self.failure)
         assert self._stopped is not None, "attach() the engine to the event loop first"
         rid = uuid.uuid4().hex
-        sampling = {"max_new_tokens": max_tokens, "temperature": 0.0, "ignore_eos": ignore_eos}
         sent = 0
         finished = False
         chunks: Any = None
@@ -180,6 +184,8 @@ class SGLangLanguageModel:
                 input_ids=input_ids,
                 image_data=image_data,
                 sampling_params=sampling,
+                return_logprob=params.logprobs,
+                top_logprobs_num=params.top_logprobs,
                 stream=True,
                 rid=rid,
             )
@@ -193,11 +199,14 @@ class SGLangLanguageModel:
                     chunk = step.result()
                 except StopAsyncIteration:
                     break
-                # A copy: SGLang may append to its list while we yield.
+                # Copies: SGLang may append to its lists while we yield.
                 new = list(chunk.get("output_ids") or [])[sent:]
+                meta = chunk.get("meta_info") or {}
+                logprobs = list(meta.get("output_token_logprobs") or [])[sent:]
+                tops = list(meta.get("output_top_logprobs") or [])[sent:]
+                for i, token in enumerate(new):
+                    yield _step(int(token), params, logprobs[i : i + 1], tops[i : i + 1])
                 sent += len(new)
-                for token in new:
-                    yield int(token)
                 reason = (chunk.get("meta_info") or {}).get("finish_reason") or {}
                 if reason.get("type") == "abort":
                     message = f"SGLang aborted the request: {reason.get('message')}"
@@ -216,5 +225,35 @@ class SGLangLanguageModel:
                 with contextlib.suppress(Exception):  # it may be closed or mid-step
                     await chunks.aclose()
 
+    def sampling_params(self, params: SamplingParams) -> dict[str, Any]:
+        """SGLang's sampling parameters for `params`. SGLang honours a seed only with
+        --enable-deterministic-inference (which needs a GPU attention backend); without
+        it a seeded request is refused rather than answered unrepeatably."""
+        sampling: dict[str, Any] = {
+            "max_new_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k or -1,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "ignore_eos": params.ignore_eos,
+        }
+        if self.seeded:
+            sampling["sampling_seed"] = params.drawn_seed()
+        elif params.seed is not None and not params.greedy:
+            raise InputError(
+                "seed: this deployment's SGLang engine samples without seeds; add "
+                "--enable-deterministic-inference to language.extraArgs to honour them"
+            )
+        return sampling
+
     async def stop(self) -> None:
         await asyncio.to_thread(self._engine.shutdown)
+
+
+def _step(token: int, params: SamplingParams, logprob: list[Any], top: list[Any]) -> Step:
+    """A Step from SGLang's output: its log probabilities are (logprob, token id, text)."""
+    if not params.logprobs or not logprob:
+        return Step(token)
+    alternatives = tuple((int(t[1]), float(t[0])) for t in (top[0] if top else None) or ())
+    return Step(token, float(logprob[0][0]), alternatives)

@@ -25,6 +25,7 @@ from prometheus_client import Counter
 from deepstack_runtime.backends.reference import ReferencePreprocessor, decode_image
 from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.errors import InputError
+from deepstack_runtime.servers.chat import ChatRequest, Choice, parse_chat_request, usage
 from deepstack_runtime.servers.common import (
     RETRY_AFTER_SECONDS,
     BadRequest,
@@ -191,34 +192,6 @@ class RouterOptions:
     # Requests one router serves at once; beyond, 429 with Retry-After (before the body
     # is read).
     max_inflight: int = 256
-
-
-# OpenAI parameters this server does not implement: a request that sets one is refused
-# with its name rather than answered as if it had not been sent.
-UNSUPPORTED_PARAMETERS = (
-    "audio",
-    "function_call",
-    "functions",
-    "logit_bias",
-    "modalities",
-    "parallel_tool_calls",
-    "prediction",
-    "response_format",
-    "tool_choice",
-    "tools",
-    "web_search_options",
-)
-
-
-def check_parameters(body: dict[str, Any]) -> None:
-    """BadRequest naming the first parameter the server cannot honour."""
-    for name in UNSUPPORTED_PARAMETERS:
-        if body.get(name) is not None:
-            raise BadRequest(f"{name} is not supported by this server")
-    if body.get("n", 1) != 1:
-        raise BadRequest("n: only one choice per request is supported (n must be 1)")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise BadRequest("logprobs and top_logprobs are not supported by this server")
 
 
 def parse_api_keys(text: str) -> frozenset[str]:
@@ -412,10 +385,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 f"use {config.model.served_model_name!r}",
                 "not_found",
             )
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= options.max_tokens_limit:
-            raise BadRequest(f"max_tokens must be an integer in [1, {options.max_tokens_limit}]")
-        check_parameters(body)
+        chat = parse_chat_request(body, options.max_tokens_limit)
         messages, images = parse_messages(body, options)
         try:
             prompt = await asyncio.to_thread(preprocessor.prepare, messages, images)
@@ -450,8 +420,8 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 "image_grid_thw": prompt.image_grid_thw.tolist()
                 if prompt.image_grid_thw is not None
                 else None,
-                "max_tokens": max_tokens,
-                "ignore_eos": bool(body.get("ignore_eos", False)),  # as in vLLM and SGLang
+                "sampling": chat.sampling.to_wire(),
+                "n": chat.n,
             }
             legs: list[asyncio.Task[dict[str, Any]]] = []
             if encoder is not None:
@@ -465,9 +435,9 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 legs.append(asyncio.create_task(leg(encoder, "/v1/encode", encode_payload)))
             completion_id = f"chatcmpl-{room}"
             try:
-                if body.get("stream"):
+                if chat.stream:
                     return await stream(
-                        request, language, generate_payload, legs, completion_id, created,
+                        request, chat, language, generate_payload, legs, completion_id, created,
                         prompt_tokens,
                     )  # fmt: skip
                 legs.insert(0, asyncio.create_task(leg(language, "/v1/generate", generate_payload)))
@@ -497,27 +467,31 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                     role="encode" if encoder and e.url == encoder.url else "language"
                 ).inc()
                 avoid = avoid | failed
-        tokens: list[int] = results[0]["tokens"]
-        finish = "stop" if tokens and tokens[-1] == preprocessor.eos_token_id else "length"
+        choices = new_choices(chat)
+        for step in results[0]["steps"]:
+            choices[step["index"]].add(step, preprocessor.decode)
+        for choice in choices:
+            choice.end()
         return web.json_response(
             {
                 "id": completion_id,
                 "object": "chat.completion",
                 "created": created,
                 "model": config.model.served_model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": preprocessor.decode(tokens)},
-                        "finish_reason": finish,
-                    }
-                ],
-                "usage": _usage(prompt_tokens, len(tokens)),
+                "choices": [choice.message(preprocessor.decode) for choice in choices],
+                "usage": usage(prompt_tokens, choices),
             }
         )
 
+    def new_choices(chat: ChatRequest) -> list[Choice]:
+        return [
+            Choice(i, chat.stop, preprocessor.eos_token_id, chat.sampling.ignore_eos)
+            for i in range(chat.n)
+        ]
+
     async def stream(
         request: web.Request,
+        chat: ChatRequest,
         language: Instance,
         payload: dict[str, Any],
         legs: list[asyncio.Task[dict[str, Any]]],
@@ -525,8 +499,9 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         created: int,
         prompt_tokens: int,
     ) -> web.StreamResponse:
-        """Relay tokens as the language server produces them (server-sent events in the
-        OpenAI streaming format)."""
+        """Relay the choices as the language server produces them (server-sent events in
+        the OpenAI streaming format). Once every choice has finished (a stop string
+        included) the connection to the language pod closes, which stops its work."""
         language.inflight += 1
         response: web.StreamResponse | None = None
 
@@ -541,6 +516,37 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 await response.write_eof()
             return response
 
+        async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+            assert response is not None
+            chunk = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": config.model.served_model_name,
+                "choices": choices,
+                **extra,
+            }
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        async def send_news(choice: Choice) -> None:
+            """What `choice` has new: text, log probabilities, its finish reason."""
+            text = choice.sendable()
+            done = choice.finish_reason is not None
+            logprobs = choice.logprobs(preprocessor.decode, unsent_only=True)
+            if text or done or (logprobs and logprobs["content"]):
+                delta = {"content": text} if text else {}
+                await send(
+                    [
+                        {
+                            "index": choice.index,
+                            "delta": delta,
+                            "logprobs": logprobs,
+                            "finish_reason": choice.finish_reason if done else None,
+                        }
+                    ]
+                )
+
+        choices = new_choices(chat)
         try:
             async with session.post(
                 f"{language.url}/v1/generate", json={**payload, "stream": True}
@@ -551,41 +557,34 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                     headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
                 )
                 await response.prepare(request)
-
-                async def send(delta: dict[str, Any], reason: str | None, **extra: Any) -> None:
-                    assert response is not None
-                    chunk = {
-                        "id": completion_id,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": config.model.served_model_name,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
-                        **extra,
-                    }
-                    await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-
-                await send({"role": "assistant", "content": ""}, None)
-                tokens: list[int] = []
-                text = ""
+                for choice in choices:
+                    role = {"role": "assistant", "content": ""}
+                    await send([{"index": choice.index, "delta": role, "finish_reason": None}])
                 async for line in r.content:
                     if not line.strip():
                         continue
                     message = json.loads(line)
                     if "error" in message:  # the language side failed mid-stream
                         return await fail_stream(f"/v1/generate: {message['error']}", 503)
-                    tokens.append(int(message["token"]))
-                    now = preprocessor.decode(tokens)
-                    if now != text:
-                        await send({"content": now[len(text) :]}, None)
-                        text = now
-                finish = "stop" if tokens and tokens[-1] == preprocessor.eos_token_id else "length"
-                await send({}, finish, usage=_usage(prompt_tokens, len(tokens)))
+                    choice = choices[int(message["index"])]
+                    if choice.finish_reason is not None:
+                        continue  # past its stop string
+                    choice.add(message, preprocessor.decode)
+                    await send_news(choice)
+                    if all(c.finish_reason is not None for c in choices):
+                        break  # leaving closes the connection: the pod stops generating
+                for choice in choices:
+                    if choice.finish_reason is None:
+                        choice.end()
+                        await send_news(choice)
+                if chat.include_usage:
+                    await send([], usage=usage(prompt_tokens, choices))
                 await response.write(b"data: [DONE]\n\n")
                 await response.write_eof()
                 await asyncio.gather(*legs, return_exceptions=True)
                 return response
-        except (aiohttp.ClientError, json.JSONDecodeError) as e:
-            message = f"/v1/generate on {language.url} failed: {e}"
+        except (aiohttp.ClientError, json.JSONDecodeError, KeyError, ValueError) as e:
+            message = f"/v1/generate on {language.url} failed: {e!r}"
             language.failed()
             if response is not None and response.prepared:
                 return await fail_stream(message, 502)
@@ -683,11 +682,3 @@ def _upstream_status(status: int) -> int:
     """What the client gets for an instance's error status: the caller's own mistakes (4xx)
     and "unavailable" or "timed out" as they are, any other failure as a bad gateway."""
     return status if status < 500 or status in (503, 504) else 502
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }

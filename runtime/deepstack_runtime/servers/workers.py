@@ -4,9 +4,11 @@ on every backend.
 encode    POST /v1/encode    {room, pixel_values: {dtype, shape, data(base64)}, image_grid_thw}
           encodes the images, holds the result for the language side of `room`, answers
           once the language side has it.
-language  POST /v1/generate  {room, encoder, input_ids, image_grid_thw, max_tokens, stream}
+language  POST /v1/generate  {room, encoder, input_ids, image_grid_thw, sampling, n, stream}
           receives the room's embeddings from `encoder` (its bootstrap address) into this
-          pod's buffers, generates greedily; `stream` gives one JSON line per token.
+          pod's buffers, generates `n` choices as `sampling` (SamplingParams) says:
+          {steps: [{index, token, logprob?, top?}], prompt_tokens}, or with `stream` the
+          same steps one JSON line each.
 
 The language model is the backend's (`LanguageBackend`): the transformers text model
 (`reference`) or SGLang's engine (`sglang`). The vision tower is the transformers one on
@@ -33,6 +35,7 @@ from deepstack_runtime.buffers import DTYPES, BufferLayout, MultimodalDataBuffer
 from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.errors import EngineFailure, FailureReason, InputError, TransferError
 from deepstack_runtime.metrics import TransferMetrics
+from deepstack_runtime.sampling import MAX_CHOICES, SamplingParams, Step
 from deepstack_runtime.servers.common import (
     Admission,
     BadRequest,
@@ -273,13 +276,11 @@ class LanguageBackend(Protocol):
         input_ids: list[int],
         item: MultimodalItem | None,
         image_grid_thw: torch.Tensor | None,
-        max_tokens: int,
-        *,
-        ignore_eos: bool = False,
-    ) -> AsyncGenerator[int, None]:
-        """Greedy tokens as they come; InputError for a prompt the model cannot take.
-        `item` may be views of the receive pool: read it before the first token, never
-        after (the rows go back to the pool then)."""
+        params: SamplingParams,
+    ) -> AsyncGenerator[Step, None]:
+        """One choice's tokens as they come; InputError for a prompt or parameters the
+        model cannot take. `item` may be views of the receive pool: read it before the
+        first token, never after (the rows go back to the pool then)."""
         ...
 
 
@@ -302,21 +303,17 @@ class ReferenceLanguageBackend:
         input_ids: list[int],
         item: MultimodalItem | None,
         image_grid_thw: torch.Tensor | None,
-        max_tokens: int,
-        *,
-        ignore_eos: bool = False,
-    ) -> AsyncGenerator[int, None]:
+        params: SamplingParams,
+    ) -> AsyncGenerator[Step, None]:
         if item is not None:
             item.embeddings = item.embeddings.float()
             if item.deepstack is not None:
                 item.deepstack = item.deepstack.float()
         ids = torch.tensor(input_ids, dtype=torch.int64)
         async with self._lock:
-            steps = self.model.generate_iter(
-                ids, item, image_grid_thw, max_tokens, ignore_eos=ignore_eos
-            )
-            while (token := await asyncio.to_thread(next, steps, None)) is not None:
-                yield token
+            steps = self.model.generate_iter(ids, item, image_grid_thw, params)
+            while (step := await asyncio.to_thread(next, steps, None)) is not None:
+                yield step
 
     async def logits(
         self, input_ids: list[int], item: MultimodalItem | None, grid: torch.Tensor | None
@@ -384,12 +381,20 @@ async def run_language(
             raise BadRequest(
                 f"input_ids must be a non-empty list of token ids below {model.vocab_size}"
             )
-        max_tokens = body.get("max_tokens", 16)
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= max_tokens_limit:
+        try:
+            params = SamplingParams.from_wire(body.get("sampling"))
+        except InputError as e:
+            raise BadRequest(str(e)) from e
+        if params.max_tokens > max_tokens_limit:
             raise BadRequest(f"max_tokens must be an integer in [1, {max_tokens_limit}]")
+        n = body.get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+            raise BadRequest(f"n must be an integer in [1, {MAX_CHOICES}]")
         debug_logits = bool(body.get("debug_logits"))
-        if debug_logits and (body.get("stream") or not isinstance(model, ReferenceLanguageBackend)):
-            raise BadRequest("debug_logits needs the reference backend and no stream")
+        if debug_logits and (
+            body.get("stream") or n != 1 or not isinstance(model, ReferenceLanguageBackend)
+        ):
+            raise BadRequest("debug_logits needs the reference backend, n=1 and no stream")
         grid = _grid(body.get("image_grid_thw"))
         visual = sum(1 for i in ids if i == model.image_token_id)
         if grid is not None and int(grid.prod(dim=1).sum()) != visual * model.merge_size**2:
@@ -410,23 +415,21 @@ async def run_language(
                     )
                 except TransferError as e:
                     return _transfer_error(e)
-            tokens = model.stream(
-                ids, item, grid, max_tokens, ignore_eos=bool(body.get("ignore_eos", False))
-            )
-            if not debug_logits:  # which reads the rows again after the last token
-                tokens = _returning_at_first_token(tokens, lease)
+            # The received rows go back to the pool once every choice has read them
+            # (debug_logits reads them again after the last token).
+            steps = _choices(model, ids, item, grid, params, n, None if debug_logits else lease)
             # Closed on every way out (a client that went away included): the reference
             # model's lock is released and SGLang aborts the request at once.
-            async with contextlib.aclosing(tokens):
+            async with contextlib.aclosing(steps):
                 if body.get("stream"):
-                    return await _stream(request, tokens)
+                    return await _stream(request, steps)
                 try:
-                    answer: dict[str, Any] = {"tokens": [t async for t in tokens]}
+                    lines = [step.to_wire(index) async for index, step in steps]
                 except InputError as e:
                     raise BadRequest(str(e)) from e
                 except EngineFailure as e:
                     return error(503, str(e), "engine_error")
-            answer["prompt_tokens"] = len(ids)
+            answer: dict[str, Any] = {"steps": lines, "prompt_tokens": len(ids)}
             if debug_logits:
                 assert isinstance(model, ReferenceLanguageBackend)
                 answer["logits"] = await model.logits(ids, item, grid)
@@ -490,22 +493,61 @@ async def check_transfers(
         await asyncio.sleep(CHECK_INTERVAL_SECONDS)
 
 
-async def _returning_at_first_token(
-    tokens: AsyncGenerator[int, None], lease: contextlib.AsyncExitStack
-) -> AsyncGenerator[int, None]:
-    """`tokens`, with the received rows given back to the pool at the first token: a
-    backend has read them into its own input by then (LanguageBackend.stream)."""
-    async with contextlib.aclosing(tokens):
-        async for token in tokens:
-            await lease.aclose()  # at once on the first; a no-op after
-            yield token
+async def _choices(
+    model: LanguageBackend,
+    ids: list[int],
+    item: MultimodalItem | None,
+    grid: torch.Tensor | None,
+    params: SamplingParams,
+    n: int,
+    lease: contextlib.AsyncExitStack | None,
+) -> AsyncGenerator[tuple[int, Step], None]:
+    """The steps of `n` choices of one prompt, (choice index, step), as they come. The
+    choices run side by side (SGLang batches them; the reference model takes them one
+    after the other). `lease` (the received rows) is given back once every choice has
+    produced its first token: each backend has read the rows into its own input by then
+    (LanguageBackend.stream). Closing this generator stops every choice."""
+    queue: asyncio.Queue[tuple[int, Step | BaseException | None]] = asyncio.Queue()
+
+    async def run(index: int) -> None:
+        tokens = model.stream(ids, item, grid, params.for_choice(index))
+        try:
+            async with contextlib.aclosing(tokens):
+                async for step in tokens:
+                    queue.put_nowait((index, step))
+            queue.put_nowait((index, None))
+        except Exception as e:  # raised to the consumer, which stops the other choices
+            queue.put_nowait((index, e))
+
+    tasks = [asyncio.create_task(run(index)) for index in range(n)]
+    waiting_first = set(range(n))
+    running = n
+    try:
+        while running:
+            index, got = await queue.get()
+            if isinstance(got, BaseException):
+                raise got
+            if index in waiting_first:
+                waiting_first.discard(index)
+                if not waiting_first and lease is not None:
+                    await lease.aclose()
+            if got is None:
+                running -= 1
+            else:
+                yield index, got
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _stream(request: web.Request, tokens: AsyncGenerator[int, None]) -> web.StreamResponse:
-    """One JSON line per token; a failure after the first byte ends the stream with an
+async def _stream(
+    request: web.Request, steps: AsyncGenerator[tuple[int, Step], None]
+) -> web.StreamResponse:
+    """One JSON line per step; a failure after the first byte ends the stream with an
     `error` line (the status is already sent)."""
     try:
-        first = await anext(tokens, None)
+        first = await anext(steps, None)
     except InputError as e:
         raise BadRequest(str(e)) from e
     except EngineFailure as e:
@@ -514,9 +556,9 @@ async def _stream(request: web.Request, tokens: AsyncGenerator[int, None]) -> we
     await response.prepare(request)
     try:
         if first is not None:
-            await response.write(json.dumps({"token": first}).encode() + b"\n")
-            async for token in tokens:
-                await response.write(json.dumps({"token": token}).encode() + b"\n")
+            await response.write(json.dumps(first[1].to_wire(first[0])).encode() + b"\n")
+            async for index, step in steps:
+                await response.write(json.dumps(step.to_wire(index)).encode() + b"\n")
     except (InputError, EngineFailure) as e:
         await response.write(json.dumps({"error": str(e)}).encode() + b"\n")
     await response.write_eof()
