@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import torch
 from PIL import Image
@@ -194,6 +195,82 @@ def test_image_the_processor_rejects_is_a_400(stack: dict[str, Any]) -> None:
     )
     assert status == 400, body
     assert "aspect ratio" in body["error"]["message"]
+
+
+def clients(stack: dict[str, Any]) -> tuple[openai.OpenAI, openai.OpenAI]:
+    """The openai client on our router, and on SGLang's own server."""
+    return (
+        openai.OpenAI(base_url=f"{stack['router'].url}/v1", api_key="-", max_retries=0),
+        openai.OpenAI(base_url=f"{stack['single']}/v1", api_key="-", max_retries=0),
+    )
+
+
+TEXT: list[Any] = [{"role": "user", "content": "Tell me a story about a green field."}]
+
+
+def complete(client: openai.OpenAI, **params: Any) -> Any:
+    extra = {"ignore_eos": True, **params.pop("extra_body", {})}
+    return client.chat.completions.create(
+        model="tiny-qwen3-vl-moe", messages=TEXT, max_tokens=10, extra_body=extra, **params
+    )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"frequency_penalty": 1.5},
+        {"presence_penalty": 1.5},
+        {"logprobs": True, "top_logprobs": 3},
+    ],
+    ids=["frequency", "presence", "logprobs"],
+)
+def test_sampling_parameters_mean_what_sglang_makes_of_them(
+    stack: dict[str, Any], params: dict[str, Any]
+) -> None:
+    ours, theirs = (complete(c, temperature=0, **params) for c in clients(stack))
+    plain = complete(clients(stack)[0], temperature=0)
+    assert ours.choices[0].message.content == theirs.choices[0].message.content
+    if "logprobs" in params:
+        mine, sglangs = ours.choices[0].logprobs.content, theirs.choices[0].logprobs.content
+        assert [t.logprob for t in mine] == pytest.approx([t.logprob for t in sglangs], abs=1e-4)
+        for a, b in zip(mine, sglangs, strict=True):
+            assert [t.logprob for t in a.top_logprobs] == pytest.approx(
+                [t.logprob for t in b.top_logprobs], abs=1e-4
+            )
+    else:  # the penalty took effect (the greedy answer repeats itself)
+        assert ours.choices[0].message.content != plain.choices[0].message.content
+
+
+def test_sampling_draws_and_truncation_reaches_sglang(stack: dict[str, Any]) -> None:
+    router = clients(stack)[0]
+    greedy = complete(router, temperature=0).choices[0].message.content
+    drawn = {complete(router, temperature=1.5).choices[0].message.content for _ in range(3)}
+    assert len(drawn) >= 2, drawn  # no seed: fresh randomness each time
+    # Truncated to the most likely token, a hot sampler is greedy.
+    assert complete(router, temperature=1.5, extra_body={"top_k": 1}).choices[
+        0
+    ].message.content == (greedy)
+    assert complete(router, temperature=1.5, top_p=1e-6).choices[0].message.content == greedy
+    two = complete(router, temperature=0, n=2)
+    assert [c.message.content for c in two.choices] == [greedy, greedy]
+    assert two.usage.completion_tokens == 20
+    stop = greedy[4:7]
+    stopped = complete(router, temperature=0, stop=stop).choices[0]
+    assert (stopped.message.content, stopped.finish_reason) == (
+        greedy[: greedy.index(stop)],
+        "stop",
+    )
+
+
+def test_a_seed_sglang_would_ignore_is_refused_by_name(stack: dict[str, Any]) -> None:
+    """SGLang honours seeds only with --enable-deterministic-inference, which needs a GPU
+    attention backend: without it a seeded draw is refused, never answered unrepeatably."""
+    router = clients(stack)[0]
+    with pytest.raises(openai.BadRequestError) as refused:
+        complete(router, temperature=1.0, seed=3)
+    assert "--enable-deterministic-inference" in str(refused.value)
+    greedy = complete(router, temperature=0, seed=3)  # greedy needs no seed
+    assert greedy.choices[0].message.content
 
 
 def scheduler_pids(pid: int) -> list[int]:
