@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(
                 "--language-url", action="append", default=[], help="static language instances"
             )
-            p.add_argument("--max-prompt-tokens", type=int, default=4096)
             # Limits per request; unset: RouterOptions' defaults.
+            p.add_argument("--max-prompt-tokens", type=int, help="tokens of one prompt")
             p.add_argument("--max-images", type=int, help="images in one request")
             p.add_argument("--max-image-pixels", type=int, help="pixels of one image")
             p.add_argument("--max-visual-tokens", type=int, help="visual tokens of one request")
@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> None:
             )
             p.add_argument(
                 "--allow-local-files", action="store_true", help="accept file: image URLs"
+            )
+            p.add_argument(
+                "--image-url-domain",
+                action="append",
+                default=[],
+                help="a host, *.domain, address or network image URLs may name (repeatable)",
             )
             p.add_argument(
                 "--instances-file",
@@ -122,18 +128,28 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"deepstack-runtime language: {failure}")
     else:
         from deepstack_runtime.config import API_KEYS_ENV
-        from deepstack_runtime.servers.router import RouterOptions, parse_api_keys, run_router
+        from deepstack_runtime.servers.images import Allowlist
+        from deepstack_runtime.servers.router import (
+            ROUTER_LIMITS,
+            RouterOptions,
+            parse_api_keys,
+            run_router,
+        )
 
+        try:
+            image_urls = Allowlist.parse(args.image_url_domain)
+        except ValueError as e:
+            sys.exit(f"deepstack-runtime router: {e}")
         options = RouterOptions(
             encode_urls=args.encode_url,
             language_urls=args.language_url,
-            max_prompt_tokens=args.max_prompt_tokens,
             allow_local_files=args.allow_local_files,
+            image_urls=image_urls,
             instances_file=args.instances_file,
             health_interval=args.health_interval,
             **{
                 limit: getattr(args, limit)
-                for limit in ("max_images", "max_image_pixels", "max_visual_tokens", "max_inflight")
+                for limit in ROUTER_LIMITS
                 if getattr(args, limit) is not None
             },
             api_keys=parse_api_keys(os.environ.get(API_KEYS_ENV, "")),

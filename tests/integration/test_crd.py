@@ -401,6 +401,17 @@ INVALID: list[tuple[str, Callable[[Spec], None], str]] = [
         "spec.model.servedModelName in body should match",
     ),
     (
+        "image-url-domain-is-a-url",
+        put("spec.router.imageUrlDomains", ["images.example.com", "https://cdn.example.com"]),
+        "each imageUrlDomains entry is a lower-case host name, *.domain, an IP address or a "
+        "CIDR network",
+    ),
+    (
+        "router-limit-zero",
+        put("spec.router.limits", {"maxInflight": 0}),
+        "spec.router.limits.maxInflight in body should be greater than or equal to 1",
+    ),
+    (
         "toleration-bad-operator",
         put("spec.encode.tolerations", [{"key": "gpu", "operator": "Maybe"}]),
         'spec.encode.tolerations[0].operator: Unsupported value: "Maybe"',

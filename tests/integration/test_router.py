@@ -196,7 +196,7 @@ BAD: list[tuple[str, Any, int, str]] = [
         "http-image",
         image_part("https://example.com/cat.png"),
         400,
-        "only data: URLs are accepted; got a https URL",
+        "https://example.com/cat.png: this server fetches no image URLs",
     ),
     ("bad-base64", image_part("data:image/png;base64,@@@"), 400, "the base64 data is malformed"),
     (

@@ -69,6 +69,30 @@ def _api_keys_env(cr: Manifest, role: str) -> list[dict[str, Any]]:
     return [{"name": API_KEYS_ENV, "valueFrom": {"secretKeyRef": ref}}]
 
 
+# router.limits -> the router's flags (deepstack_runtime.cli); unset: the router's defaults.
+ROUTER_LIMIT_FLAGS = {
+    "maxImages": "--max-images",
+    "maxImagePixels": "--max-image-pixels",
+    "maxVisualTokens": "--max-visual-tokens",
+    "maxPromptTokens": "--max-prompt-tokens",
+    "maxInflight": "--max-inflight",
+}
+
+
+def _args(cr: Manifest, role: str) -> list[str]:
+    """The runtime's arguments: the router's limits and image URL allowlist; the
+    language group's extraArgs (SGLang's)."""
+    role_spec = spec(cr).get(role, {})
+    if role != names.ROUTER:
+        return list(role_spec.get("extraArgs", []))
+    limits = role_spec.get("limits", {})
+    args = [a for key, flag in ROUTER_LIMIT_FLAGS.items() if key in limits
+            for a in (flag, str(limits[key]))]  # fmt: skip
+    for domain in role_spec.get("imageUrlDomains", []):
+        args += ["--image-url-domain", domain]
+    return args
+
+
 def _security(protocol: str, transfers: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """(pod, container) security contexts: Pod Security "restricted", except that pods
     that transfer over RDMA (encode, language; never the router) need to pin memory
@@ -161,7 +185,7 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
         "image": runtime["image"],
         "imagePullPolicy": runtime.get("imagePullPolicy", "IfNotPresent"),
         "command": ["deepstack-runtime", role, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
-        "args": list(role_spec.get("extraArgs", [])),
+        "args": _args(cr, role),
         "env": _env(role, config, role_spec.get("env", []) + _api_keys_env(cr, role)),
         "ports": _ports(config, role),
         # Loading weights can take minutes: the startup probe covers it, then the

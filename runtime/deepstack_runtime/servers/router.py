@@ -36,6 +36,7 @@ from deepstack_runtime.servers.common import (
     read_json,
     serve,
 )
+from deepstack_runtime.servers.images import Allowlist, ImageFetcher, ImageFetchError
 from deepstack_runtime.servers.workers import MAX_BODY, encode_tensor
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,16 @@ def pick_pair(
     return chosen, encoder, ""
 
 
+# The RouterOptions a router's flags (and the resource's router.limits) may set.
+ROUTER_LIMITS = (
+    "max_images",
+    "max_image_pixels",
+    "max_visual_tokens",
+    "max_prompt_tokens",
+    "max_inflight",
+)
+
+
 @dataclass(frozen=True)
 class RouterOptions:
     encode_urls: list[str]
@@ -189,6 +200,8 @@ class RouterOptions:
     max_images: int = 8
     max_image_pixels: int = 4096 * 4096
     max_visual_tokens: int = 16384
+    # Hosts image URLs may name (router.imageUrlDomains); empty: no image is fetched.
+    image_urls: Allowlist = field(default_factory=Allowlist)
     # Requests one router serves at once; beyond, 429 with Retry-After (before the body
     # is read).
     max_inflight: int = 256
@@ -211,7 +224,9 @@ def authorized(header: str | None, keys: frozenset[str]) -> bool:
     return sum(hmac.compare_digest(offered, key.encode()) for key in keys) > 0
 
 
-def _image_bytes(url: Any, options: RouterOptions, index: int) -> bytes:
+async def _image_bytes(
+    url: Any, options: RouterOptions, fetcher: ImageFetcher, index: int
+) -> bytes:
     if not isinstance(url, str):
         raise BadRequest(f"image {index}: image_url.url must be a string")
     if url.startswith("data:"):
@@ -223,13 +238,18 @@ def _image_bytes(url: Any, options: RouterOptions, index: int) -> bytes:
         except (binascii.Error, ValueError) as e:
             raise BadRequest(f"image {index}: the base64 data is malformed: {e}") from e
     parsed = urlparse(url)
+    if parsed.scheme in ("http", "https"):
+        try:
+            return await fetcher.fetch(url)
+        except ImageFetchError as e:
+            raise BadRequest(f"image {index}: {url[:200]}: {e}") from e
     if parsed.scheme == "file" and options.allow_local_files:
         try:
             return Path(parsed.path).read_bytes()
         except OSError as e:
             raise BadRequest(f"image {index}: cannot read {parsed.path}: {e.strerror}") from e
     raise BadRequest(
-        f"image {index}: only data: URLs are accepted"
+        f"image {index}: only data: and http(s) URLs are accepted"
         + (" (and file: URLs)" if options.allow_local_files else "")
         + f"; got a {parsed.scheme or 'relative'} URL"
     )
@@ -238,7 +258,7 @@ def _image_bytes(url: Any, options: RouterOptions, index: int) -> bytes:
 def parse_messages(
     body: dict[str, Any], options: RouterOptions
 ) -> tuple[list[dict[str, Any]], list[Any]]:
-    """OpenAI messages -> (messages with {"type": "image"} parts, decoded images)."""
+    """OpenAI messages -> (messages with {"type": "image"} parts, the images' URLs)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list")
@@ -252,7 +272,7 @@ def parse_messages(
     if count > options.max_images:  # before any image is read
         raise BadRequest(f"the request has {count} images; the limit is {options.max_images}")
     out: list[dict[str, Any]] = []
-    images: list[Any] = []
+    urls: list[Any] = []
     for n, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise BadRequest(f"messages[{n}] needs a role of {', '.join(ROLES)}")
@@ -268,18 +288,28 @@ def parse_messages(
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "text": part["text"]})
             elif kind == "image_url" and isinstance(part.get("image_url"), dict):
-                data = _image_bytes(part["image_url"].get("url"), options, len(images) + 1)
-                try:
-                    images.append(decode_image(data, options.max_image_pixels))
-                except InputError as e:
-                    raise BadRequest(f"image {len(images) + 1}: {e}") from e
+                urls.append(part["image_url"].get("url"))
                 parts.append({"type": "image"})
             else:
                 raise BadRequest(
                     f"messages[{n}]: unsupported content part {kind!r}; use text or image_url"
                 )
         out.append({"role": message["role"], "content": parts})
-    return out, images
+    return out, urls
+
+
+async def load_images(urls: list[Any], options: RouterOptions, fetcher: ImageFetcher) -> list[Any]:
+    """The images, read (remote ones at once) and decoded within the pixel limit."""
+    data = await asyncio.gather(
+        *(_image_bytes(url, options, fetcher, i + 1) for i, url in enumerate(urls))
+    )
+    images = []
+    for i, image in enumerate(data):
+        try:
+            images.append(decode_image(image, options.max_image_pixels))
+        except InputError as e:
+            raise BadRequest(f"image {i + 1}: {e}") from e
+    return images
 
 
 async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptions) -> None:
@@ -305,6 +335,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
     session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=config.transfer.transfer_timeout_seconds + 120)
     )
+    fetcher = ImageFetcher(options.image_urls)
 
     async def health_loop() -> None:
         while True:
@@ -386,7 +417,8 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 "not_found",
             )
         chat = parse_chat_request(body, options.max_tokens_limit)
-        messages, images = parse_messages(body, options)
+        messages, urls = parse_messages(body, options)
+        images = await load_images(urls, options, fetcher)
         try:
             prompt = await asyncio.to_thread(preprocessor.prepare, messages, images)
         except InputError as e:
@@ -628,6 +660,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         with contextlib.suppress(asyncio.CancelledError):
             await health_task
         await session.close()
+        await fetcher.close()
 
     await serve(server, app, listen, on_stop=stop)
 
