@@ -82,8 +82,12 @@ def test_abandoned_encode_frees_the_encoder_blocks(stack: dict[str, Any]) -> Non
     freed_within(stack["encode"], hung_up, 1.0)
 
 
-def test_abandoned_stream_stops_generating(stack: dict[str, Any]) -> None:
-    body = {"model": "tiny-qwen3-vl-moe", "max_tokens": 512, "ignore_eos": True, "stream": True,
+@pytest.mark.parametrize(
+    "params", [{"stream": True}, {"stream": False}, {"stream": False, "n": 2}],
+    ids=["stream", "whole", "two-choices"],
+)  # fmt: skip
+def test_an_abandoned_chat_stops_generating(stack: dict[str, Any], params: dict[str, Any]) -> None:
+    body = {"model": "tiny-qwen3-vl-moe", "max_tokens": 512, "ignore_eos": True, **params,
             "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": data_url(png(64, 48, (9, 9, 9)))}},
                 {"type": "text", "text": "Describe the image."}]}]}  # fmt: skip

@@ -481,6 +481,11 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                         task.cancel()
                 results = await asyncio.gather(*legs)
                 break
+            except asyncio.CancelledError:
+                # The client went away: both legs stop, and with them the pods' work.
+                for task in legs:
+                    task.cancel()
+                raise
             except LegError as e:
                 for task in legs:
                     task.cancel()
