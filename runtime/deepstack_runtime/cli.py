@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     for role in ("encode", "language", "router"):
         p = sub.add_parser(role, help=f"run the {role} server")
         p.add_argument("--config", required=True, help="runtime configuration (JSON)")
-        p.add_argument("--host", default="0.0.0.0")
+        p.add_argument(
+            "--host",
+            default="127.0.0.1",
+            help="address to listen on (a pod: 0.0.0.0, which the operator sets)",
+        )
         p.add_argument(
             "--port", type=int, default=None, help="HTTP port (default: from the config)"
         )

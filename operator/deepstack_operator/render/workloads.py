@@ -184,7 +184,12 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
         "name": "runtime",
         "image": runtime["image"],
         "imagePullPolicy": runtime.get("imagePullPolicy", "IfNotPresent"),
-        "command": ["deepstack-runtime", role, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        # All of the pod's addresses: its IP for peers and probes, loopback for
+        # `kubectl port-forward`. (The runtime's own default is loopback only.)
+        "command": [
+            *("deepstack-runtime", role, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"),
+            *("--host", "0.0.0.0"),
+        ],
         "args": _args(cr, role),
         "env": _env(role, config, role_spec.get("env", []) + _api_keys_env(cr, role)),
         "ports": _ports(config, role),

@@ -79,6 +79,8 @@ def test_minimal_example_children() -> None:
         "encode",
         "--config",
         "/etc/deepstack/config.json",
+        "--host",
+        "0.0.0.0",  # in a pod; the runtime's own default is loopback
     ]
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
         "http": 8000,
