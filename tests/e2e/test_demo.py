@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -116,6 +117,7 @@ class Traffic:
     url: str
     body: dict[str, Any] = field(default_factory=lambda: chat(4))
     results: list[tuple[int, Any]] = field(default_factory=list)
+    spans: list[tuple[float, float]] = field(default_factory=list)  # each one's start, end
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> Traffic:
@@ -125,10 +127,13 @@ class Traffic:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
-                self.results.append(post(f"{self.url}/v1/chat/completions", self.body, timeout=60))
+                result = post(f"{self.url}/v1/chat/completions", self.body, timeout=60)
             except OSError as e:  # no HTTP answer at all: recorded, never hidden
-                self.results.append((0, str(e)))
+                result = (0, str(e))
+            self.spans.append((started, time.monotonic()))
+            self.results.append(result)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -274,6 +279,91 @@ def test_deleting_a_language_pod_under_traffic(cluster: Cluster, demo: dict[str,
     for status, body in failures:
         assert status in (502, 503), (status, body)
         assert body["error"]["message"], body
+
+
+def blocks_held(pod: dict[str, Any]) -> float:
+    text = metrics(pod)
+    return sum(sample(text, "deepstack_buffer_blocks", state=s) for s in ("used", "fenced"))
+
+
+def set_replicas(cluster: Cluster, namespace: str, role: str, replicas: int) -> None:
+    cluster.kubectl(
+        "-n", namespace, "patch", "dsd", NAME, "--type=merge",
+        "-p", json.dumps({"spec": {role: {"replicas": replicas}}}),
+    )  # fmt: skip
+
+
+def test_killing_pods_at_random_under_load_fails_only_requests_in_flight(
+    cluster: Cluster, demo: dict[str, Any]
+) -> None:
+    """8 clients for 60 s while the runtime process of an encode or language pod, chosen
+    at random, is killed (SIGKILL) again and again and the kubelet restarts it: a request
+    that was not in flight when a pod died succeeds (the router retries a leg that failed
+    before any byte reached the client), every failure is a 5xx with a reason, and no
+    block is left used."""
+    namespace = demo["namespace"]
+    set_replicas(cluster, namespace, "encode", 2)
+    try:
+        wait_until(
+            lambda: router_counts(demo["ROUTER_URL"]) == {"encode": 2, "language": 2},
+            "two encode and two language pods in the router's rotation",
+            timeout=300,
+        )
+        seed = int(time.time())
+        chooser = random.Random(seed)
+        kills: list[tuple[float, str]] = []
+        clients = [Traffic(demo["ROUTER_URL"], chat(8)) for _ in range(8)]
+        with contextlib.ExitStack() as running:
+            for client in clients:
+                running.enter_context(client)
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                # One pod down at a time: the other of its role serves meanwhile.
+                wait_until(
+                    lambda: router_counts(demo["ROUTER_URL"]) == {"encode": 2, "language": 2},
+                    "every pod back in rotation",
+                )
+                time.sleep(chooser.uniform(1, 4))
+                victim = chooser.choice(
+                    [p for role in ("encode", "language") for p in pods(cluster, namespace, role)]
+                )
+                os.kill(container_pid(victim), signal.SIGKILL)
+                kills.append((time.monotonic(), victim["metadata"]["name"]))
+        results = [(r, span) for c in clients for r, span in zip(c.results, c.spans, strict=True)]
+        failed = [(r, span) for r, span in results if r[0] != 200]
+        latencies = sorted(end - start for r, (start, end) in results if r[0] == 200)
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        print(json.dumps({
+            "seed": seed, "kills": [name for _, name in kills], "requests": len(results),
+            "failed": len(failed), "p50_s": round(latencies[len(latencies) // 2], 3),
+            "p99_s": round(p99, 3),
+        }))  # fmt: skip
+        assert len(kills) >= 3, kills
+        assert len(latencies) >= 50, len(latencies)
+        for (status, body), (start, end) in failed:
+            assert 500 <= status < 600, (status, body)
+            assert body["error"]["message"], body
+            # It was in flight when a pod was killed.
+            assert any(start <= killed <= end for killed, _ in kills), (status, body, start)
+        assert len(failed) <= 8 * len(kills), failed
+        wait_until(
+            lambda: router_counts(demo["ROUTER_URL"]) == {"encode": 2, "language": 2},
+            "every pod back in rotation",
+        )
+        for role in ("encode", "language"):
+            for pod in pods(cluster, namespace, role):
+                wait_until(
+                    lambda p=pod: blocks_held(p) == 0,  # type: ignore[misc]
+                    f"{pod['metadata']['name']}: no block left used or fenced",
+                    timeout=60,
+                )
+    finally:
+        set_replicas(cluster, namespace, "encode", 1)
+        wait_until(
+            lambda: len(pods(cluster, namespace, "encode")) == 1,
+            "the encode group back to one pod",
+            timeout=120,
+        )
 
 
 def test_scaling_down_loses_no_request(cluster: Cluster, demo: dict[str, Any]) -> None:
