@@ -303,6 +303,7 @@ def test_killing_pods_at_random_under_load_fails_only_requests_in_flight(
     block is left used."""
     namespace = demo["namespace"]
     set_replicas(cluster, namespace, "encode", 2)
+    set_replicas(cluster, namespace, "language", 2)  # as the tests before leave it
     try:
         wait_until(
             lambda: router_counts(demo["ROUTER_URL"]) == {"encode": 2, "language": 2},

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -322,9 +323,11 @@ BODIES = st.one_of(
     st.fixed_dictionaries(
         {"messages": st.one_of(MESSAGES, JSON)},
         optional={
-            name: JSON | st.integers(-2, 600)
+            name: JSON | st.integers(-2, 600) | st.floats()
             for name in ("max_tokens", "max_completion_tokens", "model", "n", "ignore_eos",
-                         "temperature", "tools", "logprobs")
+                         "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty",
+                         "frequency_penalty", "logprobs", "top_logprobs", "stream_options",
+                         "tools")
         },
     ),
 )  # fmt: skip
@@ -359,8 +362,21 @@ def test_no_healthy_instance_is_a_503(stack: dict[str, Any]) -> None:
         "http://127.0.0.1:9",
     ) as lonely:
         status, body = post(f"{lonely.url}/v1/chat/completions", chat())
+        client = openai.OpenAI(base_url=f"{lonely.url}/v1", api_key="-", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as unavailable:
+            client.chat.completions.create(model="tiny-qwen3-vl-moe", messages=chat()["messages"])
     assert status == 503
     assert body["error"]["message"].startswith("no healthy language instance of contract")
+    assert unavailable.value.status_code == 503
+    assert "no healthy language instance" in str(unavailable.value)
+
+
+def test_an_unknown_model_is_the_clients_not_found(stack: dict[str, Any]) -> None:
+    client = openai.OpenAI(base_url=f"{stack['router'].url}/v1", api_key="-", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="gpt-4o", messages=chat()["messages"])
+    assert "model 'gpt-4o' is not served here; use 'tiny-qwen3-vl-moe'" in str(unknown.value)
+    assert [m.id for m in client.models.list()] == ["tiny-qwen3-vl-moe"]
 
 
 def test_a_router_uses_only_pods_of_its_own_contract(stack: dict[str, Any]) -> None:
@@ -448,7 +464,6 @@ def test_graceful_shutdown_finishes_every_request_in_flight(
 def test_api_keys_guard_the_openai_routes_but_not_the_probes(stack: dict[str, Any]) -> None:
     """router.apiKeySecret: the official client without a key, or with a wrong one, gets
     its AuthenticationError (401); with a key it is answered; probes need none."""
-    import openai
 
     keys = "first-key\n\nsecond-key\n"
     with another_router(stack, "router-keys", env={"DEEPSTACK_API_KEYS": keys}) as router:
@@ -503,6 +518,37 @@ def test_a_request_whose_instance_died_is_retried_on_another(
         assert json.loads(get(f"{router.url}/health")[1])["language"] == 1
 
 
+def test_a_request_whose_encode_instance_died_is_retried_on_another(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
+    """An encode instance dies unnoticed: its leg is refused, and the language side
+    cannot reach its bootstrap port either (a transfer failure the language pod reports
+    as connect_failed, which blames the encode pod). Either way the request is tried again
+    with the other encode instance, and the dead one leaves the pool at once: nothing
+    listens there."""
+    with (
+        ServerProcess("encode", stack["config"], tmp_path / "doomed.log", "--bootstrap-port", "0")
+        as doomed,
+        ServerProcess(
+            "router", stack["config"], tmp_path / "router-retry-encode.log",
+            "--encode-url", stack["encode"].url, "--encode-url", doomed.url,
+            "--language-url", stack["language"].url, "--health-interval", "600",
+        ) as router,
+    ):  # fmt: skip
+        wait_for(
+            lambda: json.loads(get(f"{router.url}/health")[1]).get("encode") == 2,
+            timeout=30,
+            what="the router to see both encode instances",
+        )
+        doomed.process.kill()
+        doomed.process.wait(30)
+        results = [post(f"{router.url}/v1/chat/completions", chat()) for _ in range(4)]
+        assert [status for status, _ in results] == [200] * 4, results
+        metrics = get(f"{router.url}/metrics")[1]
+        assert sample(metrics, "deepstack_router_retries_total", role="encode") == 1
+        assert json.loads(get(f"{router.url}/health")[1])["encode"] == 1
+
+
 def test_visual_token_limit_is_checked_before_encoding(stack: dict[str, Any]) -> None:
     with another_router(stack, "router-limits", "--max-visual-tokens", "4") as router:
         wait_until_router_sees_both(router.url)
@@ -517,7 +563,6 @@ def test_visual_token_limit_is_checked_before_encoding(stack: dict[str, Any]) ->
 
 
 def test_over_its_limit_the_router_answers_429_with_retry_after(stack: dict[str, Any]) -> None:
-    import openai
 
     with another_router(stack, "router-admission", "--max-inflight", "1") as router:
         wait_until_router_sees_both(router.url)

@@ -70,7 +70,7 @@ def chat(**params: Any) -> dict[str, Any]:
 
 def test_openai_defaults() -> None:
     request = parse_chat_request(chat(), max_tokens_limit=512)
-    assert request.sampling == SamplingParams(max_tokens=16, temperature=1.0)
+    assert request.sampling == SamplingParams(max_tokens=512, temperature=1.0)
     assert (request.n, request.stop, request.stream, request.include_usage) == (1, (), False, False)
 
 

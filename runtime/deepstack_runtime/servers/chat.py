@@ -13,9 +13,9 @@ from deepstack_runtime.errors import InputError
 from deepstack_runtime.sampling import MAX_CHOICES, SEED_BITS, SamplingParams
 from deepstack_runtime.servers.common import BadRequest
 
-# The OpenAI API's defaults where they differ from the runtime's (greedy).
+# The OpenAI API's default where it differs from the runtime's (greedy). Its other
+# default, max_tokens "as many as the model takes", is the server's limit here.
 DEFAULT_TEMPERATURE = 1.0
-DEFAULT_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 4
 MAX_STOP_LENGTH = 256
 
@@ -99,7 +99,7 @@ def parse_chat_request(body: dict[str, Any], max_tokens_limit: int) -> ChatReque
     max_tokens = _integer(body, "max_completion_tokens", None)
     max_tokens = _integer(body, "max_tokens", max_tokens)
     if max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, max_tokens_limit)
+        max_tokens = max_tokens_limit
     if not 1 <= max_tokens <= max_tokens_limit:
         raise BadRequest(f"max_tokens must be an integer in [1, {max_tokens_limit}]")
     n = _integer(body, "n", 1)

@@ -67,10 +67,15 @@ def error(
     message: str,
     kind: str = "invalid_request_error",
     headers: dict[str, str] | None = None,
+    reason: str = "",
 ) -> web.Response:
-    """An OpenAI-style error body with a reason a person can act on."""
+    """An OpenAI-style error body with a reason a person can act on (and, for a
+    transfer failure, its `reason` for the router)."""
+    body: dict[str, Any] = {"message": message, "type": kind, "code": status}
+    if reason:
+        body["reason"] = reason
     return web.json_response(
-        {"error": {"message": message, "type": kind, "code": status}},
+        {"error": body},
         status=status,
         headers=headers,
     )

@@ -54,11 +54,12 @@ class Instance:
     slow_probes: int = 0  # consecutive health probes that timed out
     failures: int = 0  # consecutive requests it failed (a connection error)
 
-    def failed(self) -> None:
+    def failed(self, *, unreachable: bool = False) -> None:
         """One request failed on it: out of rotation after REQUEST_FAILURES_UNHEALTHY
-        in a row, back once a probe passes."""
+        in a row, or at once when it could not be reached at all (nothing listens: a
+        process that died); back once a probe passes."""
         self.failures += 1
-        if self.failures >= REQUEST_FAILURES_UNHEALTHY:
+        if unreachable or self.failures >= REQUEST_FAILURES_UNHEALTHY:
             self.healthy = False
 
     def served(self) -> None:
@@ -378,18 +379,22 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         role: sum(i.healthy for i in pool.instances.values()) for role, pool in pools.items()
     }
 
-    async def leg(instance: Instance, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def leg(
+        instance: Instance, path: str, payload: dict[str, Any], peer: Instance | None = None
+    ) -> dict[str, Any]:
+        """One instance's part of a request; `peer`: the encode instance a language
+        instance receives from (blamed when the language side could not reach it)."""
         instance.inflight += 1
         try:
             async with session.post(f"{instance.url}{path}", json=payload) as r:
                 if r.status != 200:
-                    raise await _refusal(r, path, instance.url)
+                    raise _blamed(await _refusal(r, path, instance.url), peer)
                 body = await r.json(content_type=None)
                 instance.served()
                 result: dict[str, Any] = body
                 return result
         except aiohttp.ClientError as e:
-            instance.failed()
+            instance.failed(unreachable=isinstance(e, aiohttp.ClientConnectorError))
             raise LegError(
                 502, f"{path} on {instance.url} failed: {e}", None, instance.url, retryable=True
             ) from e
@@ -469,10 +474,12 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             try:
                 if chat.stream:
                     return await stream(
-                        request, chat, language, generate_payload, legs, completion_id, created,
-                        prompt_tokens,
+                        request, chat, language, encoder, generate_payload, legs, completion_id,
+                        created, prompt_tokens,
                     )  # fmt: skip
-                legs.insert(0, asyncio.create_task(leg(language, "/v1/generate", generate_payload)))
+                legs.insert(
+                    0, asyncio.create_task(leg(language, "/v1/generate", generate_payload, encoder))
+                )
                 # If either leg fails, the other is cancelled (the language side then
                 # frees its blocks): one clear error, nothing waits for a timeout.
                 done, pending = await asyncio.wait(legs, return_when=asyncio.FIRST_EXCEPTION)
@@ -490,20 +497,17 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 for task in legs:
                     task.cancel()
                 failure = e
-                # Nothing reached the client yet: another pair may serve it. The instances
-                # that failed are not asked again.
-                failed = {e.url} | {
-                    t.exception().url  # type: ignore[union-attr]
-                    for t in legs
-                    if t.done() and not t.cancelled() and isinstance(t.exception(), LegError)
-                }
-                if not e.retryable or attempt == RETRIES:
+                errors = [e, *_leg_errors(legs)]
+                # Nothing reached the client yet: another pair may serve it, without the
+                # instances to blame (a language pod that could not reach its encode pod
+                # blames that one).
+                retryable = e.status >= 500 and any(err.retryable for err in errors)
+                if not retryable or attempt == RETRIES:
                     return _upstream_error(e.status, e.message, e.retry_after)
                 log.info("retrying %s elsewhere: %s", completion_id, e.message)
-                retries.labels(
-                    role="encode" if encoder and e.url == encoder.url else "language"
-                ).inc()
-                avoid = avoid | failed
+                blamed_encoder = encoder is not None and e.blame == encoder.url
+                retries.labels(role="encode" if blamed_encoder else "language").inc()
+                avoid = avoid | {err.blame for err in errors}
         choices = new_choices(chat)
         for step in results[0]["steps"]:
             choices[step["index"]].add(step, preprocessor.decode)
@@ -530,6 +534,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         request: web.Request,
         chat: ChatRequest,
         language: Instance,
+        encoder: Instance | None,
         payload: dict[str, Any],
         legs: list[asyncio.Task[dict[str, Any]]],
         completion_id: str,
@@ -589,7 +594,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 f"{language.url}/v1/generate", json={**payload, "stream": True}
             ) as r:
                 if r.status != 200:
-                    raise await _refusal(r, "/v1/generate", language.url)
+                    raise _blamed(await _refusal(r, "/v1/generate", language.url), encoder)
                 response = web.StreamResponse(
                     headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
                 )
@@ -622,7 +627,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 return response
         except (aiohttp.ClientError, json.JSONDecodeError, KeyError, ValueError) as e:
             message = f"/v1/generate on {language.url} failed: {e!r}"
-            language.failed()
+            language.failed(unreachable=isinstance(e, aiohttp.ClientConnectorError))
             if response is not None and response.prepared:
                 return await fail_stream(message, 502)
             # Before the first byte: the caller may try another instance.
@@ -689,6 +694,22 @@ class LegError(Exception):
         self.retry_after = retry_after
         self.url = url
         self.retryable = retryable
+        self.blame = url  # the instance at fault
+        self.reason = ""  # a transfer failure's reason, as the language pod said it
+
+
+# Transfer failures a language pod reports that are its encode peer's doing (it could
+# not be reached, or went away mid-transfer): another encode pod may well serve.
+PEER_FAILURES = {"connect_failed": True, "peer_lost": False}  # reason -> unreachable
+
+
+def _blamed(error: LegError, peer: Instance | None) -> LegError:
+    """`error` from a language instance, with its encode `peer` to blame where the
+    failure was the peer's (which then counts a failure)."""
+    if peer is not None and error.reason in PEER_FAILURES:
+        peer.failed(unreachable=PEER_FAILURES[error.reason])
+        error.blame, error.retryable = peer.url, True
+    return error
 
 
 async def _refusal(r: aiohttp.ClientResponse, path: str, url: str) -> LegError:
@@ -699,14 +720,28 @@ async def _refusal(r: aiohttp.ClientResponse, path: str, url: str) -> LegError:
     except (json.JSONDecodeError, aiohttp.ClientError):
         body = None  # not an error body of ours: the status says enough
     error_part = body.get("error") if isinstance(body, dict) else None
-    message = error_part.get("message", r.reason) if isinstance(error_part, dict) else r.reason
-    return LegError(
+    if not isinstance(error_part, dict):
+        error_part = {}
+    refusal = LegError(
         r.status,
-        f"{path} on {url}: {message}",
+        f"{path} on {url}: {error_part.get('message', r.reason)}",
         r.headers.get("Retry-After"),
         url,
         retryable=r.status == 503,
     )
+    refusal.reason = str(error_part.get("reason", ""))
+    return refusal
+
+
+def _leg_errors(legs: list[asyncio.Task[dict[str, Any]]]) -> list[LegError]:
+    """The LegErrors of the legs that ended with one."""
+    errors = []
+    for task in legs:
+        if task.done() and not task.cancelled():
+            failure = task.exception()
+            if isinstance(failure, LegError):
+                errors.append(failure)
+    return errors
 
 
 def _upstream_error(status: int, message: str, retry_after: str | None) -> web.Response:

@@ -127,7 +127,7 @@ def _transfer_error(e: TransferError) -> web.Response:
     status = (
         400 if e.reason in _CLIENT_REASONS else 504 if e.reason is FailureReason.TIMEOUT else 502
     )
-    return error(status, message, "transfer_error")
+    return error(status, message, "transfer_error", reason=e.reason.value)
 
 
 def _transport(config: RuntimeConfig, listen: Listen) -> MooncakeTransport:
