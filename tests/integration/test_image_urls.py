@@ -13,16 +13,13 @@ from typing import Any
 import openai
 import pytest
 
-from deepstack_runtime.models.tiny import make_tiny_model
 from deepstack_runtime.servers.images import FETCH_TIMEOUT_SECONDS, MAX_IMAGE_BYTES
 from tests.support.runtime import (
     ServerProcess,
     data_url,
     png,
     post,
-    runtime_config,
-    serving_stack,
-    wait_until_router_sees_both,
+    tiny_stack,
 )
 
 IMAGE = png(64, 48, (10, 200, 30))
@@ -97,17 +94,8 @@ def images() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("image-urls")
-    model = make_tiny_model(root / "model", seed=0)
-    config_file = root / "config.json"
-    config_file.write_text(runtime_config(model).to_json())
-    with serving_stack(config_file, root, "--image-url-domain", "127.0.0.1") as (
-        encode,
-        language,
-        router,
-    ):
-        wait_until_router_sees_both(router.url)
-        yield {"root": root, "config": config_file, "router": router,
-               "encode": encode, "language": language}  # fmt: skip
+    with tiny_stack(root, "--image-url-domain", "127.0.0.1") as servers:
+        yield servers
 
 
 def chat(url: str) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from deepstack_runtime.backends.reference import (
     ReferencePreprocessor,
 )
 from deepstack_runtime.config import RuntimeConfig
-from deepstack_runtime.models.tiny import make_tiny_model
 from deepstack_runtime.sampling import SamplingParams
 from tests.support.cluster import wait_for
 from tests.support.metrics import sample, sample_or_zero
@@ -30,12 +29,11 @@ from tests.support.runtime import (
     get,
     png,
     post,
-    runtime_config,
-    serving_stack,
+    tiny_stack,
     wait_until_router_sees_both,
 )
 
-TRANSFER = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 256}
+TRANSFER: dict[str, Any] = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 256}
 IMAGE = png(64, 48, (10, 200, 30))
 
 
@@ -53,23 +51,8 @@ def another_router(
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("router")
-    model = make_tiny_model(root / "model", seed=0)
-    config_file = root / "config.json"
-    config_file.write_text(runtime_config(model, **TRANSFER).to_json())
-    with serving_stack(config_file, root, "--max-prompt-tokens", "200") as (
-        encode,
-        language,
-        router,
-    ):
-        wait_until_router_sees_both(router.url)
-        yield {
-            "model": model,
-            "config": config_file,
-            "root": root,
-            "encode": encode,
-            "language": language,
-            "router": router,
-        }
+    with tiny_stack(root, "--max-prompt-tokens", "200", **TRANSFER) as servers:
+        yield servers
 
 
 def chat(
@@ -485,68 +468,40 @@ def test_api_keys_guard_the_openai_routes_but_not_the_probes(stack: dict[str, An
             assert answer.choices[0].message.content == expected_answer(stack["model"], image=None)
 
 
+@pytest.mark.parametrize("role", ["language", "encode"])
 def test_a_request_whose_instance_died_is_retried_on_another(
-    stack: dict[str, Any], tmp_path: Path
+    stack: dict[str, Any], tmp_path: Path, role: str
 ) -> None:
-    """A language instance dies while the router still believes it healthy (its next
-    probe is far off): requests sent to it are tried again on the other one before any
-    byte reached the client, so every one succeeds; after repeated failures it leaves
-    the pool without waiting for a probe."""
-    with (
-        ServerProcess("language", stack["config"], tmp_path / "doomed.log") as doomed,
-        ServerProcess(
-            "router", stack["config"], tmp_path / "router-retry.log",
-            "--encode-url", stack["encode"].url,
-            "--language-url", stack["language"].url, "--language-url", doomed.url,
+    """An instance dies while the router still believes it healthy (its next probe is
+    far off): a request sent to it is tried again on the other one before any byte
+    reached the client, so every one succeeds, and the dead one leaves the pool at once
+    (nothing listens there). A dead encode pod is also what the language side reports
+    when it cannot reach its bootstrap port (connect_failed): that blames the encode pod."""
+    with ServerProcess(role, stack["config"], tmp_path / "doomed.log") as doomed:
+        instances = [
+            arg
+            for r in ("encode", "language")
+            for url in (stack[r].url, *([doomed.url] if r == role else []))
+            for arg in (f"--{r}-url", url)
+        ]
+        with ServerProcess(
+            "router", stack["config"], tmp_path / "router-retry.log", *instances,
             "--health-interval", "600",
-        ) as router,
-    ):  # fmt: skip
-        wait_for(
-            lambda: json.loads(get(f"{router.url}/health")[1]).get("language") == 2,
-            timeout=30,
-            what="the router to see both language instances",
-        )
-        doomed.process.kill()
-        doomed.process.wait(30)
-        results = [post(f"{router.url}/v1/chat/completions", chat()) for _ in range(6)]
-        assert [status for status, _ in results] == [200] * 6, results
-        expected = expected_answer(stack["model"], IMAGE)
-        assert all(body["choices"][0]["message"]["content"] == expected for _, body in results)
-        metrics = get(f"{router.url}/metrics")[1]
-        assert sample(metrics, "deepstack_router_retries_total", role="language") >= 1
-        # Out of rotation after repeated failures, though no probe has run since.
-        assert json.loads(get(f"{router.url}/health")[1])["language"] == 1
-
-
-def test_a_request_whose_encode_instance_died_is_retried_on_another(
-    stack: dict[str, Any], tmp_path: Path
-) -> None:
-    """An encode instance dies unnoticed: its leg is refused, and the language side
-    cannot reach its bootstrap port either (a transfer failure the language pod reports
-    as connect_failed, which blames the encode pod). Either way the request is tried again
-    with the other encode instance, and the dead one leaves the pool at once: nothing
-    listens there."""
-    with (
-        ServerProcess("encode", stack["config"], tmp_path / "doomed.log", "--bootstrap-port", "0")
-        as doomed,
-        ServerProcess(
-            "router", stack["config"], tmp_path / "router-retry-encode.log",
-            "--encode-url", stack["encode"].url, "--encode-url", doomed.url,
-            "--language-url", stack["language"].url, "--health-interval", "600",
-        ) as router,
-    ):  # fmt: skip
-        wait_for(
-            lambda: json.loads(get(f"{router.url}/health")[1]).get("encode") == 2,
-            timeout=30,
-            what="the router to see both encode instances",
-        )
-        doomed.process.kill()
-        doomed.process.wait(30)
-        results = [post(f"{router.url}/v1/chat/completions", chat()) for _ in range(4)]
-        assert [status for status, _ in results] == [200] * 4, results
-        metrics = get(f"{router.url}/metrics")[1]
-        assert sample(metrics, "deepstack_router_retries_total", role="encode") == 1
-        assert json.loads(get(f"{router.url}/health")[1])["encode"] == 1
+        ) as router:  # fmt: skip
+            wait_for(
+                lambda: json.loads(get(f"{router.url}/health")[1]).get(role) == 2,
+                timeout=30,
+                what=f"the router to see both {role} instances",
+            )
+            doomed.process.kill()
+            doomed.process.wait(30)
+            results = [post(f"{router.url}/v1/chat/completions", chat()) for _ in range(6)]
+            assert [status for status, _ in results] == [200] * 6, results
+            expected = expected_answer(stack["model"], IMAGE)
+            assert all(body["choices"][0]["message"]["content"] == expected for _, body in results)
+            metrics = get(f"{router.url}/metrics")[1]
+            assert sample(metrics, "deepstack_router_retries_total", role=role) == 1
+            assert json.loads(get(f"{router.url}/health")[1])[role] == 1
 
 
 def test_visual_token_limit_is_checked_before_encoding(stack: dict[str, Any]) -> None:

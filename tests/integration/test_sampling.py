@@ -13,13 +13,10 @@ import torch
 from transformers import Qwen3VLMoeForConditionalGeneration
 
 from deepstack_runtime.backends.reference import ReferencePreprocessor
-from deepstack_runtime.models.tiny import make_tiny_model
 from tests.support.runtime import (
     data_url,
     png,
-    runtime_config,
-    serving_stack,
-    wait_until_router_sees_both,
+    tiny_stack,
 )
 
 NAME = "tiny-qwen3-vl-moe"
@@ -29,14 +26,10 @@ MESSAGES: list[Any] = [{"role": "user", "content": PROMPT}]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    root = tmp_path_factory.mktemp("sampling")
-    model = make_tiny_model(root / "model", seed=0)
-    config_file = root / "config.json"
-    config_file.write_text(runtime_config(model).to_json())
-    with serving_stack(config_file, root) as (_, _, router):
-        wait_until_router_sees_both(router.url)
-        client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="-", max_retries=0)
-        yield {"model": model, "client": client}
+    with tiny_stack(tmp_path_factory.mktemp("sampling")) as servers:
+        router = servers["router"].url
+        client = openai.OpenAI(base_url=f"{router}/v1", api_key="-", max_retries=0)
+        yield {**servers, "client": client}
 
 
 @pytest.fixture(scope="module")

@@ -224,3 +224,26 @@ def wait_until_router_sees_both(router_url: str) -> None:
         return bool(health.get("encode") == 1 and health.get("language") == 1)
 
     wait_for(both_healthy, timeout=30, what="the router to see one healthy instance per role")
+
+
+@contextmanager
+def tiny_stack(
+    root: Path, *router_args: str, backend: str = "reference", **transfer: Any
+) -> Iterator[dict[str, Any]]:
+    """A tiny checkpoint in `root` and an encode, a language and a router server over
+    it (the router once it sees both): {"model", "config", "root", "encode", "language",
+    "router"}."""
+    from deepstack_runtime.models.tiny import make_tiny_model
+
+    model = make_tiny_model(root / "model", seed=0)
+    config_file = root / "config.json"
+    make_config = sglang_config if backend == "sglang" else runtime_config
+    config_file.write_text(make_config(model, **transfer).to_json())
+    with serving_stack(config_file, root, *router_args, backend=backend) as (
+        encode,
+        language,
+        router,
+    ):
+        wait_until_router_sees_both(router.url)
+        yield {"model": model, "config": config_file, "root": root,
+               "encode": encode, "language": language, "router": router}  # fmt: skip
