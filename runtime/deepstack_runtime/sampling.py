@@ -59,7 +59,7 @@ class SamplingParams:
                 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
                 f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]",
             ),
-            (self.logprobs or not self.top_logprobs, "top_logprobs needs logprobs"),
+            (self.logprobs or not self.top_logprobs, "top_logprobs needs logprobs: true"),
         )
         for ok, message in checks:
             if not ok:

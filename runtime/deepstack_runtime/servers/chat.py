@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deepstack_runtime.errors import InputError
-from deepstack_runtime.sampling import MAX_CHOICES, SEED_BITS, SamplingParams
+from deepstack_runtime.sampling import MAX_CHOICES, SamplingParams
 from deepstack_runtime.servers.common import BadRequest
 
 # The OpenAI API's default where it differs from the runtime's (greedy). Its other
@@ -92,7 +92,7 @@ def _stop(value: Any) -> tuple[str, ...]:
 
 def parse_chat_request(body: dict[str, Any], max_tokens_limit: int) -> ChatRequest:
     """The request's parameters, or BadRequest naming the first one that is wrong or
-    that this server cannot honour."""
+    that this server cannot honour (types here, ranges in SamplingParams)."""
     for name in UNSUPPORTED_PARAMETERS:
         if body.get(name) is not None:
             raise BadRequest(f"{name} is not supported by this server")
@@ -105,16 +105,9 @@ def parse_chat_request(body: dict[str, Any], max_tokens_limit: int) -> ChatReque
     n = _integer(body, "n", 1)
     if n is None or not 1 <= n <= MAX_CHOICES:
         raise BadRequest(f"n must be an integer in [1, {MAX_CHOICES}]")
-    seed = _integer(body, "seed", None)
-    if seed is not None and not 0 <= seed < 2**SEED_BITS:
-        raise BadRequest(f"seed must be in [0, 2^{SEED_BITS})")
     top_k = _integer(body, "top_k", 0) or 0
-    if top_k < -1:
+    if top_k < -1:  # -1, as vLLM and SGLang take it: off
         raise BadRequest("top_k must be -1 or 0 (off) or a positive integer")
-    logprobs = _flag(body, "logprobs")
-    top_logprobs = _integer(body, "top_logprobs", 0) or 0
-    if top_logprobs and not logprobs:
-        raise BadRequest("top_logprobs needs logprobs: true")
     stream = _flag(body, "stream")
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict)):
@@ -126,12 +119,12 @@ def parse_chat_request(body: dict[str, Any], max_tokens_limit: int) -> ChatReque
             temperature=_number(body, "temperature", DEFAULT_TEMPERATURE),
             top_p=_number(body, "top_p", 1.0),
             top_k=max(top_k, 0),
-            seed=seed,
+            seed=_integer(body, "seed", None),
             presence_penalty=_number(body, "presence_penalty", 0.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0),
             ignore_eos=_flag(body, "ignore_eos"),  # as in vLLM and SGLang
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
+            logprobs=_flag(body, "logprobs"),
+            top_logprobs=_integer(body, "top_logprobs", 0) or 0,
         )
     except InputError as e:
         raise BadRequest(str(e)) from e
