@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> None:
                 help="seconds between discovering instances and probing their /health",
             )
             p.add_argument(
+                "--instance-wait-seconds",
+                type=float,
+                help="how long a request waits for a healthy pair when there is none",
+            )
+            p.add_argument(
                 "--allow-local-files", action="store_true", help="accept file: image URLs"
             )
             p.add_argument(

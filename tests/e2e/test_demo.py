@@ -313,6 +313,7 @@ def test_killing_pods_at_random_under_load_fails_only_requests_in_flight(
         seed = int(time.time())
         chooser = random.Random(seed)
         kills: list[tuple[float, str]] = []
+        turns: list[str] = []
         clients = [Traffic(demo["ROUTER_URL"], chat(8)) for _ in range(8)]
         with contextlib.ExitStack() as running:
             for client in clients:
@@ -325,9 +326,13 @@ def test_killing_pods_at_random_under_load_fails_only_requests_in_flight(
                     "every pod back in rotation",
                 )
                 time.sleep(chooser.uniform(1, 4))
-                victim = chooser.choice(
-                    [p for role in ("encode", "language") for p in pods(cluster, namespace, role)]
-                )
+                running_pods = [
+                    p for r in ("encode", "language") for p in pods(cluster, namespace, r)
+                ]
+                if not turns:  # each pod once, in a random order, then again: the kubelet's
+                    turns = [p["metadata"]["name"] for p in running_pods]  # restart backoff
+                    chooser.shuffle(turns)  # grows with each restart of one container
+                victim = next(p for p in running_pods if p["metadata"]["name"] == turns.pop())
                 os.kill(container_pid(victim), signal.SIGKILL)
                 kills.append((time.monotonic(), victim["metadata"]["name"]))
         results = [(r, span) for c in clients for r, span in zip(c.results, c.spans, strict=True)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -334,24 +335,46 @@ def test_no_block_leaks_after_all_that(stack: dict[str, Any]) -> None:
         assert sample(text, "deepstack_transfer_inflight_requests") == 0, role
 
 
-def test_no_healthy_instance_is_a_503(stack: dict[str, Any]) -> None:
+def test_no_healthy_instance_is_a_503_after_a_short_wait(stack: dict[str, Any]) -> None:
     with ServerProcess(
-        "router",
-        stack["config"],
-        stack["root"] / "router-alone.log",
-        "--encode-url",
-        stack["encode"].url,
-        "--language-url",
-        "http://127.0.0.1:9",
-    ) as lonely:
+        "router", stack["config"], stack["root"] / "router-alone.log",
+        "--encode-url", stack["encode"].url, "--language-url", "http://127.0.0.1:9",
+        "--instance-wait-seconds", "1.5",
+    ) as lonely:  # fmt: skip
+        started = time.monotonic()
         status, body = post(f"{lonely.url}/v1/chat/completions", chat())
+        waited = time.monotonic() - started
         client = openai.OpenAI(base_url=f"{lonely.url}/v1", api_key="-", max_retries=0)
         with pytest.raises(openai.InternalServerError) as unavailable:
             client.chat.completions.create(model="tiny-qwen3-vl-moe", messages=chat()["messages"])
     assert status == 503
     assert body["error"]["message"].startswith("no healthy language instance of contract")
+    assert 1.5 <= waited < 10
     assert unavailable.value.status_code == 503
+    assert unavailable.value.response.headers["Retry-After"] == "1"
     assert "no healthy language instance" in str(unavailable.value)
+
+
+def test_a_request_waits_for_a_language_instance_that_is_starting(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
+    """Sent while the only language server is still starting, a request waits for it
+    (up to --instance-wait-seconds) instead of failing at once."""
+    late = ServerProcess("language", stack["config"], tmp_path / "late.log")  # not waited on
+    try:
+        with ServerProcess(
+            "router", stack["config"], tmp_path / "router-wait.log",
+            "--encode-url", stack["encode"].url, "--language-url", late.url,
+            "--instance-wait-seconds", "120",
+        ) as router:  # fmt: skip
+            assert json.loads(get(f"{router.url}/health")[1])["language"] == 0
+            status, body = post(f"{router.url}/v1/chat/completions", chat())
+            assert status == 200, body
+            assert body["choices"][0]["message"]["content"] == expected_answer(
+                stack["model"], IMAGE
+            )
+    finally:
+        late.stop()
 
 
 def test_an_unknown_model_is_the_clients_not_found(stack: dict[str, Any]) -> None:

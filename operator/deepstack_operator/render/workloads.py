@@ -69,6 +69,7 @@ def _api_keys_env(cr: Manifest, role: str) -> list[dict[str, Any]]:
     return [{"name": API_KEYS_ENV, "valueFrom": {"secretKeyRef": ref}}]
 
 
+PROBE_TIMEOUT_SECONDS = 5
 # router.limits -> the router's flags (deepstack_runtime.cli); unset: the router's defaults.
 ROUTER_LIMIT_FLAGS = {
     "maxImages": "--max-images",
@@ -178,6 +179,10 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
     )
     volumes, mounts = _volumes(cr, config)
     probe_http = {"path": "/health", "port": "http"}
+
+    def probe(http_get: dict[str, Any]) -> dict[str, Any]:
+        return {"httpGet": http_get, "timeoutSeconds": PROBE_TIMEOUT_SECONDS}
+
     # A router is ready once it has seen a pair of its own contract (servers/router.py).
     ready_http = {"path": "/ready" if role == names.ROUTER else "/health", "port": "http"}
     container: dict[str, Any] = {
@@ -195,9 +200,11 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
         "ports": _ports(config, role),
         # Loading weights can take minutes: the startup probe covers it, then the
         # liveness probe restarts a hung server and readiness gates traffic.
-        "startupProbe": {"httpGet": probe_http, "periodSeconds": 5, "failureThreshold": 360},
-        "readinessProbe": {"httpGet": ready_http, "periodSeconds": 5, "failureThreshold": 2},
-        "livenessProbe": {"httpGet": probe_http, "periodSeconds": 10, "failureThreshold": 6},
+        # A busy pod may answer slowly (Kubernetes' default timeout is 1 s): a probe
+        # that times out under load would take a serving pod out when it is most needed.
+        "startupProbe": {**probe(probe_http), "periodSeconds": 5, "failureThreshold": 360},
+        "readinessProbe": {**probe(ready_http), "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {**probe(probe_http), "periodSeconds": 10, "failureThreshold": 6},
         "resources": _resources(cr, role, config),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}},
         "securityContext": container_security,

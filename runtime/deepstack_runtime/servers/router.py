@@ -90,12 +90,13 @@ class Pool:
     instances: dict[str, Instance] = field(default_factory=dict)
     _sequence: int = 0
 
-    async def discover(self) -> list[str]:
+    async def discover(self) -> list[str] | None:
+        """The instances' URLs; None when they could not be looked up this time."""
         if self.instances_file:
             try:
                 listed = json.loads(Path(self.instances_file).read_text()).get(self.role, [])
             except (OSError, json.JSONDecodeError, AttributeError):
-                return []
+                return None
             return [str(url) for url in listed]
         if self.static:
             return self.static
@@ -105,12 +106,20 @@ class Pool:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 self.dns_name, self.port, type=socket.SOCK_STREAM
             )
+        except socket.gaierror as e:
+            # No such name: a headless Service with no ready pod. Anything else (a DNS
+            # server that did not answer) says nothing about the pods.
+            return [] if e.errno == socket.EAI_NONAME else None
         except OSError:
-            return []
+            return None
         return sorted({f"http://{info[4][0]}:{self.port}" for info in infos})
 
     async def refresh(self, session: aiohttp.ClientSession) -> None:
+        """Look the instances up again (a failed lookup keeps the ones known: their
+        probes still tell), then probe them all."""
         urls = await self.discover()
+        if urls is None:
+            urls = list(self.instances)
         for url in list(self.instances):
             if url not in urls:
                 del self.instances[url]
@@ -183,6 +192,7 @@ ROUTER_LIMITS = (
     "max_visual_tokens",
     "max_prompt_tokens",
     "max_inflight",
+    "instance_wait_seconds",
 )
 
 
@@ -206,6 +216,8 @@ class RouterOptions:
     # Requests one router serves at once; beyond, 429 with Retry-After (before the body
     # is read).
     max_inflight: int = 256
+    # How long a request waits for a healthy pair when there is none, before a 503.
+    instance_wait_seconds: float = 5.0
 
 
 def parse_api_keys(text: str) -> frozenset[str]:
@@ -338,10 +350,29 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
     )
     fetcher = ImageFetcher(options.image_urls)
 
+    refreshed = [asyncio.Event()]  # set, and replaced, after each round of probes
+
     async def health_loop() -> None:
         while True:
             await asyncio.gather(*(p.refresh(session) for p in pools.values()))
+            done, refreshed[0] = refreshed[0], asyncio.Event()
+            done.set()
             await asyncio.sleep(options.health_interval)
+
+    async def wait_for_pair(
+        with_encoder: bool,
+    ) -> tuple[Instance | None, Instance | None, str]:
+        """A pair of this router's contract, waiting up to options.instance_wait_seconds
+        for one when none is healthy now: a moment without one (a pod restarting, a
+        probe that has not passed yet) is a short wait, not an error."""
+        deadline = time.monotonic() + options.instance_wait_seconds
+        while True:
+            pair = pick_pair(pools["language"], pools["encode"], with_encoder, contract)
+            remaining = deadline - time.monotonic()
+            if pair[0] is not None or remaining <= 0:
+                return pair
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(refreshed[0].wait(), remaining)
 
     health_task = asyncio.create_task(health_loop())
     retries = Counter(
@@ -442,13 +473,19 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         avoid: frozenset[str] = frozenset()
         failure: LegError | None = None
         for attempt in range(RETRIES + 1):
-            language, encoder, unavailable = pick_pair(
-                pools["language"], pools["encode"], bool(images), contract, avoid
-            )
+            if failure is None:
+                language, encoder, unavailable = await wait_for_pair(bool(images))
+            else:
+                language, encoder, unavailable = pick_pair(
+                    pools["language"], pools["encode"], bool(images), contract, avoid
+                )
             if language is None:
                 if failure is not None:  # nowhere else to try: the failure is the answer
                     return _upstream_error(failure.status, failure.message, failure.retry_after)
-                return error(503, unavailable, "unavailable")
+                return error(
+                    503, unavailable, "unavailable",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                )  # fmt: skip
             room = uuid.uuid4().hex  # a fresh room for each try: the last one may linger
             generate_payload: dict[str, Any] = {
                 "room": room,
