@@ -329,9 +329,11 @@ def test_killing_pods_at_random_under_load_fails_only_requests_in_flight(
                 running_pods = [
                     p for r in ("encode", "language") for p in pods(cluster, namespace, r)
                 ]
-                if not turns:  # each pod once, in a random order, then again: the kubelet's
-                    turns = [p["metadata"]["name"] for p in running_pods]  # restart backoff
-                    chooser.shuffle(turns)  # grows with each restart of one container
+                # Each pod once, in a random order, then again: the kubelet's restart
+                # backoff grows with every restart of one container.
+                if not turns:
+                    turns = [p["metadata"]["name"] for p in running_pods]
+                    chooser.shuffle(turns)
                 victim = next(p for p in running_pods if p["metadata"]["name"] == turns.pop())
                 os.kill(container_pid(victim), signal.SIGKILL)
                 kills.append((time.monotonic(), victim["metadata"]["name"]))
