@@ -334,7 +334,8 @@ def test_killing_pods_at_random_under_load_fails_only_requests_in_flight(
                 if not turns:
                     turns = [p["metadata"]["name"] for p in running_pods]
                     chooser.shuffle(turns)
-                victim = next(p for p in running_pods if p["metadata"]["name"] == turns.pop())
+                name = turns.pop()
+                victim = next(p for p in running_pods if p["metadata"]["name"] == name)
                 os.kill(container_pid(victim), signal.SIGKILL)
                 kills.append((time.monotonic(), victim["metadata"]["name"]))
         results = [(r, span) for c in clients for r, span in zip(c.results, c.spans, strict=True)]
