@@ -347,6 +347,12 @@ def test_killing_pods_at_random_under_load_fails_only_requests_in_flight(
             "failed": len(failed), "p50_s": round(latencies[len(latencies) // 2], 3),
             "p99_s": round(p99, 3),
         }))  # fmt: skip
+        if failed:  # what the router saw, for whoever reads a failure
+            print(
+                cluster.kubectl(
+                    "-n", namespace, "logs", "-l", "app.kubernetes.io/component=router", "--tail=60"
+                ).stdout
+            )
         assert len(kills) >= 3, kills
         assert len(latencies) >= 50, len(latencies)
         for (status, body), (start, end) in failed:

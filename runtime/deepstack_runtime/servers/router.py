@@ -53,14 +53,19 @@ class Instance:
     picked: int = 0  # when it was last picked (a pool-wide sequence number)
     slow_probes: int = 0  # consecutive health probes that timed out
     failures: int = 0  # consecutive requests it failed (a connection error)
+    why: str = "not probed yet"  # why it is out of rotation, when it is
 
     def failed(self, *, unreachable: bool = False) -> None:
         """One request failed on it: out of rotation after REQUEST_FAILURES_UNHEALTHY
         in a row, or at once when it could not be reached at all (nothing listens: a
         process that died); back once a probe passes."""
         self.failures += 1
-        if unreachable or self.failures >= REQUEST_FAILURES_UNHEALTHY:
+        if self.healthy and (unreachable or self.failures >= REQUEST_FAILURES_UNHEALTHY):
             self.healthy = False
+            log.warning(
+                "%s out of rotation: %s", self.url,
+                "unreachable" if unreachable else f"{self.failures} requests failed in a row",
+            )  # fmt: skip
 
     def served(self) -> None:
         self.failures = 0
@@ -123,10 +128,15 @@ class Pool:
         for url in list(self.instances):
             if url not in urls:
                 del self.instances[url]
+        before = {url: i.healthy for url, i in self.instances.items()}
         # All at once: one slow instance must not delay what the others report.
         await asyncio.gather(
             *(self._probe(session, self.instances.setdefault(url, Instance(url))) for url in urls)
         )
+        for url, instance in self.instances.items():
+            if instance.healthy != before.get(url, False):
+                state = "in rotation" if instance.healthy else f"out of rotation: {instance.why}"
+                log.info("%s %s %s", self.role, url, state)
 
     async def _probe(self, session: aiohttp.ClientSession, instance: Instance) -> None:
         try:
@@ -135,6 +145,7 @@ class Pool:
             ) as r:
                 body = await r.json() if r.status == 200 else {}
                 instance.healthy = r.status == 200 and body.get("role") == self.role
+                instance.why = f"/health answered {r.status}"
                 instance.bootstrap = str(body.get("bootstrap", ""))
                 instance.contract = str(body.get("contract", ""))
                 instance.slow_probes = 0
@@ -144,8 +155,10 @@ class Pool:
             instance.slow_probes += 1
             if instance.slow_probes >= SLOW_PROBES_UNHEALTHY:
                 instance.healthy = False
-        except (aiohttp.ClientError, json.JSONDecodeError, AttributeError):
+                instance.why = f"{instance.slow_probes} probes timed out in a row"
+        except (aiohttp.ClientError, json.JSONDecodeError, AttributeError) as e:
             instance.healthy = False
+            instance.why = f"/health failed: {e!r}"
 
     def healthy(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.healthy]
