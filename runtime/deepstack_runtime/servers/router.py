@@ -72,8 +72,10 @@ class Instance:
 
 
 # A probe that times out is usually a busy server, not a dead one (a refused connection
-# or a bad answer counts at once): only this many in a row take it out of rotation.
+# or a bad answer counts at once): only this many in a row take it out of rotation. The
+# timeout is the one the operator gives Kubernetes' probes of the same endpoint.
 SLOW_PROBES_UNHEALTHY = 3
+PROBE_TIMEOUT_SECONDS = 5
 # One failed request may be the request's bad luck (its peer went away); this many in a
 # row take an instance out of rotation until its health probe passes again.
 REQUEST_FAILURES_UNHEALTHY = 3
@@ -141,7 +143,8 @@ class Pool:
     async def _probe(self, session: aiohttp.ClientSession, instance: Instance) -> None:
         try:
             async with session.get(
-                f"{instance.url}/health", timeout=aiohttp.ClientTimeout(total=2)
+                f"{instance.url}/health",
+                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_SECONDS),
             ) as r:
                 body = await r.json() if r.status == 200 else {}
                 instance.healthy = r.status == 200 and body.get("role") == self.role
