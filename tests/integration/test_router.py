@@ -211,6 +211,12 @@ BAD: list[tuple[str, Any, int, str]] = [
         400,
         "response_format is not supported by this server",
     ),
+    (
+        "unknown-parameter",
+        {**chat(), "repetition_penalty": 1.2},
+        400,
+        "unrecognized request argument: repetition_penalty",
+    ),
     # Sampling parameters out of range or of the wrong type, named.
     ("n", {**chat(), "n": 9}, 400, "n must be an integer in [1, 8]"),
     ("temperature", {**chat(), "temperature": 2.5}, 400, "temperature must be in [0, 2]"),

@@ -102,6 +102,8 @@ def test_every_parameter_reaches_the_sampling() -> None:
         ({"stop": [1]}, "stop must be a string or a list"),
         ({"stream": True, "stream_options": []}, "stream_options is an object"),
         ({"logit_bias": {"1": 5}}, "logit_bias is not supported"),
+        ({"min_p": 0.1}, "unrecognized request argument: min_p"),
+        ({"store": True}, "unrecognized request argument: store"),
     ],
 )
 def test_bad_parameters_are_named(params: dict[str, Any], message: str) -> None:

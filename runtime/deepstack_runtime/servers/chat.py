@@ -36,6 +36,18 @@ UNSUPPORTED_PARAMETERS = (
 )
 
 
+# Every other parameter: one this server knows nothing of (an OpenAI addition, another
+# server's extension such as min_p) is refused too, as the OpenAI API refuses an
+# unrecognized argument. `user` only names the end user; it changes no answer.
+KNOWN_PARAMETERS = frozenset(
+    {
+        "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+        "top_k", "seed", "stop", "n", "logprobs", "top_logprobs", "presence_penalty",
+        "frequency_penalty", "stream", "stream_options", "ignore_eos", "user",
+    }
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     """What one chat completion asks for, apart from its messages."""
@@ -96,6 +108,9 @@ def parse_chat_request(body: dict[str, Any], max_tokens_limit: int) -> ChatReque
     for name in UNSUPPORTED_PARAMETERS:
         if body.get(name) is not None:
             raise BadRequest(f"{name} is not supported by this server")
+    unknown = sorted(str(name) for name in body if name not in KNOWN_PARAMETERS)
+    if unknown:
+        raise BadRequest(f"unrecognized request argument: {unknown[0]}")
     max_tokens = _integer(body, "max_completion_tokens", None)
     max_tokens = _integer(body, "max_tokens", max_tokens)
     if max_tokens is None:
