@@ -34,6 +34,7 @@ def test_killed_mid_reconcile_then_restarted_converges(
                 f"disagg.deepstack.dev/instance={NAME}",
             ).stdout.strip(),
             timeout=60,
+            interval=0.02,  # soon enough that the kill lands before it is all done
             what="the first child",
         )
         first.kill()
