@@ -207,7 +207,7 @@ class SGLangLanguageModel:
                 for i, token in enumerate(new):
                     yield _step(int(token), params, logprobs[i : i + 1], tops[i : i + 1])
                 sent += len(new)
-                reason = (chunk.get("meta_info") or {}).get("finish_reason") or {}
+                reason = meta.get("finish_reason") or {}
                 if reason.get("type") == "abort":
                     message = f"SGLang aborted the request: {reason.get('message')}"
                     if reason.get("status_code") == 400:
