@@ -102,6 +102,12 @@ def main(argv: list[str] | None = None) -> None:
                 help="a host, *.domain, address or network image URLs may name (repeatable)",
             )
             p.add_argument(
+                "--api-keys-file",
+                default="",
+                help="keys clients must send (one per line), re-read when it changes; "
+                "missing or blank: the router does not start",
+            )
+            p.add_argument(
                 "--instances-file",
                 default="",
                 help='JSON {"encode": [urls], "language": [urls]}, re-read every second',
@@ -136,18 +142,14 @@ def main(argv: list[str] | None = None) -> None:
         if failure:  # the pod restarts with a fresh engine
             sys.exit(f"deepstack-runtime language: {failure}")
     else:
-        from deepstack_runtime.config import API_KEYS_ENV
+        from deepstack_runtime.servers.auth import ApiKeyError, ApiKeys
         from deepstack_runtime.servers.images import Allowlist
-        from deepstack_runtime.servers.router import (
-            ROUTER_LIMITS,
-            RouterOptions,
-            parse_api_keys,
-            run_router,
-        )
+        from deepstack_runtime.servers.router import ROUTER_LIMITS, RouterOptions, run_router
 
         try:
             image_urls = Allowlist.parse(args.image_url_domain)
-        except ValueError as e:
+            api_keys = ApiKeys.load(args.api_keys_file)
+        except (ValueError, ApiKeyError) as e:
             sys.exit(f"deepstack-runtime router: {e}")
         options = RouterOptions(
             encode_urls=args.encode_url,
@@ -161,6 +163,6 @@ def main(argv: list[str] | None = None) -> None:
                 for limit in ROUTER_LIMITS
                 if getattr(args, limit) is not None
             },
-            api_keys=parse_api_keys(os.environ.get(API_KEYS_ENV, "")),
+            api_keys=api_keys,
         )
         asyncio.run(run_router(config, listen, options))

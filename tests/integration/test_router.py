@@ -473,12 +473,16 @@ def test_graceful_shutdown_finishes_every_request_in_flight(
         assert "error" in body
 
 
-def test_api_keys_guard_the_openai_routes_but_not_the_probes(stack: dict[str, Any]) -> None:
+def test_api_keys_guard_the_openai_routes_but_not_the_probes(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
     """router.apiKeySecret: the official client without a key, or with a wrong one, gets
-    its AuthenticationError (401); with a key it is answered; probes need none."""
+    its AuthenticationError (401); with a key it is answered; probes need none. A rotated
+    key file reaches the running router."""
 
-    keys = "first-key\n\nsecond-key\n"
-    with another_router(stack, "router-keys", env={"DEEPSTACK_API_KEYS": keys}) as router:
+    keys = tmp_path / "keys"
+    keys.write_text("first-key\n\nsecond-key\n")
+    with another_router(stack, "router-keys", "--api-keys-file", str(keys)) as router:
         wait_until_router_sees_both(router.url)
         assert get(f"{router.url}/health")[0] == 200
         assert get(f"{router.url}/ready")[0] == 200
@@ -495,6 +499,29 @@ def test_api_keys_guard_the_openai_routes_but_not_the_probes(stack: dict[str, An
             assert [m.id for m in client.models.list()] == ["tiny-qwen3-vl-moe"]
             answer = client.chat.completions.create(**chat(image=None))
             assert answer.choices[0].message.content == expected_answer(stack["model"], image=None)
+        rotated = tmp_path / ".rotated"  # as the kubelet swaps in a changed Secret
+        rotated.write_text("third-key\n")
+        rotated.replace(keys)
+
+        def models(key: str) -> int:
+            return get(f"{router.url}/v1/models", {"Authorization": f"Bearer {key}"})[0]
+
+        wait_for(lambda: models("third-key") == 200, timeout=30, what="the rotated key")
+        assert models("first-key") == 401
+
+
+@pytest.mark.parametrize("text", ["", "\n \n"])
+def test_a_router_told_to_require_keys_does_not_start_without_any(
+    stack: dict[str, Any], tmp_path: Path, text: str
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(text)
+    router = another_router(stack, "router-no-keys", "--api-keys-file", str(keys))
+    try:
+        assert router.process.wait(60) != 0
+        assert f"the API key file {keys} holds no key" in router.logs()
+    finally:
+        router.stop()
 
 
 @pytest.mark.parametrize("role", ["language", "encode"])

@@ -155,6 +155,9 @@ class Server:
     inflight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     extra_health: Callable[[], dict[str, Any]] = dict
+    # What /metrics goes through when it is served on the API port (the router's API
+    # keys); on its own metrics port it is served as is.
+    guard: Callable[[Handler], Handler] = field(default=lambda handler: handler)
 
     def __post_init__(self) -> None:
         self.metrics = ServingMetrics(self.registry, self.role)
@@ -195,9 +198,10 @@ class Server:
         return wrapped
 
     def app(self) -> web.Application:
+        """The API port's application; serve() adds /metrics to it only when there is no
+        metrics port of its own."""
         app = web.Application(client_max_size=64 << 20)
         app.router.add_get("/health", self._health)
-        app.router.add_get("/metrics", self._metrics)
         return app
 
     def metrics_app(self) -> web.Application:
@@ -225,12 +229,15 @@ async def serve(
     """Run until SIGTERM/SIGINT, then drain and stop."""
     # A client that goes away cancels its handler: its transfer is aborted and its blocks
     # freed at once, instead of when a timeout runs out.
+    host, port, metrics_port = listen.host, listen.port, listen.metrics_port
+    separate_metrics = bool(metrics_port) and metrics_port != port
+    if not separate_metrics:
+        app.router.add_get("/metrics", server.guard(server._metrics))
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
-    host, port, metrics_port = listen.host, listen.port, listen.metrics_port
     await web.TCPSite(runner, host, port).start()
     metrics_runner = None
-    if metrics_port and metrics_port != port:
+    if separate_metrics:
         metrics_runner = web.AppRunner(server.metrics_app(), access_log=None)
         await metrics_runner.setup()
         await web.TCPSite(metrics_runner, host, metrics_port).start()

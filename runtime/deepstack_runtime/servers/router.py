@@ -7,10 +7,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hmac
 import json
 import logging
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,13 +16,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import Counter
 
 from deepstack_runtime.backends.reference import ReferencePreprocessor, decode_image
 from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.errors import InputError
+from deepstack_runtime.servers.auth import ApiKeys
 from deepstack_runtime.servers.chat import ChatRequest, Choice, parse_chat_request, usage
 from deepstack_runtime.servers.common import (
     RETRY_AFTER_SECONDS,
@@ -37,168 +35,15 @@ from deepstack_runtime.servers.common import (
     serve,
 )
 from deepstack_runtime.servers.images import Allowlist, ImageFetcher, ImageFetchError
+from deepstack_runtime.servers.instances import Instance, Pool, pick_pair, probe_session
+from deepstack_runtime.servers.upstream import LegError, Upstream
 from deepstack_runtime.servers.workers import MAX_BODY, encode_tensor
 
 log = logging.getLogger(__name__)
 ROLES = ("user", "system", "assistant")
-
-
-@dataclass
-class Instance:
-    url: str
-    healthy: bool = False
-    inflight: int = 0
-    bootstrap: str = ""
-    contract: str = ""  # the embedding contract it serves (RuntimeConfig.contract_hash)
-    picked: int = 0  # when it was last picked (a pool-wide sequence number)
-    slow_probes: int = 0  # consecutive health probes that timed out
-    failures: int = 0  # consecutive requests it failed (a connection error)
-    why: str = "not probed yet"  # why it is out of rotation, when it is
-
-    def failed(self, *, unreachable: bool = False) -> None:
-        """One request failed on it: out of rotation after REQUEST_FAILURES_UNHEALTHY
-        in a row, or at once when it could not be reached at all (nothing listens: a
-        process that died); back once a probe passes."""
-        self.failures += 1
-        if self.healthy and (unreachable or self.failures >= REQUEST_FAILURES_UNHEALTHY):
-            self.healthy = False
-            log.warning(
-                "%s out of rotation: %s", self.url,
-                "unreachable" if unreachable else f"{self.failures} requests failed in a row",
-            )  # fmt: skip
-
-    def served(self) -> None:
-        self.failures = 0
-
-
-# A probe that times out is usually a busy server, not a dead one (a refused connection
-# or a bad answer counts at once): only this many in a row take it out of rotation. The
-# timeout is the one the operator gives Kubernetes' probes of the same endpoint.
-SLOW_PROBES_UNHEALTHY = 3
-PROBE_TIMEOUT_SECONDS = 5
-# One failed request may be the request's bad luck (its peer went away); this many in a
-# row take an instance out of rotation until its health probe passes again.
-REQUEST_FAILURES_UNHEALTHY = 3
 # A request whose leg fails before any byte reached the client is tried again this many
 # times, on other instances.
 RETRIES = 1
-
-
-@dataclass
-class Pool:
-    """The instances of one role: a file listing them (re-read, so that the list can
-    change without a restart), a static list, or the addresses behind a DNS name."""
-
-    role: str
-    static: list[str]
-    dns_name: str = ""
-    port: int = 8000
-    instances_file: str = ""
-    instances: dict[str, Instance] = field(default_factory=dict)
-    _sequence: int = 0
-
-    async def discover(self) -> list[str] | None:
-        """The instances' URLs; None when they could not be looked up this time."""
-        if self.instances_file:
-            try:
-                listed = json.loads(Path(self.instances_file).read_text()).get(self.role, [])
-            except (OSError, json.JSONDecodeError, AttributeError):
-                return None
-            return [str(url) for url in listed]
-        if self.static:
-            return self.static
-        if not self.dns_name:
-            return []
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                self.dns_name, self.port, type=socket.SOCK_STREAM
-            )
-        except socket.gaierror as e:
-            # No such name: a headless Service with no ready pod. Anything else (a DNS
-            # server that did not answer) says nothing about the pods.
-            return [] if e.errno == socket.EAI_NONAME else None
-        except OSError:
-            return None
-        return sorted({f"http://{info[4][0]}:{self.port}" for info in infos})
-
-    async def refresh(self, session: aiohttp.ClientSession) -> None:
-        """Look the instances up again (a failed lookup keeps the ones known: their
-        probes still tell), then probe them all."""
-        urls = await self.discover()
-        if urls is None:
-            urls = list(self.instances)
-        for url in list(self.instances):
-            if url not in urls:
-                del self.instances[url]
-        before = {url: i.healthy for url, i in self.instances.items()}
-        # All at once: one slow instance must not delay what the others report.
-        await asyncio.gather(
-            *(self._probe(session, self.instances.setdefault(url, Instance(url))) for url in urls)
-        )
-        for url, instance in self.instances.items():
-            if instance.healthy != before.get(url, False):
-                state = "in rotation" if instance.healthy else f"out of rotation: {instance.why}"
-                log.info("%s %s %s", self.role, url, state)
-
-    async def _probe(self, session: aiohttp.ClientSession, instance: Instance) -> None:
-        try:
-            async with session.get(
-                f"{instance.url}/health",
-                timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_SECONDS),
-            ) as r:
-                body = await r.json() if r.status == 200 else {}
-                instance.healthy = r.status == 200 and body.get("role") == self.role
-                instance.why = f"/health answered {r.status}"
-                instance.bootstrap = str(body.get("bootstrap", ""))
-                instance.contract = str(body.get("contract", ""))
-                instance.slow_probes = 0
-                if instance.healthy:
-                    instance.failures = 0
-        except TimeoutError:
-            instance.slow_probes += 1
-            if instance.slow_probes >= SLOW_PROBES_UNHEALTHY:
-                instance.healthy = False
-                instance.why = f"{instance.slow_probes} probes timed out in a row"
-        except (aiohttp.ClientError, json.JSONDecodeError, AttributeError) as e:
-            instance.healthy = False
-            instance.why = f"/health failed: {e!r}"
-
-    def healthy(self) -> list[Instance]:
-        return [i for i in self.instances.values() if i.healthy]
-
-    def pick(self, contracts: set[str], avoid: frozenset[str] = frozenset()) -> Instance | None:
-        """Of the instances serving one of `contracts` (and not in `avoid`): least
-        in-flight; among equals, the one picked longest ago (round robin)."""
-        healthy = [i for i in self.healthy() if i.contract in contracts and i.url not in avoid]
-        if not healthy:
-            return None
-        chosen = min(healthy, key=lambda i: (i.inflight, i.picked, i.url))
-        self._sequence += 1
-        chosen.picked = self._sequence
-        return chosen
-
-
-def pick_pair(
-    language: Pool,
-    encode: Pool,
-    with_encoder: bool,
-    contract: str,
-    avoid: frozenset[str] = frozenset(),
-) -> tuple[Instance | None, Instance | None, str]:
-    """(language instance, encode instance or None, why not) for one request.
-
-    Only pods of this router's own contract: the prompt was tokenized with its model, and
-    an image's embeddings only ever move between pods of one contract. (While a paired
-    rollout runs two contracts are live; each router serves the one it was made for.)"""
-    chosen = language.pick({contract}, avoid)
-    if chosen is None:
-        return None, None, f"no healthy language instance of contract {contract}"
-    if not with_encoder:
-        return chosen, None, ""
-    encoder = encode.pick({contract}, avoid)
-    if encoder is None or not encoder.bootstrap:
-        return None, None, f"no healthy encode instance of contract {contract}"
-    return chosen, encoder, ""
 
 
 # The RouterOptions a router's flags (and the resource's router.limits) may set.
@@ -222,7 +67,7 @@ class RouterOptions:
     health_interval: float = 1.0
     instances_file: str = ""  # {"encode": [urls], "language": [urls]}
     # Bearer tokens a client must send on the OpenAI routes; none: no authentication.
-    api_keys: frozenset[str] = frozenset()
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
     # What one request may cost, checked before anything is decoded or encoded.
     max_images: int = 8
     max_image_pixels: int = 4096 * 4096
@@ -234,23 +79,6 @@ class RouterOptions:
     max_inflight: int = 256
     # How long a request waits for a healthy pair when there is none, before a 503.
     instance_wait_seconds: float = 5.0
-
-
-def parse_api_keys(text: str) -> frozenset[str]:
-    """One key per line (or separated by any whitespace); blank lines ignored."""
-    return frozenset(text.split())
-
-
-def authorized(header: str | None, keys: frozenset[str]) -> bool:
-    """Whether an Authorization header carries one of `keys` (compared in constant time)."""
-    if not keys:
-        return True
-    scheme, _, token = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return False
-    offered = token.strip().encode()
-    # Every key is compared, so that the time taken says nothing about which matched.
-    return sum(hmac.compare_digest(offered, key.encode()) for key in keys) > 0
 
 
 async def _image_bytes(
@@ -361,16 +189,23 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             options.instances_file,
         ),
     }
-    session = aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=config.transfer.transfer_timeout_seconds + 120)
+    # Either side has answered, with its own error if need be, within a transfer timeout
+    # (and a handshake) of being asked; a longer silence is a pod that stopped.
+    transfer = config.transfer
+    upstream = Upstream(
+        server.registry,
+        options.max_inflight,
+        read_timeout=transfer.transfer_timeout_seconds + transfer.handshake_timeout_seconds,
     )
+    probes = probe_session()
     fetcher = ImageFetcher(options.image_urls)
 
     refreshed = [asyncio.Event()]  # set, and replaced, after each round of probes
 
     async def health_loop() -> None:
         while True:
-            await asyncio.gather(*(p.refresh(session) for p in pools.values()))
+            options.api_keys.refresh()
+            await asyncio.gather(*(p.refresh(probes) for p in pools.values()))
             done, refreshed[0] = refreshed[0], asyncio.Event()
             done.set()
             await asyncio.sleep(options.health_interval)
@@ -426,30 +261,27 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         role: sum(i.healthy for i in pool.instances.values()) for role, pool in pools.items()
     }
 
-    async def leg(
-        instance: Instance, path: str, payload: dict[str, Any], peer: Instance | None = None
-    ) -> dict[str, Any]:
-        """One instance's part of a request; `peer`: the encode instance a language
-        instance receives from (blamed when the language side could not reach it)."""
-        instance.inflight += 1
+    async def generate_whole(
+        language: Instance,
+        encoder: Instance | None,
+        payload: dict[str, Any],
+        choices: list[Choice],
+    ) -> None:
+        """Every choice of a whole (non-streamed) answer. The language pod streams its
+        steps even so: once every choice has finished (at a stop string included) the
+        connection closes, which stops the pod's work."""
+        language.inflight += 1
         try:
-            async with session.post(f"{instance.url}{path}", json=payload) as r:
-                if r.status != 200:
-                    raise _blamed(await _refusal(r, path, instance.url), peer)
-                body = await r.json(content_type=None)
-                instance.served()
-                result: dict[str, Any] = body
-                return result
-        except aiohttp.ClientError as e:
-            instance.failed(unreachable=isinstance(e, aiohttp.ClientConnectorError))
-            raise LegError(
-                502, f"{path} on {instance.url} failed: {e}", None, instance.url, retryable=True
-            ) from e
-        except json.JSONDecodeError as e:
-            instance.failed()
-            raise LegError(502, f"{path} on {instance.url} failed: {e}", None, instance.url) from e
+            r = await upstream.open_generation(language, payload, encoder)
+            async with r:
+                async for step in upstream.steps(language, r):
+                    choices[int(step["index"])].add(step, preprocessor.decode)
+                    if all(c.finish_reason is not None for c in choices):
+                        break
         finally:
-            instance.inflight -= 1
+            language.inflight -= 1
+        for choice in choices:
+            choice.end()
 
     async def completions(request: web.Request) -> web.StreamResponse:
         if server.inflight > options.max_inflight:  # this one included
@@ -513,7 +345,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 "sampling": chat.sampling.to_wire(),
                 "n": chat.n,
             }
-            legs: list[asyncio.Task[dict[str, Any]]] = []
+            legs: list[asyncio.Task[Any]] = []
             if encoder is not None:
                 assert prompt.pixel_values is not None
                 assert prompt.image_grid_thw is not None
@@ -522,8 +354,13 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                     "pixel_values": encode_tensor(prompt.pixel_values.float()),
                     "image_grid_thw": prompt.image_grid_thw.tolist(),
                 }
-                legs.append(asyncio.create_task(leg(encoder, "/v1/encode", encode_payload)))
+                legs.append(
+                    asyncio.create_task(
+                        upstream.call("encode", encoder, "/v1/encode", encode_payload)
+                    )
+                )
             completion_id = f"chatcmpl-{room}"
+            choices = new_choices(chat)
             try:
                 if chat.stream:
                     return await stream(
@@ -531,7 +368,10 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                         created, prompt_tokens,
                     )  # fmt: skip
                 legs.insert(
-                    0, asyncio.create_task(leg(language, "/v1/generate", generate_payload, encoder))
+                    0,
+                    asyncio.create_task(
+                        generate_whole(language, encoder, generate_payload, choices)
+                    ),
                 )
                 # If either leg fails, the other is cancelled (the language side then
                 # frees its blocks): one clear error, nothing waits for a timeout.
@@ -539,7 +379,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 for task in pending:
                     if any(t.exception() for t in done):
                         task.cancel()
-                results = await asyncio.gather(*legs)
+                await asyncio.gather(*legs)
                 break
             except asyncio.CancelledError:
                 # The client went away: both legs stop, and with them the pods' work.
@@ -561,11 +401,6 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 blamed_encoder = encoder is not None and e.blame == encoder.url
                 retries.labels(role="encode" if blamed_encoder else "language").inc()
                 avoid = avoid | {err.blame for err in errors}
-        choices = new_choices(chat)
-        for step in results[0]["steps"]:
-            choices[step["index"]].add(step, preprocessor.decode)
-        for choice in choices:
-            choice.end()
         return web.json_response(
             {
                 "id": completion_id,
@@ -589,25 +424,27 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         language: Instance,
         encoder: Instance | None,
         payload: dict[str, Any],
-        legs: list[asyncio.Task[dict[str, Any]]],
+        legs: list[asyncio.Task[Any]],
         completion_id: str,
         created: int,
         prompt_tokens: int,
     ) -> web.StreamResponse:
         """Relay the choices as the language server produces them (server-sent events in
         the OpenAI streaming format). Once every choice has finished (a stop string
-        included) the connection to the language pod closes, which stops its work."""
+        included) the connection to the language pod closes, which stops its work. A
+        failure after the first byte ends the stream with an error event and [DONE]."""
         language.inflight += 1
         response: web.StreamResponse | None = None
 
-        async def fail_stream(message: str, status: int) -> web.StreamResponse:
+        async def fail_stream(failure: LegError) -> web.StreamResponse:
             """After the first byte the status is sent: an error event ends the stream."""
             for task in legs:
                 task.cancel()
             assert response is not None
-            failure = {"message": message, "type": "upstream_error", "code": status}
+            event = {"message": failure.message, "type": "upstream_error", "code": failure.status}
             with contextlib.suppress(ConnectionError):
-                await response.write(f"data: {json.dumps({'error': failure})}\n\n".encode())
+                await response.write(f"data: {json.dumps({'error': event})}\n\n".encode())
+                await response.write(b"data: [DONE]\n\n")
                 await response.write_eof()
             return response
 
@@ -643,11 +480,8 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
 
         choices = new_choices(chat)
         try:
-            async with session.post(
-                f"{language.url}/v1/generate", json={**payload, "stream": True}
-            ) as r:
-                if r.status != 200:
-                    raise _blamed(await _refusal(r, "/v1/generate", language.url), encoder)
+            r = await upstream.open_generation(language, payload, encoder)  # LegError: retry
+            async with r:
                 response = web.StreamResponse(
                     headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
                 )
@@ -655,38 +489,33 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 for choice in choices:
                     role = {"role": "assistant", "content": ""}
                     await send([{"index": choice.index, "delta": role, "finish_reason": None}])
-                async for line in r.content:
-                    if not line.strip():
-                        continue
-                    message = json.loads(line)
-                    if "error" in message:  # the language side failed mid-stream
-                        return await fail_stream(f"/v1/generate: {message['error']}", 503)
-                    choice = choices[int(message["index"])]
+                async for step in upstream.steps(language, r):
+                    choice = choices[int(step["index"])]
                     if choice.finish_reason is not None:
                         continue  # past its stop string
-                    choice.add(message, preprocessor.decode)
+                    choice.add(step, preprocessor.decode)
                     await send_news(choice)
                     if all(c.finish_reason is not None for c in choices):
                         break  # leaving closes the connection: the pod stops generating
-                for choice in choices:
-                    if choice.finish_reason is None:
-                        choice.end()
-                        await send_news(choice)
-                if chat.include_usage:
-                    await send([], usage=usage(prompt_tokens, choices))
-                await response.write(b"data: [DONE]\n\n")
-                await response.write_eof()
-                await asyncio.gather(*legs, return_exceptions=True)
-                return response
-        except (aiohttp.ClientError, json.JSONDecodeError, KeyError, ValueError) as e:
-            message = f"/v1/generate on {language.url} failed: {e!r}"
-            language.failed(unreachable=isinstance(e, aiohttp.ClientConnectorError))
+            for choice in choices:
+                if choice.finish_reason is None:
+                    choice.end()
+                    await send_news(choice)
+            if chat.include_usage:
+                await send([], usage=usage(prompt_tokens, choices))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            await asyncio.gather(*legs, return_exceptions=True)
+            return response
+        except LegError as e:
             if response is not None and response.prepared:
-                return await fail_stream(message, 502)
-            # Before the first byte: the caller may try another instance.
-            raise LegError(
-                502, message, None, language.url, retryable=isinstance(e, aiohttp.ClientError)
-            ) from e
+                return await fail_stream(e)
+            raise  # before the first byte: the caller may try another instance
+        except (KeyError, ValueError, TypeError) as e:  # a step that is not ours
+            failure = LegError(502, f"/v1/generate on {language.url}: bad step: {e!r}")
+            if response is not None and response.prepared:
+                return await fail_stream(failure)
+            raise failure from e
         finally:
             language.inflight -= 1
 
@@ -699,7 +528,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         """The OpenAI routes, behind the API keys when there are any (probes are not)."""
 
         async def check(request: web.Request) -> web.StreamResponse:
-            if not authorized(request.headers.get("Authorization"), options.api_keys):
+            if not options.api_keys.allows(request.headers.get("Authorization")):
                 return error(
                     401,
                     "a valid API key is required: send Authorization: Bearer <key>",
@@ -710,6 +539,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
 
         return check
 
+    server.guard = guarded  # /metrics, when it is served on this port
     app = server.app()
     app.router.add_post(
         "/v1/chat/completions",
@@ -722,71 +552,14 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         health_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await health_task
-        await session.close()
+        await upstream.close()
+        await probes.close()
         await fetcher.close()
 
     await serve(server, app, listen, on_stop=stop)
 
 
-class LegError(Exception):
-    """One leg's failure: `url` the instance it failed on; `retryable` when another
-    instance may well succeed (it could not be reached, or it said busy or draining)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        retry_after: str | None = None,
-        url: str = "",
-        *,
-        retryable: bool = False,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
-        self.url = url
-        self.retryable = retryable
-        self.blame = url  # the instance at fault
-        self.reason = ""  # a transfer failure's reason, as the language pod said it
-
-
-# Transfer failures a language pod reports that are its encode peer's doing (it could
-# not be reached, or went away mid-transfer): another encode pod may well serve.
-PEER_FAILURES = {"connect_failed": True, "peer_lost": False}  # reason -> unreachable
-
-
-def _blamed(error: LegError, peer: Instance | None) -> LegError:
-    """`error` from a language instance, with its encode `peer` to blame where the
-    failure was the peer's (which then counts a failure)."""
-    if peer is not None and error.reason in PEER_FAILURES:
-        peer.failed(unreachable=PEER_FAILURES[error.reason])
-        error.blame, error.retryable = peer.url, True
-    return error
-
-
-async def _refusal(r: aiohttp.ClientResponse, path: str, url: str) -> LegError:
-    """An instance's answer other than 200, as a LegError: a 503 (busy, draining) may
-    be retried elsewhere."""
-    try:
-        body = await r.json(content_type=None)
-    except (json.JSONDecodeError, aiohttp.ClientError):
-        body = None  # not an error body of ours: the status says enough
-    error_part = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error_part, dict):
-        error_part = {}
-    refusal = LegError(
-        r.status,
-        f"{path} on {url}: {error_part.get('message', r.reason)}",
-        r.headers.get("Retry-After"),
-        url,
-        retryable=r.status == 503,
-    )
-    refusal.reason = str(error_part.get("reason", ""))
-    return refusal
-
-
-def _leg_errors(legs: list[asyncio.Task[dict[str, Any]]]) -> list[LegError]:
+def _leg_errors(legs: list[asyncio.Task[Any]]) -> list[LegError]:
     """The LegErrors of the legs that ended with one."""
     errors = []
     for task in legs:

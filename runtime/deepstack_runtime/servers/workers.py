@@ -29,6 +29,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 from aiohttp import web
+from prometheus_client import Counter
 
 from deepstack_runtime.backends.reference import ReferenceEncoder, ReferenceLanguageModel
 from deepstack_runtime.buffers import DTYPES, BufferLayout, MultimodalDataBuffers, MultimodalItem
@@ -70,8 +71,10 @@ def transfer_settings(config: RuntimeConfig) -> TransferSettings:
         handshake_timeout=t.handshake_timeout_seconds,
         transfer_timeout=t.transfer_timeout_seconds,
         resume_timeout=t.resume_timeout_seconds,
+        write_timeout=t.write_timeout_seconds,
         max_rounds=t.resume_max_rounds,
         max_queued=t.max_queued_requests,
+        checksum=t.checksum,
     )
 
 
@@ -131,8 +134,13 @@ def _transfer_error(e: TransferError) -> web.Response:
 
 
 def _transport(config: RuntimeConfig, listen: Listen) -> MooncakeTransport:
+    t = config.transfer
     return MooncakeTransport(
-        listen.advertise_host, config.transfer.protocol, ",".join(config.transfer.rdma_devices)
+        listen.advertise_host,
+        t.protocol,
+        ",".join(t.rdma_devices),
+        write_timeout=transfer_settings(config).write_seconds,
+        ports=(t.mooncake_min_port, t.mooncake_max_port),
     )
 
 
@@ -368,6 +376,12 @@ async def run_language(
         check_transfers(config, receiver, transport.protocol, metrics, transfer_check)
     )
     server.extra_health = lambda: {"contract": contract, "transfer_check": transfer_check}
+    generated = Counter(
+        "deepstack_generated_tokens",
+        "Tokens the language model generated, every choice counted (a request stopped "
+        "early, at a stop string or by a client that went away, stops counting).",
+        registry=server.registry,
+    )
 
     async def generate(request: web.Request) -> web.StreamResponse:
         body = await read_json(request, MAX_BODY)
@@ -417,7 +431,9 @@ async def run_language(
                     return _transfer_error(e)
             # The received rows go back to the pool once every choice has read them
             # (debug_logits reads them again after the last token).
-            steps = _choices(model, ids, item, grid, params, n, None if debug_logits else lease)
+            steps = _choices(
+                model, ids, item, grid, params, n, None if debug_logits else lease, generated
+            )
             # Closed on every way out (a client that went away included): the reference
             # model's lock is released and SGLang aborts the request at once.
             async with contextlib.aclosing(steps):
@@ -501,6 +517,7 @@ async def _choices(
     params: SamplingParams,
     n: int,
     lease: contextlib.AsyncExitStack | None,
+    generated: Counter | None = None,
 ) -> AsyncGenerator[tuple[int, Step], None]:
     """The steps of `n` choices of one prompt, (choice index, step), as they come. The
     choices run side by side (SGLang batches them; the reference model takes them one
@@ -514,6 +531,8 @@ async def _choices(
         try:
             async with contextlib.aclosing(tokens):
                 async for step in tokens:
+                    if generated is not None:
+                        generated.inc()
                     queue.put_nowait((index, step))
             queue.put_nowait((index, None))
         except Exception as e:  # raised to the consumer, which stops the other choices
