@@ -210,8 +210,9 @@ TEXT: list[Any] = [{"role": "user", "content": "Tell me a story about a green fi
 
 def complete(client: openai.OpenAI, **params: Any) -> Any:
     extra = {"ignore_eos": True, **params.pop("extra_body", {})}
+    params.setdefault("max_tokens", 10)
     return client.chat.completions.create(
-        model="tiny-qwen3-vl-moe", messages=TEXT, max_tokens=10, extra_body=extra, **params
+        model="tiny-qwen3-vl-moe", messages=TEXT, extra_body=extra, **params
     )
 
 
@@ -260,6 +261,22 @@ def test_sampling_draws_and_truncation_reaches_sglang(stack: dict[str, Any]) -> 
         greedy[: greedy.index(stop)],
         "stop",
     )
+
+
+def test_a_stop_string_stops_sglangs_generation_of_a_whole_answer(stack: dict[str, Any]) -> None:
+    """Not streamed, a stop string still ends the engine's work at the match, long
+    before max_tokens."""
+    router = clients(stack)[0]
+    greedy = complete(router, temperature=0).choices[0].message.content
+    stop = next(greedy[i : i + 2] for i in range(2, len(greedy) - 1) if greedy[i : i + 2].strip())
+    before = sample(stack["language"].metrics(), "deepstack_generated_tokens_total")
+    stopped = complete(router, temperature=0, stop=stop, max_tokens=300).choices[0]
+    assert (stopped.message.content, stopped.finish_reason) == (
+        greedy[: greedy.index(stop)],
+        "stop",
+    )
+    after = sample(stack["language"].metrics(), "deepstack_generated_tokens_total")
+    assert after - before < 40
 
 
 def test_a_seed_sglang_would_ignore_is_refused_by_name(stack: dict[str, Any]) -> None:
