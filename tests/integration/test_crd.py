@@ -143,6 +143,26 @@ def test_example_defaults_fill_nested_objects(custom_api: Any, namespace: str) -
     assert stored["spec"]["router"]["port"] == 8000
 
 
+def test_a_model_claim_may_ask_to_be_writable(custom_api: Any, namespace: str) -> None:
+    """persistentVolumeClaim.readOnly: false is kept (the operator mounts the claim
+    read-write then); left out, it is true."""
+    for name, volume, expected in (
+        ("writable", {"claimName": "models", "readOnly": False}, False),
+        ("default", {"claimName": "models"}, True),
+    ):
+        body = minimal()
+        body["metadata"]["name"] = name
+        body["spec"]["model"]["volume"] = {"persistentVolumeClaim": volume}
+        create(custom_api, namespace, body)
+        stored: Spec = custom_api.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name
+        )
+        assert stored["spec"]["model"]["volume"]["persistentVolumeClaim"] == {
+            "claimName": "models",
+            "readOnly": expected,
+        }
+
+
 def test_printer_columns_and_short_name(crd: Cluster, namespace: str) -> None:
     crd.kubectl("-n", namespace, "apply", "-f", str(EXAMPLES[0]))
     header = crd.kubectl("-n", namespace, "get", "dsd").stdout.splitlines()[0].split()

@@ -137,7 +137,7 @@ def _resources(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, Any]
 
 
 def _volumes(
-    cr: Manifest, config: RuntimeConfig
+    cr: Manifest, config: RuntimeConfig, role: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     model = spec(cr)["model"]
     config_map = names.config_map_name(cr_name(cr), revision(cr, config))
@@ -153,19 +153,25 @@ def _volumes(
     ]
     volume = model.get("volume")
     if volume:
+        # Read-only unless a claim asks otherwise (a runtime that writes a cache next to
+        # the weights), and then only for the pods that run the model: the router only
+        # reads the processor's settings. A hostPath is always read-only.
+        read_only = True
         if "persistentVolumeClaim" in volume:
             pvc = volume["persistentVolumeClaim"]
+            read_only = pvc.get("readOnly", True) or role not in names.ROLES
             source: dict[str, Any] = {
-                "persistentVolumeClaim": {
-                    "claimName": pvc["claimName"],
-                    "readOnly": pvc.get("readOnly", True),
-                }
+                "persistentVolumeClaim": {"claimName": pvc["claimName"], "readOnly": read_only}
             }
         else:
             source = {"hostPath": {"path": volume["hostPath"]["path"], "type": "Directory"}}
         volumes.append({"name": MODEL_VOLUME, **source})
         mounts.append(
-            {"name": MODEL_VOLUME, "mountPath": model.get("mountPath", "/models"), "readOnly": True}
+            {
+                "name": MODEL_VOLUME,
+                "mountPath": model.get("mountPath", "/models"),
+                "readOnly": read_only,
+            }
         )
     return volumes, mounts
 
@@ -177,7 +183,7 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
     pod_security, container_security = _security(
         config.transfer.protocol, transfers=role in names.ROLES
     )
-    volumes, mounts = _volumes(cr, config)
+    volumes, mounts = _volumes(cr, config, role)
     probe_http = {"path": "/health", "port": "http"}
 
     def probe(http_get: dict[str, Any]) -> dict[str, Any]:

@@ -301,3 +301,33 @@ def test_router_api_keys_come_from_the_secret() -> None:
         assert "DEEPSTACK_API_KEYS" not in {
             e["name"] for e in container(group(children, role))["env"]
         }
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_a_model_claim_is_mounted_as_its_read_only_says(
+    read_only: bool, snapshot: SnapshotAssertion
+) -> None:
+    """persistentVolumeClaim.readOnly false mounts the claim read-write in the encode
+    and language pods (true, the default: read-only); the router only reads."""
+    cr = example("qwen3-vl-moe-rdma")
+    cr["spec"]["model"]["volume"]["persistentVolumeClaim"]["readOnly"] = read_only
+    children = render_all(cr)
+    router = one(children, "Deployment", "qwen3-vl-moe-router")
+    mounted = {}
+    for workload in [*by_kind(children, "StatefulSet"), router]:
+        pod = workload["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "model"]
+        (mount,) = [m for m in container(workload)["volumeMounts"] if m["name"] == "model"]
+        expected = read_only or workload is router
+        assert volume["persistentVolumeClaim"]["readOnly"] is expected
+        assert mount["readOnly"] is expected
+        mounted[workload["metadata"]["name"]] = {"volume": volume, "mount": mount}
+    assert mounted == snapshot
+
+
+def test_a_model_host_path_is_always_mounted_read_only() -> None:
+    cr = example("minimal-cpu")
+    cr["spec"]["model"]["volume"] = {"hostPath": {"path": "/srv/models"}}
+    for sts in by_kind(render_all(cr), "StatefulSet"):
+        (mount,) = [m for m in container(sts)["volumeMounts"] if m["name"] == "model"]
+        assert mount["readOnly"] is True
