@@ -24,6 +24,10 @@ from kubernetes.dynamic.exceptions import DynamicApiError
 
 from deepstack_operator import names, transfers
 from deepstack_operator.kube import OWNED_KINDS, Kube, Manifest
+from deepstack_operator.ownership import (
+    scaled_by_another_manager,
+    yield_replicas_to_other_managers,
+)
 from deepstack_operator.render import Capabilities, render_all, revision, runtime_config
 from deepstack_operator.render.common import scaled_by_hpa, scaled_by_load
 from deepstack_operator.rollout import LiveGroup, RolloutPlan, plan_rollout
@@ -148,8 +152,12 @@ class Reconciler:
         workloads: dict[tuple[str, str], Manifest] = {}
         if children is not None:
             for child in children:
+                key = (child["kind"], child["metadata"]["name"])
+                live = live_children.get(key)
+                if key == ("Deployment", names.child_name(name, names.ROUTER)):
+                    # router.replicas holds until the user's own autoscaler takes over.
+                    child = yield_replicas_to_other_managers(child, live)
                 try:
-                    live = live_children.get((child["kind"], child["metadata"]["name"]))
                     change, stored = self.kube.apply_if_changed(child, live)
                 except (DynamicApiError, ApiException) as e:
                     if getattr(e, "status", 500) >= 500:
@@ -162,8 +170,8 @@ class Reconciler:
                     )
                     continue
                 if change:
-                    outcome.writes.append(f"{change} {child['kind']}/{child['metadata']['name']}")
-                    workloads[(child["kind"], child["metadata"]["name"])] = stored
+                    outcome.writes.append(f"{change} {key[0]}/{key[1]}")
+                    workloads[key] = stored
             assert plan is not None
             outcome.writes += self._prune(cr, children, plan, live_children)
 
@@ -372,7 +380,7 @@ class Reconciler:
             desired = self._scale_on_load(cr, pods, live_sets, revision(cr, config))
         router_settled = not router_spec.get("enabled", True) or (
             router is not None
-            and role_state(router, router_spec.get("replicas", 1)).settled
+            and role_state(router, router_replicas(router_spec, router)).settled
             # A terminating router pod may still get requests until kube-proxy catches
             # up, and it can only use pods of its own contract.
             and _router_contracts(pods) <= {config.contract_hash()}
@@ -438,7 +446,8 @@ class Reconciler:
         url = ""
         if router_spec.get("enabled", True):
             deployment = fresh.get(("Deployment", names.child_name(meta["name"], names.ROUTER)))
-            roles[names.ROUTER] = role_state(deployment or router, router_spec.get("replicas", 1))
+            deployment = deployment or router
+            roles[names.ROUTER] = role_state(deployment, router_replicas(router_spec, deployment))
             url = (
                 f"http://{meta['name']}-router.{meta['namespace']}.svc:"
                 f"{router_spec.get('port', 8000)}"
@@ -510,6 +519,15 @@ def _controlled_pods(
             ):
                 mine.append(pod)
     return mine
+
+
+def router_replicas(router_spec: dict[str, Any], deployment: Manifest | None) -> int:
+    """The router's desired count: router.replicas, or the live Deployment's once another
+    controller (the user's HPA, KEDA) scales it."""
+    given = int(router_spec.get("replicas", 1))
+    if deployment is None or not scaled_by_another_manager(deployment):
+        return given
+    return int((deployment.get("spec") or {}).get("replicas", given))
 
 
 def _router_contracts(pods: list[Manifest]) -> set[str]:

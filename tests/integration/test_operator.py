@@ -322,6 +322,141 @@ def test_router_disabled_is_pruned(
         assert "NotFound" in out.stderr
 
 
+class ReplicaRecorder:
+    """Every spec.replicas a Deployment goes through from now on, from a watch."""
+
+    def __init__(self, cluster: Cluster, namespace: str, name: str) -> None:
+        from kubernetes import client, watch
+
+        apps: Any = client.AppsV1Api(cluster.api_client())
+        self.apps = apps
+        self.namespace, self.name = namespace, name
+        start = apps.read_namespaced_deployment(name, namespace).metadata.resource_version
+        self.seen: list[int] = []
+        self._last = start  # the newest version the watch has delivered
+        self._start = start
+        self._watch: Any = watch.Watch()  # type: ignore[no-untyped-call]
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> ReplicaRecorder:
+        self._thread.start()
+        return self
+
+    def _follow(self) -> None:
+        try:
+            for event in self._watch.stream(
+                self.apps.list_namespaced_deployment, self.namespace,
+                field_selector=f"metadata.name={self.name}",
+                resource_version=self._start, timeout_seconds=300,
+            ):  # fmt: skip
+                self.seen.append(event["object"].spec.replicas)
+                self._last = event["object"].metadata.resource_version
+        except Exception:
+            if not self._stopping.is_set():  # cut off when the test's namespace goes away
+                raise
+
+    def caught_up(self) -> dict[str, Any]:
+        """The Deployment as it is now, once the watch has delivered that version."""
+        now: dict[str, Any] = self.apps.read_namespaced_deployment(
+            self.name, self.namespace
+        ).to_dict()
+        version = now["metadata"]["resource_version"]
+        wait_for(lambda: self._last == version, timeout=30, interval=0.1, what="the watch")
+        return now
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        self._watch.stop()
+        self._thread.join(10)
+
+
+@pytest.mark.parametrize("scaler", ["hpa", "keda-apply"])
+def test_the_router_count_is_left_to_the_users_own_autoscaler(
+    cluster: Cluster, operator: OperatorProcess, namespace: str, scaler: str
+) -> None:
+    """router.replicas is the count until another controller scales the router
+    Deployment: an HPA of the user's (the real HPA controller; KEDA's ScaledObjects
+    scale through one too), or a server-side apply under another field manager (what
+    KEDA or a GitOps tool may do). From then on the operator neither sets it back to
+    router.replicas nor drops it to 1 in between, and the router counts as ready at the
+    size the other controller asks for."""
+    from kubernetes import client
+
+    from deepstack_operator.names import FIELD_MANAGER
+    from deepstack_operator.ownership import replica_owners
+
+    apply(cluster, namespace, minimal())
+    ready(cluster, namespace)
+    router = f"{NAME}-router"
+    with ReplicaRecorder(cluster, namespace, router) as recorder:
+        if scaler == "hpa":
+            hpa = {
+                "apiVersion": "autoscaling/v2",
+                "kind": "HorizontalPodAutoscaler",
+                "metadata": {"name": "router-by-the-user", "namespace": namespace},
+                "spec": {
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
+                                       "name": router},
+                    # Below minReplicas the HPA controller scales up without metrics.
+                    "minReplicas": 3,
+                    "maxReplicas": 4,
+                    "metrics": [{"type": "Resource", "resource": {
+                        "name": "cpu", "target": {"type": "Utilization",
+                                                  "averageUtilization": 80}}}],
+                },
+            }  # fmt: skip
+            apply(cluster, namespace, hpa)
+        else:
+            client.AppsV1Api(cluster.api_client()).patch_namespaced_deployment(
+                router, namespace,
+                {"apiVersion": "apps/v1", "kind": "Deployment",
+                 "metadata": {"name": router, "namespace": namespace},
+                 "spec": {"replicas": 3}},
+                field_manager="keda-operator", force=True,
+                _content_type="application/apply-patch+yaml",
+            )  # fmt: skip
+        wait_for(lambda: 3 in recorder.seen, timeout=90, what="the other controller's 3")
+        # A change of the resource: the operator applies every child again.
+        patch_spec(cluster, namespace, {"spec": {"encode": {"replicas": 2}}})
+        status = ready(cluster, namespace, generation=2)
+        assert status["router"]["summary"] == "3/3"
+        assert status["router"]["readyReplicas"] == 3
+        live = recorder.caught_up()
+    assert live["spec"]["replicas"] == 3
+    first = recorder.seen.index(3)
+    assert recorder.seen[first:] == [3] * len(recorder.seen[first:]), recorder.seen
+    owners = replica_owners(
+        get_json(cluster, "-n", namespace, "get", "deployment", router, "--show-managed-fields")
+    )
+    assert FIELD_MANAGER not in owners, owners
+
+
+def test_a_model_claim_asked_writable_is_mounted_read_write(
+    cluster: Cluster, operator: OperatorProcess, namespace: str
+) -> None:
+    body = minimal()
+    body["spec"]["model"]["volume"] = {
+        "persistentVolumeClaim": {"claimName": "models", "readOnly": False}
+    }
+    apply(cluster, namespace, body)
+    status = wait_for_status(cluster, namespace, NAME, phase="Degraded", observedGeneration=1)
+    assert condition(status, "Degraded")["reason"] == "MissingPersistentVolumeClaim"
+
+    def model_volume(workload: dict[str, Any]) -> tuple[bool, bool]:
+        pod = workload["spec"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "model"]
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "model"]
+        # The API server leaves out a readOnly that is false.
+        claim = volume["persistentVolumeClaim"]
+        return claim.get("readOnly", False), mount.get("readOnly", False)
+
+    for role in ("encode", "language"):
+        assert model_volume(group(cluster, namespace, role)) == (False, False)
+    router = get_json(cluster, "-n", namespace, "get", "deployment", f"{NAME}-router")
+    assert model_volume(router) == (True, True)  # the router only reads
+
+
 def test_deleting_the_resource_removes_children_through_the_garbage_collector(
     cluster: Cluster, operator: OperatorProcess, namespace: str
 ) -> None:
