@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import random
+import socket
+import uuid
 
 import kopf
 
@@ -41,15 +43,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     # kopf logs every handled watch event at INFO; ours say what changed.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    from deepstack_operator import handlers  # noqa: F401  (registers the handlers)
+    from deepstack_operator import handlers  # registers the handlers
 
     priority = args.priority if args.priority is not None else random.randint(1, 1_000_000)
+    # Our record in the peering object (in a pod, the hostname is the pod's name). The
+    # handlers' peering gate needs to know which record is ours.
+    identity = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         standalone=args.standalone,
         peering_name=None if args.standalone else args.peering,
         priority=priority,
+        identity=identity,  # type: ignore[arg-type]  # kopf's Identity: a str NewType it does not export
+        memo=kopf.Memo({handlers.IDENTITY_MEMO: identity}),
     )
 
 

@@ -2,8 +2,9 @@
 
 Only `@kopf.on.event` handlers are used: they add no finalizers and write nothing to the
 resource, so kopf itself never makes a no-op reconcile write. When kopf peering pauses
-this instance (another operator with a higher priority is active), no events arrive and
-the workers idle.
+this instance (another operator with a higher priority is active), no events arrive, and
+what the queue still holds (requeue timers, events that came just before) is parked by
+the peering gate (peering.py) until this instance is the active one again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kubernetes import client, config
 from deepstack_operator import names
 from deepstack_operator.kube import Kube
 from deepstack_operator.metrics import OperatorMetrics, make_app
+from deepstack_operator.peering import Peering, PeeringGate
 from deepstack_operator.reconcile import Reconciler
 from deepstack_operator.workqueue import Key, WorkQueue
 
@@ -39,6 +41,10 @@ CHILD_KINDS: tuple[tuple[str, str] | tuple[str, str, str], ...] = (
     ("autoscaling", "v2", "horizontalpodautoscalers"),
 )
 OWNED = f"app.kubernetes.io/managed-by={names.MANAGED_BY}"
+# While paused, parked keys are offered to the peering gate again this often.
+PARKED_RECHECK_SECONDS = 2.0
+# The key under which __main__ hands kopf's identity of this instance to the handlers.
+IDENTITY_MEMO = "peering_identity"
 
 
 class Runtime:
@@ -48,6 +54,9 @@ class Runtime:
         self.metrics = OperatorMetrics()
         self.queue: WorkQueue | None = None
         self.reconciler: Reconciler | None = None
+        self.gate: PeeringGate | None = None
+        # Keys taken off the queue while another instance was active (_unpark).
+        self.parked: set[Key] = set()
         self.tasks: list[asyncio.Task[None]] = []
         self.site: web.AppRunner | None = None
 
@@ -66,6 +75,11 @@ def _api_client() -> client.ApiClient:
 
 async def _process(key: Key) -> float | None:
     assert STATE.reconciler is not None
+    assert STATE.gate is not None
+    if not await asyncio.to_thread(STATE.gate.active, key[0]):
+        STATE.parked.add(key)  # another instance acts meanwhile: no reconcile, no writes
+        return None
+    STATE.parked.discard(key)
     started = time.monotonic()
     try:
         outcome = await asyncio.to_thread(STATE.reconciler.reconcile, *key)
@@ -81,17 +95,57 @@ async def _process(key: Key) -> float | None:
     return outcome.requeue_after
 
 
+async def _unpark() -> None:
+    """Queue the parked keys again once the gate lets this instance act on them (kopf's
+    re-listing after a resume queues them too; this also covers a gate that opens a
+    moment after kopf resumes)."""
+    assert STATE.queue is not None
+    assert STATE.gate is not None
+    while True:
+        await asyncio.sleep(PARKED_RECHECK_SECONDS)
+        for key in sorted(STATE.parked):
+            if await asyncio.to_thread(STATE.gate.active, key[0]):
+                STATE.parked.discard(key)
+                STATE.queue.add(key)
+
+
+def _peering(settings: kopf.OperatorSettings, memo: kopf.Memo) -> Peering | None:
+    if settings.peering.standalone:
+        return None
+    identity = memo.get(IDENTITY_MEMO)
+    if not identity:
+        raise kopf.PermanentError(
+            "no peering identity: run the operator as `deepstack-operator` (or "
+            "`python -m deepstack_operator`), which tells kopf and the handlers the same one"
+        )
+    return Peering(
+        name=settings.peering.name,
+        identity=str(identity),
+        priority=settings.peering.priority,
+        clusterwide=settings.peering.clusterwide,
+    )
+
+
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.posting.enabled = False  # we post our own, meaningful events
     settings.peering.lifetime = int(os.environ.get("DEEPSTACK_PEERING_LIFETIME", "30"))
     # Children are watched only if they carry our label (filtered by the API server).
     for selector in CHILD_KINDS:
         settings.watching.label_selectors[selector] = OWNED
     STATE.queue = WorkQueue()
-    STATE.reconciler = Reconciler(Kube(_api_client()))
+    kube = Kube(_api_client())
+    STATE.reconciler = Reconciler(kube)
+    peering = _peering(settings, memo)
+    STATE.gate = PeeringGate(
+        peering,
+        lambda namespace: kube.get_peering(settings.peering.name, namespace),
+        report=STATE.metrics.set_active,
+    )
     workers = int(os.environ.get("DEEPSTACK_OPERATOR_WORKERS", "4"))
     STATE.tasks = [asyncio.create_task(STATE.queue.worker(_process)) for _ in range(workers)]
+    if peering is not None:
+        STATE.tasks.append(asyncio.create_task(_unpark()))
     port = int(os.environ.get("DEEPSTACK_OPERATOR_METRICS_PORT", "8080"))
     runner = web.AppRunner(make_app(STATE.metrics), access_log=None)
     await runner.setup()

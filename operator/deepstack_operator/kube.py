@@ -38,6 +38,7 @@ OWNED_KINDS: tuple[tuple[str, str], ...] = (
     ("v1", "Service"),
     ("v1", "ConfigMap"),
 )
+PEERING_API_VERSION = "kopf.dev/v1"
 # Fields that differ between two reads of the same object without a change of intent.
 _VOLATILE_METADATA = (
     "managedFields",
@@ -123,6 +124,15 @@ class Kube:
 
     def get_cr(self, namespace: str, name: str) -> Manifest | None:
         return self.get(names.API_VERSION, names.KIND, namespace, name)
+
+    def get_peering(self, name: str, namespace: str | None) -> Manifest | None:
+        """kopf's peering object: the KopfPeering in `namespace`, or the cluster's
+        ClusterKopfPeering (namespace None); None when it (or its kind) does not exist."""
+        kind = "KopfPeering" if namespace else "ClusterKopfPeering"
+        try:
+            return self.get(PEERING_API_VERSION, kind, namespace or "", name)
+        except ResourceNotFoundError:
+            return None
 
     def list_owned(
         self, api_version: str, kind: str, namespace: str, cr_name: str

@@ -57,6 +57,13 @@ class OperatorMetrics:
             ["resource_namespace", "resource", "role"],
             registry=self.registry,
         )
+        # client-go's leader-election gauge, for kopf peering: one series per peering object.
+        self.active = Gauge(
+            "leader_election_master_status",
+            "1 while this instance is the active one of its kopf peering, 0 while paused.",
+            ["name"],
+            registry=self.registry,
+        )
         for operation in WRITE_OPERATIONS:
             self.writes.labels(operation=operation)
         c = names.CONTROLLER
@@ -79,6 +86,9 @@ class OperatorMetrics:
         """`writes` as a reconcile reports them: "created Kind/name", ..., "status"."""
         for write in writes:
             self.writes.labels(operation=write.split(" ", 1)[0]).inc()
+
+    def set_active(self, peering: str, active: bool) -> None:
+        self.active.labels(name=peering).set(1 if active else 0)
 
     def set_ready(self, key: tuple[str, str], ready: dict[str, int] | None) -> None:
         """Per-role ready counts of one resource; None removes its series."""
