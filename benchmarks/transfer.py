@@ -28,7 +28,9 @@ the last arrival). `receiver_copies` counts items the receiver had to copy out o
 pool (blocks not in one run).
 
 Prints JSON objects with --json, else tables: throughput from the median of --repeat runs
-(4x as many below 16 MiB).
+(4x as many below 16 MiB). `--checksum` runs ours with per-block checksums (computed by the
+sender at submit, checked by the receiver on arrival, both on the clock), as the resource's
+`transfer.checksum` does; without it, ours runs without them: run both to see their cost.
 
     python benchmarks/transfer.py --json
 """
@@ -92,7 +94,7 @@ def raw_bytes(max_size: int, inflight_max: int) -> int:
     return max(max_size, INFLIGHT * min(max_size, inflight_max)) + (1 << 20)
 
 
-def settings_for(blocks: int) -> TransferSettings:
+def settings_for(blocks: int, checksum: bool) -> TransferSettings:
     # Large enough that no request needs resumption: this measures the path itself.
     return TransferSettings(
         default_tokens=blocks * BLOCK_TOKENS,
@@ -100,6 +102,7 @@ def settings_for(blocks: int) -> TransferSettings:
         handshake_timeout=60,
         resume_timeout=60,
         max_queued=64,
+        checksum=checksum,
     )
 
 
@@ -116,15 +119,15 @@ def make_item(tokens: int) -> MultimodalItem:
 # --- receiver process ----------------------------------------------------------------------
 
 
-def receiver_main(blocks: int, raw: int, conn: Connection) -> None:
-    asyncio.run(_receiver(blocks, raw, conn))
+def receiver_main(blocks: int, raw: int, checksum: bool, conn: Connection) -> None:
+    asyncio.run(_receiver(blocks, raw, checksum, conn))
 
 
-async def _receiver(blocks: int, raw: int, conn: Connection) -> None:
+async def _receiver(blocks: int, raw: int, checksum: bool, conn: Connection) -> None:
     transport = MooncakeTransport("127.0.0.1", "tcp")
     buffers = MultimodalDataBuffers(BufferLayout(blocks, BLOCK_TOKENS, HIDDEN, K, DTYPE))
     buffers.arena.fill_(0)  # touch the pages once, as a live pod's pool is
-    receiver = EmbeddingReceiver(buffers, transport, settings_for(blocks))
+    receiver = EmbeddingReceiver(buffers, transport, settings_for(blocks, checksum))
     receiver.start()
     raw_dst = torch.zeros(raw, dtype=torch.uint8)  # target of the bare baseline
     transport.register(raw_dst.data_ptr(), raw_dst.numel())
@@ -208,7 +211,7 @@ async def _sender(
     transport = MooncakeTransport("127.0.0.1", "tcp")
     buffers = MultimodalDataBuffers(BufferLayout(blocks, BLOCK_TOKENS, HIDDEN, K, DTYPE))
     buffers.arena.fill_(0)
-    sender = EmbeddingSender(buffers, transport, settings_for(blocks))
+    sender = EmbeddingSender(buffers, transport, settings_for(blocks, args.checksum))
     await sender.start()
     src = torch.ones(raw, dtype=torch.uint8)
     transport.register(src.data_ptr(), src.numel())
@@ -350,6 +353,7 @@ async def _sender(
             {
                 "size_bytes": nbytes,
                 "tokens": item.num_tokens,
+                "checksum": args.checksum,
                 "ours_gbps": round(gbps[0], 3),
                 "mooncake_gbps": round(gbps[1], 3),
                 "socket_gbps": round(gbps[2], 3),
@@ -425,12 +429,15 @@ def main() -> None:
         help=f"largest request measured with {INFLIGHT} in flight (memory: {INFLIGHT}x per side)",
     )
     parser.add_argument("--repeat", type=int, default=9, help="timed runs per size")
+    parser.add_argument("--checksum", action="store_true", help="ours with per-block checksums")
     args = parser.parse_args()
     blocks = pool_blocks(args.max_size, args.inflight_max_size)
     raw = raw_bytes(args.max_size, args.inflight_max_size)
     ctx = mp.get_context("spawn")
     to_receiver, receiver_end = ctx.Pipe()
-    receiver = ctx.Process(target=receiver_main, args=(blocks, raw, receiver_end), daemon=True)
+    receiver = ctx.Process(
+        target=receiver_main, args=(blocks, raw, args.checksum, receiver_end), daemon=True
+    )
     receiver.start()
     peer = to_receiver.recv()
     sender = ctx.Process(

@@ -193,7 +193,10 @@ def test_receiver_killed_mid_transfer_frees_sender_blocks() -> None:
         assert failures(sender, "peer_lost") == 1
 
 
-def test_sender_killed_mid_transfer_frees_receiver_blocks() -> None:
+def test_sender_killed_mid_transfer_frees_receiver_blocks_after_the_write_timeout() -> None:
+    """The encoder dies while its write may be under way: a closed connection does not
+    prove that nothing more lands (bytes still in the sockets, or an encoder that lost
+    only its control connection), so the blocks stay fenced for the write timeout."""
     with (
         Peer("sender", layout(3, "float32"), FAST, die=True) as sender,
         Peer("receiver", layout(3, "float32"), FAST) as receiver,
@@ -202,11 +205,16 @@ def test_sender_killed_mid_transfer_frees_receiver_blocks() -> None:
         pending = receiver.send("receive", "doomed", sender.address)
         sender.send("submit", "doomed", encode_item(item))
         status, reason, message = receiver.result(pending)
+        failed = time.monotonic()
         assert (status, reason) == ("error", "peer_lost"), message
         assert "closed the connection" in message
         sender.process.join(20)
         assert sender.process.exitcode == DIE_EXIT_CODE
-        assert receiver.state()["used"] == 0
+        state = receiver.state()
+        assert state["fenced"] == state["used"] == DEFAULT_TOKENS // BLOCK
+        no_blocks_held(receiver)
+        assert time.monotonic() - failed > FAST.write_seconds / 2
+        assert receiver.state()["fenced"] == 0
         assert failures(receiver, "peer_lost") == 1
 
 
@@ -409,3 +417,57 @@ def test_mooncake_asked_for_rdma_without_a_device_says_it_fell_back_to_tcp() -> 
     finally:
         rdma.close()
         tcp.close()
+
+
+# A process of its own: Mooncake reads its ports once, when it loads.
+PINNED = """
+import json, os, sys
+from deepstack_runtime.transfer.mooncake import MooncakeTransport
+from tests.support.listening import listening_ports
+low, high = int(sys.argv[1]), int(sys.argv[2])
+if len(sys.argv) > 3:
+    import mooncake.engine  # loaded before the transport could set its ports
+try:
+    transport = MooncakeTransport("127.0.0.1", "tcp", ports=(low, high))
+except RuntimeError as e:
+    print(json.dumps({"error": str(e)}))
+else:
+    ports = sorted(listening_ports(os.getpid()))
+    print(json.dumps({"session": transport.session_id, "ports": ports}))
+"""
+
+
+def free_port_pair() -> int:
+    """A port p, below the ephemeral range, with p and p + 1 free."""
+    import socket
+
+    for low in range(21000, 32000, 7):
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("0.0.0.0", low))
+                b.bind(("0.0.0.0", low + 1))
+            except OSError:
+                continue
+            return low
+    raise AssertionError("no two free ports")
+
+
+def test_mooncake_listens_only_on_the_configured_ports() -> None:
+    """What the NetworkPolicy admits between the groups: Mooncake's handshake port and
+    its tcp data port, both within transfer.mooncakePorts (here pinned to two ports)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support.cluster import REPO
+
+    low = free_port_pair()
+    run = [sys.executable, "-c", PINNED, str(low), str(low + 1)]
+    result = subprocess.run(run, capture_output=True, text=True, timeout=60, cwd=REPO)
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["ports"] == [low, low + 1], got
+    assert got["session"] in (f"127.0.0.1:{low}", f"127.0.0.1:{low + 1}")
+    # Loaded before its ports were set, Mooncake would pick its own: a clear error.
+    result = subprocess.run([*run, "early"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "was loaded before its ports could be set" in got["error"]

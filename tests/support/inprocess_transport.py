@@ -16,7 +16,9 @@ _REGISTRY: dict[str, InProcessTransport] = {}
 
 class InProcessTransport(Transport):
     def __init__(self) -> None:
-        self._session = f"inprocess:{next(_ids)}"
+        # "host:port" as Mooncake's, on loopback: an encoder accepts a session only on
+        # the connecting peer's own address.
+        self._session = f"127.0.0.1:{next(_ids)}"
         self._regions: list[tuple[int, int]] = []
         self.calls = 0
         _REGISTRY[self._session] = self
@@ -31,7 +33,9 @@ class InProcessTransport(Transport):
     def _owns(self, ptr: int, nbytes: int) -> bool:
         return any(start <= ptr and ptr + nbytes <= start + size for start, size in self._regions)
 
-    def write(self, target_session: str, entries: Sequence[WriteEntry]) -> None:
+    def write(
+        self, target_session: str, entries: Sequence[WriteEntry], timeout: float | None = None
+    ) -> None:
         self.calls += 1
         peer = _REGISTRY.get(target_session)
         if peer is None:

@@ -11,7 +11,11 @@ TransferEngine (tcp, 127.0.0.1) and executes commands concurrently:
                                 write, as from an overloaded or stalled peer)
     ("corrupt_next_write",)     sender: its next write sends one byte other than the one
                                 it checksummed (a bit flipped on the way)
-    ("state",)                  -> {"used", "free", "fenced", "rooms", "metrics": text}
+    ("checksums", blocks, tokens)  -> the pool's checksums of those blocks (what landed)
+    ("changed_after_free",)     with watch_frees: the blocks whose bytes changed after they
+                                were freed (and before they were taken again): a late write
+    ("state",)                  -> {"used", "free", "fenced", "rooms", "parked", "calls",
+                                "unsettled", "metrics": text}
 A peer can be told to die (os._exit) right after its first chunk, to inject faults.
 """
 
@@ -25,6 +29,7 @@ import itertools
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
@@ -56,8 +61,9 @@ def _peer_main(
     conn: Connection,
     die: bool,
     device: str,
+    watch_frees: bool,
 ) -> None:
-    asyncio.run(_peer(role, layout, settings, conn, die, device))
+    asyncio.run(_peer(role, layout, settings, conn, die, device, watch_frees))
 
 
 async def _peer(
@@ -67,6 +73,7 @@ async def _peer(
     conn: Connection,
     die: bool,
     device: str,
+    watch_frees: bool,
 ) -> None:
     from prometheus_client import generate_latest
 
@@ -84,7 +91,7 @@ async def _peer(
         delay_next = 0.0
         corrupt_next = False
 
-        def write(self, target_session: str, entries: Any) -> None:
+        def write(self, target_session: str, entries: Any, timeout: float | None = None) -> None:
             delay, StallableTransport.delay_next = StallableTransport.delay_next, 0.0
             if delay:
                 time.sleep(delay)  # on the write thread, as a stalled write would
@@ -92,7 +99,7 @@ async def _peer(
                 StallableTransport.corrupt_next = False
                 flipped = ctypes.c_uint8.from_address(entries[0].src_ptr + 40)  # an embedding
                 flipped.value ^= 0x10
-            super().write(target_session, entries)
+            super().write(target_session, entries, timeout)
 
     transport = StallableTransport("127.0.0.1", "tcp")
     buffers = MultimodalDataBuffers(layout, device=device)
@@ -105,6 +112,26 @@ async def _peer(
         node = EmbeddingReceiver(buffers, transport, settings, on_chunk_received=hook)
         node.start()
         conn.send(("ready", transport.session_id))
+    # With watch_frees: each freed block's bytes as they were when it was freed, until it
+    # is taken again.
+    freed: dict[int, torch.Tensor] = {}
+    if watch_frees:
+        allocator, rows = node.allocator, layout.block_tokens
+        alloc, free = allocator.alloc, allocator.free
+
+        def watched_alloc(count: int) -> list[int]:
+            blocks = alloc(count)
+            for block in blocks:
+                freed.pop(block, None)
+            return blocks
+
+        def watched_free(blocks: Sequence[int]) -> None:
+            for block in blocks:
+                freed[block] = buffers.arena[block * rows : (block + 1) * rows].clone()
+            free(blocks)
+
+        allocator.alloc = watched_alloc  # type: ignore[method-assign]
+        allocator.free = watched_free  # type: ignore[method-assign]
 
     async def run(cmd_id: int, cmd: tuple[Any, ...]) -> None:
         try:
@@ -138,13 +165,26 @@ async def _peer(
             elif cmd[0] == "corrupt_next_write":
                 StallableTransport.corrupt_next = True
                 result = ("ok", None)
+            elif cmd[0] == "checksums":
+                result = ("ok", buffers.checksums(list(range(cmd[1])), cmd[2]))
+            elif cmd[0] == "changed_after_free":
+                rows = layout.block_tokens
+                changed = [
+                    block
+                    for block, then in sorted(freed.items())
+                    if not torch.equal(buffers.arena[block * rows : (block + 1) * rows], then)
+                ]
+                result = ("ok", changed)
             elif cmd[0] == "state":
+                sender = node if isinstance(node, EmbeddingSender) else None
                 state = {
-                    "fenced": node.fenced_blocks if isinstance(node, EmbeddingReceiver) else 0,
+                    "fenced": node.fenced_blocks,
                     "used": node.allocator.used_blocks,
                     "free": node.allocator.free_blocks,
-                    "rooms": node.rooms if isinstance(node, EmbeddingSender) else 0,
+                    "rooms": sender.rooms if sender is not None else 0,
+                    "parked": sender.parked if sender is not None else 0,
                     "calls": transport.calls,
+                    "unsettled": transport.unsettled,
                     "metrics": generate_latest(node.metrics.registry).decode(),
                 }
                 result = ("ok", state)
@@ -178,11 +218,14 @@ class Peer:
         *,
         die: bool = False,
         device: str = "cpu",
+        watch_frees: bool = False,
     ) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.process = ctx.Process(
-            target=_peer_main, args=(role, layout, settings, child, die, device), daemon=True
+            target=_peer_main,
+            args=(role, layout, settings, child, die, device, watch_frees),
+            daemon=True,
         )
         self._ids = itertools.count()
         self._pending: dict[int, tuple[Any, ...]] = {}

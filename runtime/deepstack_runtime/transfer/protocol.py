@@ -9,13 +9,17 @@ Newline-delimited JSON over one TCP connection per room:
     receiver -> sender  done                                   sender frees its blocks
     either way          error   {reason, message}
 
-A closed connection means the peer is gone: both sides free their blocks.
+The sender sends `error` only once no write of the room can land any more (Mooncake
+reported its last one final): the receiver may then reuse its blocks at once. A
+connection that ends without it proves nothing about writes still under way: the
+receiver keeps the blocks fenced for the write timeout first (receiver.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import re
 from typing import Any
@@ -38,6 +42,40 @@ def check_room(room: object) -> str:
     return room
 
 
+def host_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IP address as one value whatever its spelling: brackets, zone and the IPv4 form
+    of an IPv4-mapped IPv6 address (a dual-stack socket reports IPv4 peers so) removed.
+    Raises ValueError for what is not an IP address."""
+    ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def check_session(session: object, peer: str) -> str:
+    """A hello's Mooncake session ("host:port"), which must name the connecting peer
+    itself: the encoder writes wherever the session says, so that a pod could otherwise
+    aim its writes into another pod's pool."""
+    host, _, port = session.rpartition(":") if isinstance(session, str) else ("", "", "")
+    if not host or not port.isdigit():
+        raise TransferError(FailureReason.BAD_REQUEST, f"hello with a bad session {session!r}")
+    try:
+        same = host_ip(host) == host_ip(peer)
+    except ValueError:
+        raise TransferError(
+            FailureReason.BAD_REQUEST,
+            f"hello's session host {host!r} is not an IP address (it must be the receiver's own)",
+        ) from None
+    if not same:
+        raise TransferError(
+            FailureReason.BAD_REQUEST,
+            f"hello's session host {host} is not the connecting peer {peer}: a receiver "
+            "may only ask for writes into its own memory",
+        )
+    assert isinstance(session, str)
+    return session
+
+
 def encode(op: str, **fields: Any) -> bytes:
     """One message, as it goes on the wire."""
     return json.dumps({"op": op, **fields}, separators=(",", ":")).encode() + b"\n"
@@ -51,7 +89,10 @@ async def send(writer: asyncio.StreamWriter, op: str, **fields: Any) -> None:
         raise TransferError(FailureReason.PEER_LOST, f"control connection failed: {e}") from e
 
 
-async def receive(reader: asyncio.StreamReader, timeout: float, waiting_for: str) -> Message:
+async def receive(reader: asyncio.StreamReader, timeout: float | None, waiting_for: str) -> Message:
+    """The next message (`timeout` None: however long it takes). Raises TransferError:
+    the peer's own `error` (from_peer), PEER_LOST when the connection ends, TIMEOUT,
+    BAD_REQUEST for a malformed line."""
     try:
         async with asyncio.timeout(timeout):  # (3.11's wait_for can swallow a cancel)
             line = await reader.readline()

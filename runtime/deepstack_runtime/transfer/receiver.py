@@ -3,10 +3,14 @@ side to resume into newly allocated blocks until the whole sequence is in place.
 
 A receipt goes CONNECTING -> RECEIVING (waiting for a chunk) <-> RESUMING (allocating
 more, asking for it) -> DONE, or FAILED (timeout, abort, cancellation, peer lost). The
-fence: after a failure while the encoder may still be writing, the blocks are freed only
-once the encoder closes the control connection, which it does only when no write of its
-can still be in flight (sender.py); until then they count as `fenced`. A closed
-connection or a dead encoder process frees them at once.
+fence: after a failure while the encoder may still be writing (RECEIVING), the blocks
+count as `fenced` and are freed only once the encoder says that none of its writes can
+land any more: its `error`, which it sends only after Mooncake reported its last write
+final (sender.py). A connection that ends without that word (the encoder died, or the
+connection broke) does not prove that the encoder stopped writing: the blocks stay
+fenced for the write timeout (`write_timeout`, plus one second per GB of the chunk, as
+Mooncake counts), then are freed. Between rounds (RESUMING) nothing can be written, and
+a failure frees the blocks at once.
 
 Allocation cannot deadlock: when the sequence length is known (the language side knows it
 from the prompt), a receipt is admitted only once the pool can hold all of it, in arrival
@@ -52,6 +56,7 @@ class _Receipt:
     room: str
     state: ReceiptState = ReceiptState.CONNECTING
     reserved: int = 0  # blocks admitted for it and not yet taken
+    writable: int = 0  # bytes the encoder may be writing now (the blocks of this round)
 
 
 class EmbeddingReceiver:
@@ -167,7 +172,8 @@ class EmbeddingReceiver:
             receipt.state = ReceiptState.FAILED if failure is not None else ReceiptState.DONE
             if failure is not None:
                 self.metrics.record_failure(failure.reason)
-                self._release(held, reader, writer, failure, writing_possible)
+                wait_out = self.settings.write_deadline(receipt.writable)
+                self._release(held, reader, writer, failure, writing_possible, wait_out)
             elif writer is not None:
                 writer.close()  # done: the blocks are the lease's now
 
@@ -178,26 +184,29 @@ class EmbeddingReceiver:
         writer: asyncio.StreamWriter | None,
         failure: TransferError,
         writing_possible: bool,
+        wait_out: float,
     ) -> None:
         """After a failure: free the blocks now when no write can land in them any more
-        (between rounds, or the encoder's side of the connection is gone); else tell the
-        encoder and free them when it closes the connection (the fence)."""
+        (between rounds, or the encoder said so with its error); else fence them until
+        the encoder says so, or for `wait_out` seconds once the connection ended."""
         if writer is None or reader is None:
             self._free(held)
             return
-        gone = reader.at_eof() or failure.from_peer or failure.reason is FailureReason.PEER_LOST
-        if gone or not writing_possible:
+        ended = reader.at_eof() or failure.reason is FailureReason.PEER_LOST
+        if not writing_possible or failure.from_peer:
             self._free(held)
-            if not gone:
+            if ended or failure.from_peer:
+                writer.close()
+            else:
                 task = asyncio.get_running_loop().create_task(self._tell(writer, failure))
                 self._fences.add(task)
                 task.add_done_callback(self._fences.discard)
-            else:
-                writer.close()
             return
         self._fenced += len(held)
         self.metrics.set_fenced(self._fenced)
-        task = asyncio.get_running_loop().create_task(self._fence(held, reader, writer, failure))
+        task = asyncio.get_running_loop().create_task(
+            self._fence(held, reader, writer, failure, wait_out, ended)
+        )
         self._fences.add(task)
         task.add_done_callback(self._fences.discard)
 
@@ -207,17 +216,34 @@ class EmbeddingReceiver:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         failure: TransferError,
+        wait_out: float,
+        ended: bool,
     ) -> None:
         try:
-            await protocol.send_error_quietly(writer, failure)
-            with contextlib.suppress(OSError, ValueError):
-                while await reader.read(1 << 16):  # until the encoder closes it
-                    pass
+            final = False
+            if not ended:
+                await protocol.send_error_quietly(writer, failure)
+                final = await self._hear_final(reader)
+            if not final:  # the encoder may be writing still, for all we know
+                await asyncio.sleep(wait_out)
         finally:
             self._fenced -= len(held)
             self.metrics.set_fenced(self._fenced)
             self._free(held)
             writer.close()
+
+    @staticmethod
+    async def _hear_final(reader: asyncio.StreamReader) -> bool:
+        """Listen until the encoder's error (True: its writes are final) or the end of
+        the connection (False); a notice of the write we gave up on may come first."""
+        while True:
+            try:
+                await protocol.receive(reader, None, "the encoder's error")
+            except TransferError as e:
+                if e.from_peer or e.reason is FailureReason.PEER_LOST:
+                    return e.from_peer
+            except OSError:
+                return False
 
     @staticmethod
     async def _tell(writer: asyncio.StreamWriter, failure: TransferError) -> None:
@@ -232,8 +258,8 @@ class EmbeddingReceiver:
             self._freed.set()
 
     async def close(self) -> None:
-        """Wait (up to the transfer timeout) for the fences still up: their encoders close
-        their connections once their writes are over."""
+        """Wait (up to the transfer timeout) for the fences still up: their encoders say
+        when their writes are over."""
         if self._fences:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.transfer_timeout):
@@ -349,6 +375,8 @@ class EmbeddingReceiver:
     ) -> int:
         """Run the rounds until the whole sequence is in `held` (in order); its length."""
         room = receipt.room
+        block_bytes = self.layout.token_bytes * self.layout.block_tokens
+        receipt.writable = len(held) * block_bytes
         receipt.state = ReceiptState.RECEIVING  # from the hello on, the encoder may write
         await protocol.send(
             writer,
@@ -386,8 +414,9 @@ class EmbeddingReceiver:
                 raise TransferError(
                     FailureReason.BAD_REQUEST, f"bad chunk {msg} for {len(held)} blocks"
                 )
-            if self.settings.checksum:
-                self._verify(chunk_blocks, tokens, msg.get("checksums"))
+            sent = msg.get("checksums")
+            if self.settings.checksum and sent != []:  # [] from an encoder that has them off
+                self._verify(chunk_blocks, tokens, sent)
             if self._on_chunk_received is not None:
                 self._on_chunk_received(room, round_no)
             received += tokens
@@ -410,6 +439,7 @@ class EmbeddingReceiver:
             self.metrics.resumptions.inc()
             chunk_blocks = await self._take(receipt, needed)
             held += chunk_blocks
+            receipt.writable = len(chunk_blocks) * block_bytes
             receipt.state = ReceiptState.RECEIVING
             await protocol.send(writer, "resume", offset=received, blocks=chunk_blocks)
             waiting = self.settings.resume_timeout

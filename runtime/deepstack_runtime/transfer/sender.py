@@ -4,9 +4,21 @@ writes them into the receiver's blocks, in as many rounds as the receiver needs.
 A room goes WAITING (submitted, no receiver yet) -> SENDING (a write in flight) <->
 AWAITING (the receiver has the chunk; resume or done?) -> DONE, or FAILED from any state
 (timeout, abort from either side, peer lost). The fence: a room's blocks are freed, and
-its control connection closed, only once no write of it can still be in flight, so a
-write can never land in receiver blocks that were freed and reused. The receiver frees
-its blocks when it sees the connection close (see receiver.py).
+its receiver told why (an `error`, then the connection closed), only once Mooncake has
+reported its last write final, completed or failed, so that a write can never land in
+receiver blocks that were freed and reused, nor read sender blocks reused meanwhile. A
+write not final within its deadline (`write_timeout`) fails its room at once, but its
+blocks stay `fenced` until it is final, however long that takes: Mooncake keeps such a
+write going (a stalled tcp write lands in full once its receiver runs again). So an
+`error` from the sender always means that no write of the room can land any more; the
+receiver frees its blocks when it hears one (see receiver.py).
+
+The bootstrap port takes only what it can afford: a hello is checked whole (room,
+session, layout, region, blocks) before anything is allocated for it; its session host
+must be the connecting peer's own address (else a pod could aim the writes into another
+pod's pool); one peer address may hold at most `max_queued + num_blocks` connections
+(waiting rooms plus one per block that a room being sent can hold) and wait for at most
+`max_queued` rooms not yet submitted.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from deepstack_runtime.buffers import BufferLayout, MultimodalDataBuffers, Multi
 from deepstack_runtime.errors import FailureReason, TransferError
 from deepstack_runtime.metrics import ChunkStats, TransferMetrics
 from deepstack_runtime.transfer import protocol
-from deepstack_runtime.transfer.base import Transport
+from deepstack_runtime.transfer.base import Transport, UnsettledWrite
 from deepstack_runtime.transfer.check import check_item, is_check_room
 from deepstack_runtime.transfer.plan import RegionInfo, WriteEntry, plan_chunk, region_of
 from deepstack_runtime.transfer.settings import TransferSettings
@@ -56,6 +68,7 @@ class _Room:
     claimed: bool = False
     aborted: str = ""  # why, when this side gave up on the room
     writing: Future[bytes] | None = None  # the write in flight, if any (the fence)
+    fenced: bool = False  # its last write missed its deadline and is not yet final
     sending: int = 0  # tokens of that write
     task: asyncio.Task[None] | None = None  # serving its receiver
     expiry: asyncio.TimerHandle | None = None
@@ -78,6 +91,7 @@ class _Target:
     session: str
     region: RegionInfo
     blocks: list[int]  # where the first round goes
+    peer: str  # the connecting address
     writer: asyncio.StreamWriter
     task: asyncio.Task[None] | None  # the connection's serving task
     entry: _Room | None = None  # the room, once claimed
@@ -110,6 +124,8 @@ class EmbeddingSender:
         # Receivers whose hello came before their room: submit starts their first write
         # itself, with no hop through the serving task.
         self._parked: dict[str, _Target] = {}
+        self._connections: dict[str, int] = {}  # open bootstrap connections per peer address
+        self._fenced = 0  # blocks of rooms whose last write is not yet final
         self._server: asyncio.Server | None = None
         self._on_chunk_written = on_chunk_written
         self._region = region_of(buffers)
@@ -155,6 +171,22 @@ class EmbeddingSender:
     @property
     def rooms(self) -> int:
         return len(self._rooms)
+
+    @property
+    def parked(self) -> int:
+        """Receivers waiting for a room not yet submitted."""
+        return len(self._parked)
+
+    @property
+    def fenced_blocks(self) -> int:
+        """Blocks held until their room's last write is final."""
+        return self._fenced
+
+    @property
+    def max_peer_connections(self) -> int:
+        """Bootstrap connections one peer address may hold: its waiting rooms, and one
+        per block, the most rooms being sent that this pool can hold."""
+        return self.settings.max_queued + self.layout.num_blocks
 
     async def reserve(self, room: str, num_tokens: int) -> Reserved | None:
         """Blocks for the item of `room`, lent as views for the encoder to write its rows
@@ -302,23 +334,43 @@ class EmbeddingSender:
     # --- one receiver connection ------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        peer = str(protocol.host_ip(peername[0])) if peername else "?"
+        if self._connections.get(peer, 0) >= self.max_peer_connections:
+            error = TransferError(
+                FailureReason.POOL_EXHAUSTED,
+                f"{peer} already holds {self.max_peer_connections} connections to this "
+                "encoder, the most one peer may",
+            )
+            self.metrics.record_failure(error.reason)
+            await protocol.send_error_quietly(writer, error)
+            writer.close()
+            return
+        self._connections[peer] = self._connections.get(peer, 0) + 1
+        try:
+            await self._serve_peer(peer, reader, writer)
+        finally:
+            self._connections[peer] -= 1
+            if not self._connections[peer]:
+                del self._connections[peer]
+
+    async def _serve_peer(
+        self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         room: str | None = None
         entry: _Room | None = None
         failure: TransferError | None = None
         self.metrics.inflight.inc()
         try:
             hello = await protocol.receive(reader, self.settings.handshake_timeout, "hello")
-            if hello["op"] != "hello":
-                raise TransferError(FailureReason.BAD_REQUEST, f"expected hello, got {hello['op']}")
-            room = protocol.check_room(hello.get("room"))
-            session, dst_region, theirs = self._check_hello(hello)
-            if is_check_room(room) and room not in self._rooms:
-                # A receiver's transfer check: the pattern it expects, sent as any item.
-                await self.submit(room, check_item(self.layout, room))
-            dst_blocks = protocol.int_list(hello, "blocks", limit=theirs.num_blocks)
-            target = _Target(session, dst_region, dst_blocks, writer, asyncio.current_task())
+            room, session, dst_region, dst_blocks, theirs = self._check_hello(hello, peer)
+            target = _Target(session, dst_region, dst_blocks, peer, writer, asyncio.current_task())
             if room not in self._rooms and room not in self._parked:
-                self._parked[room] = target
+                if is_check_room(room):
+                    # A receiver's transfer check: the pattern it expects, sent as any item.
+                    await self.submit(room, check_item(self.layout, room))
+                else:
+                    self._park(room, target)
             try:
                 found, heard = await self._wait_for_room_or_abort(room, reader)
             finally:
@@ -360,15 +412,26 @@ class EmbeddingSender:
                 if failure is not None:
                     self.metrics.record_failure(failure.reason)
                     if failure.reason is not FailureReason.PEER_LOST:
+                        # Only now: an error tells the receiver that no write can land.
                         await protocol.send_error_quietly(writer, failure)
             finally:  # even when cancelled while telling the receiver why
                 if entry is not None and room is not None:
                     self._drop(room, failure)
                 self.metrics.inflight.dec()
-                # Only now may the receiver reuse its blocks: no write of ours is in flight.
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
+
+    def _park(self, room: str, target: _Target) -> None:
+        """Let `target` wait for its room, within its peer's share."""
+        waiting = sum(1 for t in self._parked.values() if t.peer == target.peer)
+        if waiting >= self.settings.max_queued:
+            raise TransferError(
+                FailureReason.POOL_EXHAUSTED,
+                f"{target.peer} already waits for {waiting} rooms not yet submitted to this "
+                "encoder, the most one peer may",
+            )
+        self._parked[room] = target
 
     @staticmethod
     def _claim(entry: _Room, target: _Target) -> None:
@@ -405,10 +468,11 @@ class EmbeddingSender:
             raise TransferError(FailureReason.BAD_REQUEST, f"unexpected {heard['op']}")
         return waiting.result(), heard
 
-    @staticmethod
-    async def _fence(entry: _Room) -> None:
-        """Wait until the room's write in flight, if any, has finished."""
+    async def _fence(self, entry: _Room) -> None:
+        """Wait until the room's write in flight, if any, is final: done, failed, or
+        past its deadline and then reported final by the transport."""
         pending = entry.writing
+        settled = None
         while pending is not None and not pending.done():
             try:
                 await asyncio.shield(asyncio.wrap_future(pending))
@@ -416,6 +480,23 @@ class EmbeddingSender:
                 continue  # cancelled again: the write still has to end first
             except Exception:
                 break
+        if pending is not None and pending.done() and not pending.cancelled():
+            error = pending.exception()
+            if isinstance(error, UnsettledWrite):
+                settled = error.settled
+        if settled is None or settled.done():
+            return
+        entry.fenced = True
+        self._fenced += len(entry.blocks)
+        self.metrics.set_fenced(self._fenced)
+        try:
+            while not settled.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(asyncio.wrap_future(settled))
+        finally:
+            entry.fenced = False
+            self._fenced -= len(entry.blocks)
+            self.metrics.set_fenced(self._fenced)
 
     def _write_then_tell(
         self,
@@ -435,7 +516,8 @@ class EmbeddingSender:
         SENDING nothing else writes to its connection, and `fd` is this write's own
         duplicate of the connection's descriptor."""
         try:
-            self.transport.write(session, entries)
+            nbytes = sum(e.nbytes for e in entries)
+            self.transport.write(session, entries, self.settings.write_deadline(nbytes))
             self.metrics.record_chunk(chunk)  # prometheus_client counters are thread-safe
             if self._on_chunk_written is not None:
                 self._on_chunk_written(room, round_no)
@@ -452,10 +534,15 @@ class EmbeddingSender:
             if fd >= 0:
                 os.close(fd)
 
-    def _check_hello(self, hello: protocol.Message) -> tuple[str, RegionInfo, BufferLayout]:
-        session = hello.get("session")
-        if not isinstance(session, str) or not session:
-            raise TransferError(FailureReason.BAD_REQUEST, "hello without a session id")
+    def _check_hello(
+        self, hello: protocol.Message, peer: str
+    ) -> tuple[str, str, RegionInfo, list[int], BufferLayout]:
+        """The whole hello, checked before anything is allocated for it: (room, session,
+        region, first blocks, the receiver's layout)."""
+        if hello["op"] != "hello":
+            raise TransferError(FailureReason.BAD_REQUEST, f"expected hello, got {hello['op']}")
+        room = protocol.check_room(hello.get("room"))
+        session = protocol.check_session(hello.get("session"), peer)
         try:
             theirs = BufferLayout(**hello["layout"])
         except (KeyError, TypeError, ValueError) as e:
@@ -475,7 +562,8 @@ class EmbeddingSender:
             raise TransferError(
                 FailureReason.LAYOUT_MISMATCH, "the receiver's blocks are sized differently"
             )
-        return session, region, theirs
+        blocks = protocol.int_list(hello, "blocks", limit=theirs.num_blocks)
+        return room, session, region, blocks, theirs
 
     def _start_round(
         self,
