@@ -16,6 +16,10 @@ PROTOCOLS = ("tcp", "rdma")
 DTYPES = ("bfloat16", "float16", "float32")
 
 HTTP_PORT = 8000  # every runtime server's API port inside the pod
+# Mooncake's own range for the ports it listens on (its handshake RPC port and, over
+# tcp, its data port); it refuses ports of Linux's ephemeral range.
+MOONCAKE_PORTS = (15000, 17000)
+EPHEMERAL_PORTS = (32768, 60999)
 CONFIG_DIR = "/etc/deepstack"
 CONFIG_FILE = "config.json"
 # The version of the messages the router, encode and language pods exchange
@@ -60,9 +64,14 @@ class TransferConfig:
     bootstrap_port: int = 8998
     handshake_timeout_seconds: int = 10
     transfer_timeout_seconds: int = 60
+    # One Mooncake write (also MC_TRANSFER_TIMEOUT); None: half of transfer_timeout_seconds.
+    write_timeout_seconds: int | None = None
     max_queued_requests: int = 64
     resume_max_rounds: int = 8
     resume_timeout_seconds: int = 30
+    checksum: bool = True
+    mooncake_min_port: int = MOONCAKE_PORTS[0]
+    mooncake_max_port: int = MOONCAKE_PORTS[1]
 
 
 @dataclass(frozen=True)
@@ -109,11 +118,30 @@ class RuntimeConfig:
             raise ConfigError(f"deepstack.dtype must be one of {DTYPES}")
         if self.transfer.default_allocation_tokens % self.transfer.block_tokens:
             raise ConfigError("transfer.defaultAllocationTokens must be a multiple of blockTokens")
+        t = self.transfer
+        if (t.write_timeout_seconds or 0) >= t.transfer_timeout_seconds:
+            raise ConfigError(
+                "transfer.writeTimeoutSeconds must be below transfer.transferTimeoutSeconds"
+            )
         ports = {self.http_port, self.metrics_port, self.transfer.bootstrap_port}
         if len(ports) != 3:
             raise ConfigError(
                 f"ports must differ: http {self.http_port}, metrics {self.metrics_port}, "
                 f"bootstrap {self.transfer.bootstrap_port}"
+            )
+        low, high = t.mooncake_min_port, t.mooncake_max_port
+        if not 1024 <= low < high <= 65535 or any(
+            EPHEMERAL_PORTS[0] <= p <= EPHEMERAL_PORTS[1] for p in (low, high)
+        ):
+            raise ConfigError(
+                f"transfer.mooncakePorts {low}-{high}: at least two ports in 1024-65535, "
+                f"neither end in {EPHEMERAL_PORTS[0]}-{EPHEMERAL_PORTS[1]} (Mooncake "
+                "ignores such a range)"
+            )
+        if any(low <= p <= high for p in ports):
+            raise ConfigError(
+                f"transfer.mooncakePorts {low}-{high} must not hold the http, metrics or "
+                "bootstrap port"
             )
 
     # --- the embedding contract ---------------------------------------------------------
@@ -189,6 +217,7 @@ class RuntimeConfig:
             spec.get("transfer", {}),
         )
         resumption = transfer.get("resumption", {})
+        mooncake_ports = transfer.get("mooncakePorts", {})
         router = spec.get("router", {})
         router_port = router.get("port", 8000)
         return cls(
@@ -214,9 +243,13 @@ class RuntimeConfig:
                 bootstrap_port=transfer.get("bootstrapPort", 8998),
                 handshake_timeout_seconds=transfer.get("handshakeTimeoutSeconds", 10),
                 transfer_timeout_seconds=transfer.get("transferTimeoutSeconds", 60),
+                write_timeout_seconds=transfer.get("writeTimeoutSeconds"),
                 max_queued_requests=transfer.get("maxQueuedRequests", 64),
                 resume_max_rounds=resumption.get("maxRounds", 8),
                 resume_timeout_seconds=resumption.get("timeoutSeconds", 30),
+                checksum=transfer.get("checksum", True),
+                mooncake_min_port=mooncake_ports.get("min", MOONCAKE_PORTS[0]),
+                mooncake_max_port=mooncake_ports.get("max", MOONCAKE_PORTS[1]),
             ),
             endpoints=Endpoints(
                 encode_service=f"{name}-encode.{namespace}.svc",

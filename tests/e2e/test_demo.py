@@ -24,6 +24,7 @@ import pytest
 from deepstack_runtime.models.tiny import make_tiny_model
 from tests.support.cluster import Cluster, wait_for
 from tests.support.demo import demo_up
+from tests.support.listening import listening_ports
 from tests.support.metrics import sample, sample_or_zero
 from tests.support.node import NODE_NAME, container_pid, tag_image
 from tests.support.operator import (
@@ -536,6 +537,54 @@ def test_network_policies_let_only_the_needed_flows_through(
         for src, dst, port in flows
     }
     assert seen == flows
+
+
+def test_every_port_a_runtime_pod_listens_on_is_admitted_from_its_peer_group(
+    cluster: Cluster, demo: dict[str, Any]
+) -> None:
+    """What the runtime (Mooncake included) really listens on, read in each pod's own
+    network namespace from the node (/proc/<container pid>/net/tcp{,6}): every listening
+    port of an encode pod is its HTTP or metrics port or one the rendered NetworkPolicy
+    admits from language pods (the bootstrap port, Mooncake's handshake port: over RDMA
+    the receiving side may fetch the sender's segment there), and likewise for a language
+    pod from encode pods; through the enforced policy a language pod does reach each of
+    the encode pod's Mooncake ports."""
+    namespace = demo["namespace"]
+    config = json.loads(
+        get_json(
+            cluster, "-n", namespace, "get", "configmap", config_map_name(cluster, namespace, NAME)
+        )["data"]["config.json"]
+    )
+    http, metrics_port = config["http_port"], config["metrics_port"]
+    transfer = config["transfer"]
+    mooncake = set(range(transfer["mooncake_min_port"], transfer["mooncake_max_port"] + 1))
+    policies = {
+        p["metadata"]["labels"]["disagg.deepstack.dev/role"]: p["spec"]
+        for p in get_json(cluster, "-n", namespace, "get", "networkpolicy")["items"]
+        if p["metadata"]["labels"].get("app.kubernetes.io/instance") == NAME
+    }
+
+    def admitted(role: str, peer: str) -> set[int]:
+        ports: set[int] = set()
+        for rule in policies[role]["ingress"]:
+            sources = [f["podSelector"]["matchLabels"] for f in rule.get("from", [])]
+            if any(labels.get("disagg.deepstack.dev/role") == peer for labels in sources):
+                for p in rule["ports"]:
+                    ports.update(range(p["port"], p.get("endPort", p["port"]) + 1))
+        return ports
+
+    listening = {}
+    for role, peer in (("encode", "language"), ("language", "encode")):
+        pod = pods(cluster, namespace, role)[0]
+        listening[role] = listening_ports(container_pid(pod), own_sockets_only=False)
+        assert listening[role] & mooncake, (role, listening[role])  # Mooncake keeps to it
+        unadmitted = listening[role] - {http, metrics_port} - admitted(role, peer)
+        assert not unadmitted, f"{role} listens on {sorted(unadmitted)}, closed to {peer} pods"
+    (encode,) = pods(cluster, namespace, "encode")
+    language = pods(cluster, namespace, "language")[0]
+    for port in sorted(listening["encode"] & mooncake):
+        assert connects(cluster, namespace, language["metadata"]["name"],
+                        encode["status"]["podIP"], port), port  # fmt: skip
 
 
 def scaled_on_load(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:

@@ -119,6 +119,9 @@ def test_defaults_appear_on_the_stored_object(custom_api: Any, namespace: str) -
     assert transfer["poolBlocks"] == 1024
     assert transfer["maxQueuedRequests"] == 64
     assert transfer["resumption"] == {"maxRounds": 8, "timeoutSeconds": 30}
+    assert transfer["checksum"] is True
+    assert transfer["mooncakePorts"] == {"min": 15000, "max": 17000}
+    assert "writeTimeoutSeconds" not in transfer  # the runtime's: half the transfer timeout
     for role in ("encode", "language"):
         assert spec[role]["replicas"] == 1
         assert spec[role]["tensorParallelSize"] == 1
@@ -404,6 +407,26 @@ INVALID: list[tuple[str, Callable[[Spec], None], str]] = [
             put("spec.transfer.transferTimeoutSeconds", 5),
         ),
         "transfer.transferTimeoutSeconds must be at least transfer.handshakeTimeoutSeconds",
+    ),
+    (
+        "write-timeout-not-below-transfer-timeout",
+        put("spec.transfer.writeTimeoutSeconds", 60),
+        "transfer.writeTimeoutSeconds must be below transfer.transferTimeoutSeconds",
+    ),
+    (
+        "mooncake-ports-one-port",
+        put("spec.transfer.mooncakePorts", {"min": 16000, "max": 16000}),
+        "transfer.mooncakePorts needs at least two ports (min < max)",
+    ),
+    (
+        "mooncake-ports-ephemeral",
+        put("spec.transfer.mooncakePorts", {"min": 30000, "max": 40000}),
+        "transfer.mooncakePorts.min and max must lie outside 32768-60999",
+    ),
+    (
+        "mooncake-ports-hold-the-bootstrap-port",
+        put("spec.transfer.mooncakePorts", {"min": 8990, "max": 9000}),
+        "transfer.mooncakePorts must not hold the runtime's HTTP port (8000)",
     ),
     (
         "block-tokens-zero",

@@ -44,3 +44,36 @@ def test_bad_files_are_clear_errors(
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         RuntimeConfig.from_file(path)
+
+
+def test_transfer_settings_and_mooncake_follow_the_resource() -> None:
+    from deepstack_runtime.servers.workers import transfer_settings
+
+    cr = example("minimal-cpu")
+    cr["spec"]["transfer"].update(
+        checksum=False, writeTimeoutSeconds=20, mooncakePorts={"min": 16000, "max": 16001}
+    )
+    config = RuntimeConfig.from_spec("x", "y", cr["spec"])
+    settings = transfer_settings(config)
+    assert (settings.checksum, settings.write_seconds) == (False, 20)
+    assert (config.transfer.mooncake_min_port, config.transfer.mooncake_max_port) == (16000, 16001)
+    cr["spec"]["transfer"] = {}  # the resource's defaults, as the API server fills them
+    defaults = transfer_settings(RuntimeConfig.from_spec("x", "y", cr["spec"]))
+    assert defaults.checksum
+    assert defaults.write_seconds == defaults.transfer_timeout / 2 == 30
+
+
+@pytest.mark.parametrize(
+    ("transfer", "message"),
+    [
+        ({"writeTimeoutSeconds": 60}, "writeTimeoutSeconds must be below"),
+        ({"mooncakePorts": {"min": 15000, "max": 15000}}, "at least two ports"),
+        ({"mooncakePorts": {"min": 30000, "max": 40000}}, "neither end in 32768-60999"),
+        ({"mooncakePorts": {"min": 8990, "max": 9000}}, "must not hold the http, metrics"),
+    ],
+)
+def test_bad_transfer_settings_are_clear_errors(transfer: dict[str, object], message: str) -> None:
+    cr = example("minimal-cpu")
+    cr["spec"]["transfer"].update(transfer)
+    with pytest.raises(ConfigError, match=message):
+        RuntimeConfig.from_spec("x", "y", cr["spec"])

@@ -75,12 +75,16 @@ def render_autoscalers(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
 
 def render_network_policy(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
     """Ingress to runtime pods: the HTTP API only from the router; encode <-> language
-    traffic only between the two groups (language pods reach the encode bootstrap port;
-    encode pods write into language pods' memory on Mooncake's own ports); metrics from
-    anywhere (Prometheus). Egress is left open: DNS and the model store vary by cluster."""
+    traffic only between the two groups, on the ports it takes: language pods reach the
+    encode bootstrap port, and each group reaches the other's Mooncake ports (encode pods
+    write into language pods' memory; over RDMA, the language side's Mooncake also asks
+    the encode side's Mooncake for its segment when the handshake lacks it); metrics
+    from anywhere (Prometheus). Egress is left open: DNS and the model store vary by
+    cluster."""
     if not spec(cr).get("networkPolicy", {}).get("enabled", True):
         return []
     name = cr_name(cr)
+    t = config.transfer
 
     def pods(role: str) -> dict[str, Any]:
         return {"podSelector": {"matchLabels": names.selector_labels(name, role)}}
@@ -88,6 +92,9 @@ def render_network_policy(cr: Manifest, config: RuntimeConfig) -> list[Manifest]
     def tcp(port: int | str) -> dict[str, Any]:
         return {"protocol": "TCP", "port": port}
 
+    # Mooncake's handshake RPC port and, over tcp, its data port: each picked by Mooncake
+    # within this range (the runtime sets it, and checks that Mooncake kept to it).
+    mooncake = {"protocol": "TCP", "port": t.mooncake_min_port, "endPort": t.mooncake_max_port}
     router_in = {"from": [pods(names.ROUTER)], "ports": [tcp(config.http_port)]}
     metrics_in = {"ports": [tcp(config.metrics_port)]}
     policies = [
@@ -96,12 +103,12 @@ def render_network_policy(cr: Manifest, config: RuntimeConfig) -> list[Manifest]
             "ingress": [
                 router_in,
                 metrics_in,
-                {"from": [pods("language")], "ports": [tcp(config.transfer.bootstrap_port)]},
+                {"from": [pods("language")], "ports": [tcp(t.bootstrap_port), mooncake]},
             ],
         },
         {
             "podSelector": {"matchLabels": names.selector_labels(name, "language")},
-            "ingress": [router_in, metrics_in, {"from": [pods("encode")]}],
+            "ingress": [router_in, metrics_in, {"from": [pods("encode")], "ports": [mooncake]}],
         },
     ]
     return [

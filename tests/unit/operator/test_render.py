@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from syrupy.assertion import SnapshotAssertion
 
+from deepstack_operator import names
 from deepstack_operator.render import Capabilities, render_all
 from deepstack_runtime.config import ConfigError, RuntimeConfig
 from tests.support.crd import EXAMPLES
@@ -175,6 +176,28 @@ def test_router_and_network_policy_can_be_turned_off() -> None:
     assert by_kind(children, "Deployment") == []
     assert by_kind(children, "NetworkPolicy") == []
     assert "tiny-qwen3-vl-moe-router" not in {c["metadata"]["name"] for c in children}
+
+
+def test_the_groups_reach_each_others_mooncake_ports_and_nothing_else() -> None:
+    """Language pods reach the encode pods' bootstrap port and their Mooncake ports (over
+    RDMA the receiving side's Mooncake may ask the sender's for its segment); encode pods
+    reach the language pods' Mooncake ports only (their writes, over tcp); all within
+    transfer.mooncakePorts, which the runtime makes Mooncake keep to."""
+    cr = example("qwen3-vl-moe-rdma")
+    cr["spec"]["transfer"]["mooncakePorts"] = {"min": 16000, "max": 16001}
+    policies = {p["metadata"]["labels"]["disagg.deepstack.dev/role"]: p["spec"]
+                for p in by_kind(render_all(cr), "NetworkPolicy")}  # fmt: skip
+    mooncake = {"protocol": "TCP", "port": 16000, "endPort": 16001}
+
+    def admitted(role: str, peer: str) -> list[dict[str, Any]]:
+        selector = {"podSelector": {"matchLabels": names.selector_labels("qwen3-vl-moe", peer)}}
+        (rule,) = [r for r in policies[role]["ingress"] if r.get("from") == [selector]]
+        ports: list[dict[str, Any]] = rule["ports"]
+        return ports
+
+    bootstrap = cr["spec"]["transfer"]["bootstrapPort"]
+    assert admitted("encode", "language") == [{"protocol": "TCP", "port": bootstrap}, mooncake]
+    assert admitted("language", "encode") == [mooncake]
 
 
 def test_pod_monitor_only_where_its_crd_exists() -> None:
