@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> None:
                 help="how long a request waits for a healthy pair when there is none",
             )
             p.add_argument(
+                "--queue-wait-seconds",
+                type=float,
+                help="how long a request waits for a pair with room when all are busy",
+            )
+            p.add_argument(
                 "--allow-local-files", action="store_true", help="accept file: image URLs"
             )
             p.add_argument(

@@ -18,11 +18,17 @@ import aiohttp
 import pytest
 
 from tests.support.cluster import wait_for
-from tests.support.metrics import sample
+from tests.support.metrics import sample, sample_or_zero
 from tests.support.operator import free_port
-from tests.support.runtime import ServerProcess, get, post, tiny_stack
+from tests.support.runtime import ServerProcess, data_url, get, png, post, tiny_stack
 
-TRANSFER: dict[str, Any] = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 256}
+# Pods that let 256 requests wait: the router may send them that many at once.
+TRANSFER: dict[str, Any] = {
+    "blockTokens": 4,
+    "defaultAllocationTokens": 8,
+    "poolBlocks": 256,
+    "maxQueuedRequests": 256,
+}
 
 
 def text_chat(**extra: Any) -> dict[str, Any]:
@@ -134,7 +140,7 @@ def test_metrics_are_on_the_metrics_port_and_behind_the_keys_on_the_api_port(
 def quick(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A stack whose pods must answer within 5 s (transfer 3 s + handshake 2 s)."""
     with tiny_stack(
-        tmp_path, transferTimeoutSeconds=3, handshakeTimeoutSeconds=2, **TRANSFER
+        tmp_path, **{**TRANSFER, "transferTimeoutSeconds": 3, "handshakeTimeoutSeconds": 2}
     ) as servers:
         yield servers
 
@@ -185,3 +191,73 @@ def test_a_language_pod_that_goes_silent_is_a_504_and_an_error_event(
     assert (
         sample(metrics, "deepstack_router_leg_failures_total", role="language", kind="timeout") == 2
     )
+
+
+def image_chat(**extra: Any) -> dict[str, Any]:
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(png(64, 48, (10, 200, 30)))}},
+        {"type": "text", "text": "Describe the image."},
+    ]
+    return {**text_chat(**extra), "messages": [{"role": "user", "content": content}]}
+
+
+async def send_all(url: str, bodies: list[dict[str, Any]], watch: Any = None) -> list[Any]:
+    """POST the bodies one after another (50 ms apart), all in flight together; calls
+    `watch()` every 100 ms until all are answered: [(status, headers, body)]."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+
+        async def one(body: dict[str, Any]) -> tuple[int, Any, Any]:
+            async with client.post(url, json=body) as r:
+                return r.status, r.headers, await r.json(content_type=None)
+
+        tasks = []
+        for body in bodies:
+            tasks.append(asyncio.create_task(one(body)))
+            await asyncio.sleep(0.05)
+        while not all(t.done() for t in tasks):
+            if watch is not None:
+                watch()
+            await asyncio.sleep(0.1)
+        return [t.result() for t in tasks]
+
+
+def test_the_router_gives_each_pod_no_more_than_its_queue_holds(tmp_path: Path) -> None:
+    """Pods that let 2 requests wait: 12 image requests at once all succeed, the router
+    holding the others back in arrival order (never more than 2 on a pod, so no pod
+    refuses one after the vision tower ran)."""
+    transfer = {**TRANSFER, "maxQueuedRequests": 2}
+    with tiny_stack(tmp_path, "--queue-wait-seconds", "120", **transfer) as stack:
+        router, language = stack["router"], stack["language"]
+        seen: list[float] = []
+
+        def watch() -> None:
+            text = language.metrics()
+            seen.append(sample(text, "deepstack_requests_inflight", role="language"))
+
+        bodies = [image_chat(max_tokens=48, ignore_eos=True) for _ in range(12)]
+        results = asyncio.run(send_all(f"{router.url}/v1/chat/completions", bodies, watch))
+        assert [status for status, _, _ in results] == [200] * 12, results
+        assert max(seen) == 2, seen
+        for server in (language, stack["encode"]):
+            refused = sample_or_zero(
+                server.metrics(), "deepstack_requests_total", role=server.role,
+                route="/v1/generate" if server.role == "language" else "/v1/encode", code="503",
+            )  # fmt: skip
+            assert refused == 0
+
+
+def test_a_request_that_waits_too_long_for_room_is_a_503_with_retry_after(
+    tmp_path: Path,
+) -> None:
+    transfer = {**TRANSFER, "maxQueuedRequests": 1}
+    with tiny_stack(tmp_path, "--queue-wait-seconds", "1", **transfer) as stack:
+        url = f"{stack['router'].url}/v1/chat/completions"
+        bodies = [text_chat(max_tokens=256, ignore_eos=True) for _ in range(4)]
+        results = asyncio.run(send_all(url, bodies))
+        statuses = [status for status, _, _ in results]
+        assert statuses[0] == 200
+        busy = [(headers, body) for status, headers, body in results if status == 503]
+        assert busy, statuses
+        for headers, body in busy:
+            assert int(headers["Retry-After"]) >= 1
+            assert "is busy (1 x 1 requests)" in body["error"]["message"]

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
 from prometheus_client.exposition import generate_latest
 
 log = logging.getLogger(__name__)
@@ -161,6 +168,8 @@ class Server:
 
     def __post_init__(self) -> None:
         self.metrics = ServingMetrics(self.registry, self.role)
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds, ...
+        ProcessCollector(registry=self.registry)
         self.idle.set()
 
     def tracked(self, route: str, handler: Handler) -> Handler:

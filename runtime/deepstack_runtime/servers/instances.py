@@ -4,9 +4,14 @@ probed (`/health`), taken out of rotation and brought back, and picked per reque
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import socket
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,36 +144,177 @@ class Pool:
     def healthy(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.healthy]
 
-    def pick(self, contracts: set[str], avoid: frozenset[str] = frozenset()) -> Instance | None:
-        """Of the instances serving one of `contracts` (and not in `avoid`): least
-        in-flight; among equals, the one picked longest ago (round robin)."""
-        healthy = [i for i in self.healthy() if i.contract in contracts and i.url not in avoid]
-        if not healthy:
-            return None
-        chosen = min(healthy, key=lambda i: (i.inflight, i.picked, i.url))
+    def pick(self, candidates: list[Instance]) -> Instance:
+        """Of `candidates` (of this pool): least in flight; among equals, the one picked
+        longest ago (round robin)."""
+        chosen = min(candidates, key=lambda i: (i.inflight, i.picked, i.url))
         self._sequence += 1
         chosen.picked = self._sequence
         return chosen
 
 
-def pick_pair(
-    language: Pool,
-    encode: Pool,
-    with_encoder: bool,
-    contract: str,
-    avoid: frozenset[str] = frozenset(),
-) -> tuple[Instance | None, Instance | None, str]:
-    """(language instance, encode instance or None, why not) for one request.
+@dataclass(frozen=True)
+class Pair:
+    """The instances one request runs on (no encoder for a text-only prompt)."""
 
-    Only pods of this router's own contract: the prompt was tokenized with its model, and
-    an image's embeddings only ever move between pods of one contract. (While a paired
-    rollout runs two contracts are live; each router serves the one it was made for.)"""
-    chosen = language.pick({contract}, avoid)
-    if chosen is None:
-        return None, None, f"no healthy language instance of contract {contract}"
-    if not with_encoder:
-        return chosen, None, ""
-    encoder = encode.pick({contract}, avoid)
-    if encoder is None or not encoder.bootstrap:
-        return None, None, f"no healthy encode instance of contract {contract}"
-    return chosen, encoder, ""
+    language: Instance
+    encoder: Instance | None
+
+
+class Unavailable(Exception):
+    """No pair can take a request now: the message says why; `retry_after` (seconds)
+    when a client should come back."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+# How long a burst of completions is remembered, to tell a client when to come back.
+THROUGHPUT_WINDOW_SECONDS = 10.0
+MAX_RETRY_AFTER_SECONDS = 30
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A request waiting for a pair; `why` it has none yet (`busy`: all it may use are
+    full, rather than none healthy)."""
+
+    with_encoder: bool
+    avoid: frozenset[str]
+    granted: asyncio.Future[Pair]
+    why: str = ""
+    busy: bool = False
+
+
+class Fleet:
+    """Both roles' pools, refreshed by one health loop, and the pairs requests run on.
+
+    Only instances of the router's own contract serve: the prompt was tokenized with its
+    model, and an image's embeddings only ever move between pods of one contract. (While
+    a paired rollout runs, two contracts are live; each router serves the one it was made
+    for.) Each instance takes at most `per_instance` requests at once from this router,
+    the pods' own queue bound: a request that finds every pair busy waits, in arrival
+    order, for one to free up (up to `queue_wait` seconds), so that the pods are never
+    given more than they take, and no request is refused by a pod after work was spent
+    on it. With no healthy pair at all it waits up to `instance_wait` seconds (a pod
+    restarting, a probe that has not passed yet)."""
+
+    def __init__(
+        self,
+        pools: dict[str, Pool],
+        contract: str,
+        *,
+        per_instance: int,
+        instance_wait: float,
+        queue_wait: float,
+        health_interval: float,
+    ) -> None:
+        self.pools = pools
+        self.contract = contract
+        self.per_instance = per_instance
+        self.instance_wait = instance_wait
+        self.queue_wait = queue_wait
+        self.health_interval = health_interval
+        self._waiters: deque[_Waiter] = deque()  # in arrival order
+        self._completions: deque[float] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def run(self, session: aiohttp.ClientSession, before_round: Callable[[], None]) -> None:
+        """The health loop: look up and probe both pools, again and again."""
+        while True:
+            before_round()
+            await asyncio.gather(*(p.refresh(session) for p in self.pools.values()))
+            self._dispatch()
+            await asyncio.sleep(self.health_interval)
+
+    def _ours(self, role: str, avoid: frozenset[str]) -> list[Instance]:
+        pool = self.pools[role]
+        return [i for i in pool.healthy() if i.contract == self.contract and i.url not in avoid]
+
+    def _pick(self, with_encoder: bool, avoid: frozenset[str]) -> tuple[Pair | None, str, bool]:
+        """(a pair with room, or None with why not and whether it is only busy)."""
+        roles = ("language", "encode") if with_encoder else ("language",)
+        chosen: dict[str, Instance] = {}
+        for role in roles:
+            healthy = self._ours(role, avoid)
+            if role == "encode":
+                healthy = [i for i in healthy if i.bootstrap]
+            if not healthy:
+                return None, f"no healthy {role} instance of contract {self.contract}", False
+            free = [i for i in healthy if i.inflight < self.per_instance]
+            if not free:
+                return None, (
+                    f"every {role} instance of contract {self.contract} is busy "
+                    f"({len(healthy)} x {self.per_instance} requests)"
+                ), True  # fmt: skip
+            chosen[role] = self.pools[role].pick(free)
+        return Pair(chosen["language"], chosen.get("encode")), "", False
+
+    def _dispatch(self) -> None:
+        """Give pairs to the waiters that can have one now, in arrival order (one that
+        needs what is full does not hold back one that does not)."""
+        for waiter in list(self._waiters):
+            if waiter.granted.done():  # gave up meanwhile
+                self._waiters.remove(waiter)
+                continue
+            pair, waiter.why, waiter.busy = self._pick(waiter.with_encoder, waiter.avoid)
+            if pair is not None:
+                pair.language.inflight += 1
+                if pair.encoder is not None:
+                    pair.encoder.inflight += 1
+                self._waiters.remove(waiter)
+                waiter.granted.set_result(pair)
+
+    async def acquire(
+        self, with_encoder: bool, avoid: frozenset[str] = frozenset(), *, wait: bool = True
+    ) -> Pair:
+        """A pair for one request, its place on both instances taken (give it back with
+        `release`); Unavailable when there is none within the waits (or at once, without
+        `wait`)."""
+        waiter = _Waiter(with_encoder, avoid, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        self._dispatch()
+        started = time.monotonic()
+        try:
+            while not waiter.granted.done():
+                limit = self.queue_wait if waiter.busy else self.instance_wait
+                remaining = started + limit - time.monotonic()
+                if not wait or remaining <= 0:
+                    raise Unavailable(waiter.why, self.retry_after())
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can drop a cancellation
+                # (a client that went away) that arrives as the pair is granted.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await asyncio.shield(waiter.granted)
+            return waiter.granted.result()
+        except BaseException:
+            if waiter.granted.done() and not waiter.granted.cancelled():
+                self.release(waiter.granted.result())  # granted as the caller gave up
+            else:
+                waiter.granted.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def release(self, pair: Pair) -> None:
+        pair.language.inflight -= 1
+        if pair.encoder is not None:
+            pair.encoder.inflight -= 1
+        self._completions.append(time.monotonic())
+        self._dispatch()
+
+    def retry_after(self) -> int:
+        """When a client turned away should come back: the time the requests already
+        waiting take at the rate requests have recently completed (1 to 30 s)."""
+        now = time.monotonic()
+        while self._completions and self._completions[0] < now - THROUGHPUT_WINDOW_SECONDS:
+            self._completions.popleft()
+        rate = len(self._completions) / THROUGHPUT_WINDOW_SECONDS
+        if rate <= 0:
+            return 1
+        return max(1, min(MAX_RETRY_AFTER_SECONDS, math.ceil((self.waiting + 1) / rate)))

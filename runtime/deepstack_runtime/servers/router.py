@@ -25,7 +25,6 @@ from deepstack_runtime.errors import InputError
 from deepstack_runtime.servers.auth import ApiKeys
 from deepstack_runtime.servers.chat import ChatRequest, Choice, parse_chat_request, usage
 from deepstack_runtime.servers.common import (
-    RETRY_AFTER_SECONDS,
     BadRequest,
     Handler,
     Listen,
@@ -35,7 +34,14 @@ from deepstack_runtime.servers.common import (
     serve,
 )
 from deepstack_runtime.servers.images import Allowlist, ImageFetcher, ImageFetchError
-from deepstack_runtime.servers.instances import Instance, Pool, pick_pair, probe_session
+from deepstack_runtime.servers.instances import (
+    Fleet,
+    Instance,
+    Pair,
+    Pool,
+    Unavailable,
+    probe_session,
+)
 from deepstack_runtime.servers.upstream import LegError, Upstream
 from deepstack_runtime.servers.workers import MAX_BODY, encode_tensor
 
@@ -54,6 +60,7 @@ ROUTER_LIMITS = (
     "max_prompt_tokens",
     "max_inflight",
     "instance_wait_seconds",
+    "queue_wait_seconds",
 )
 
 
@@ -79,6 +86,9 @@ class RouterOptions:
     max_inflight: int = 256
     # How long a request waits for a healthy pair when there is none, before a 503.
     instance_wait_seconds: float = 5.0
+    # How long a request waits for a pair with room when every one is busy (each pod
+    # takes as many requests at once as its queue holds), before a 503.
+    queue_wait_seconds: float = 30.0
 
 
 async def _image_bytes(
@@ -200,32 +210,18 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
     probes = probe_session()
     fetcher = ImageFetcher(options.image_urls)
 
-    refreshed = [asyncio.Event()]  # set, and replaced, after each round of probes
+    fleet = Fleet(
+        pools,
+        contract,
+        per_instance=transfer.max_queued_requests,
+        instance_wait=options.instance_wait_seconds,
+        queue_wait=options.queue_wait_seconds,
+        health_interval=options.health_interval,
+    )
+    queued = server.metrics.queued.labels(role=server.role)
+    queued.set_function(lambda: fleet.waiting)
 
-    async def health_loop() -> None:
-        while True:
-            options.api_keys.refresh()
-            await asyncio.gather(*(p.refresh(probes) for p in pools.values()))
-            done, refreshed[0] = refreshed[0], asyncio.Event()
-            done.set()
-            await asyncio.sleep(options.health_interval)
-
-    async def wait_for_pair(
-        with_encoder: bool,
-    ) -> tuple[Instance | None, Instance | None, str]:
-        """A pair of this router's contract, waiting up to options.instance_wait_seconds
-        for one when none is healthy now: a moment without one (a pod restarting, a
-        probe that has not passed yet) is a short wait, not an error."""
-        deadline = time.monotonic() + options.instance_wait_seconds
-        while True:
-            pair = pick_pair(pools["language"], pools["encode"], with_encoder, contract)
-            remaining = deadline - time.monotonic()
-            if pair[0] is not None or remaining <= 0:
-                return pair
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(refreshed[0].wait(), remaining)
-
-    health_task = asyncio.create_task(health_loop())
+    health_task = asyncio.create_task(fleet.run(probes, options.api_keys.refresh))
     retries = Counter(
         "deepstack_router_retries_total",
         "Requests tried again on another instance after a leg failed before any byte "
@@ -270,16 +266,12 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         """Every choice of a whole (non-streamed) answer. The language pod streams its
         steps even so: once every choice has finished (at a stop string included) the
         connection closes, which stops the pod's work."""
-        language.inflight += 1
-        try:
-            r = await upstream.open_generation(language, payload, encoder)
-            async with r:
-                async for step in upstream.steps(language, r):
-                    choices[int(step["index"])].add(step, preprocessor.decode)
-                    if all(c.finish_reason is not None for c in choices):
-                        break
-        finally:
-            language.inflight -= 1
+        r = await upstream.open_generation(language, payload, encoder)
+        async with r:
+            async for step in upstream.steps(language, r):
+                choices[int(step["index"])].add(step, preprocessor.decode)
+                if all(c.finish_reason is not None for c in choices):
+                    break
         for choice in choices:
             choice.end()
 
@@ -290,7 +282,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 f"the router is at its limit of {options.max_inflight} requests in flight; "
                 "retry shortly",
                 "rate_limit_exceeded",
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                headers={"Retry-After": str(fleet.retry_after())},
             )
         body = await read_json(request, MAX_BODY)
         if body.get("model") not in (None, config.model.served_model_name):
@@ -302,6 +294,29 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             )
         chat = parse_chat_request(body, options.max_tokens_limit)
         messages, urls = parse_messages(body, options)
+        try:
+            # A place on a pair first: the work below is spent only on the requests the
+            # pods are ready to take (the others wait here in arrival order, or are told
+            # when to come back).
+            pair = await fleet.acquire(bool(urls))
+        except Unavailable as e:
+            return error(503, e.message, "unavailable", headers={"Retry-After": str(e.retry_after)})
+        held: list[Pair] = [pair]
+        try:
+            return await serve_on(held, request, chat, messages, urls)
+        finally:
+            for pair in held:
+                fleet.release(pair)
+
+    async def serve_on(
+        held: list[Pair],
+        request: web.Request,
+        chat: ChatRequest,
+        messages: list[dict[str, Any]],
+        urls: list[Any],
+    ) -> web.StreamResponse:
+        """A request's work and tries, on the pair in `held` (a retry swaps it for another;
+        the caller gives back what `held` has at the end)."""
         images = await load_images(urls, options, fetcher)
         try:
             prompt = await asyncio.to_thread(preprocessor.prepare, messages, images)
@@ -318,22 +333,12 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 f"the images make {visual} visual tokens; the limit is {options.max_visual_tokens}"
             )
         created = int(time.time())
-        avoid: frozenset[str] = frozenset()
-        failure: LegError | None = None
-        for attempt in range(RETRIES + 1):
-            if failure is None:
-                language, encoder, unavailable = await wait_for_pair(bool(images))
-            else:
-                language, encoder, unavailable = pick_pair(
-                    pools["language"], pools["encode"], bool(images), contract, avoid
-                )
-            if language is None:
-                if failure is not None:  # nowhere else to try: the failure is the answer
-                    return _upstream_error(failure.status, failure.message, failure.retry_after)
-                return error(
-                    503, unavailable, "unavailable",
-                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-                )  # fmt: skip
+
+        async def attempt(pair: Pair, last: bool) -> web.StreamResponse | LegError:
+            """One try on `pair`: the answer, or (unless it is the `last` try) the leg
+            failure that another pair may well not have, before any byte reached the
+            client."""
+            language, encoder = pair.language, pair.encoder
             room = uuid.uuid4().hex  # a fresh room for each try: the last one may linger
             generate_payload: dict[str, Any] = {
                 "room": room,
@@ -380,7 +385,6 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                     if any(t.exception() for t in done):
                         task.cancel()
                 await asyncio.gather(*legs)
-                break
             except asyncio.CancelledError:
                 # The client went away: both legs stop, and with them the pods' work.
                 for task in legs:
@@ -389,28 +393,41 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             except LegError as e:
                 for task in legs:
                     task.cancel()
-                failure = e
                 errors = [e, *_leg_errors(legs)]
                 # Nothing reached the client yet: another pair may serve it, without the
                 # instances to blame (a language pod that could not reach its encode pod
                 # blames that one).
                 retryable = e.status >= 500 and any(err.retryable for err in errors)
-                if not retryable or attempt == RETRIES:
+                if not retryable or last:
                     return _upstream_error(e.status, e.message, e.retry_after)
                 log.info("retrying %s elsewhere: %s", completion_id, e.message)
                 blamed_encoder = encoder is not None and e.blame == encoder.url
                 retries.labels(role="encode" if blamed_encoder else "language").inc()
-                avoid = avoid | {err.blame for err in errors}
-        return web.json_response(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": config.model.served_model_name,
-                "choices": [choice.message(preprocessor.decode) for choice in choices],
-                "usage": usage(prompt_tokens, choices),
-            }
-        )
+                e.avoid = frozenset(err.blame for err in errors)
+                return e
+            return web.json_response(
+                {
+                    "id": completion_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": config.model.served_model_name,
+                    "choices": [choice.message(preprocessor.decode) for choice in choices],
+                    "usage": usage(prompt_tokens, choices),
+                }
+            )
+
+        avoid: frozenset[str] = frozenset()
+        for tries_left in reversed(range(RETRIES + 1)):
+            result = await attempt(held[0], last=tries_left == 0)
+            if isinstance(result, web.StreamResponse):
+                return result
+            avoid = avoid | result.avoid
+            fleet.release(held.pop())
+            try:  # another pair at once, or the failure is the answer
+                held.append(await fleet.acquire(bool(images), avoid, wait=False))
+            except Unavailable:
+                return _upstream_error(result.status, result.message, result.retry_after)
+        raise AssertionError("the last try always answers")
 
     def new_choices(chat: ChatRequest) -> list[Choice]:
         return [
@@ -433,7 +450,6 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         the OpenAI streaming format). Once every choice has finished (a stop string
         included) the connection to the language pod closes, which stops its work. A
         failure after the first byte ends the stream with an error event and [DONE]."""
-        language.inflight += 1
         response: web.StreamResponse | None = None
 
         async def fail_stream(failure: LegError) -> web.StreamResponse:
@@ -516,8 +532,6 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
             if response is not None and response.prepared:
                 return await fail_stream(failure)
             raise failure from e
-        finally:
-            language.inflight -= 1
 
     async def models(_: web.Request) -> web.Response:
         return web.json_response(

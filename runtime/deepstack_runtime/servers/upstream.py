@@ -49,6 +49,7 @@ class LegError(Exception):
         self.retryable = retryable
         self.blame = url  # the instance at fault
         self.reason = ""  # a transfer failure's reason, as the language pod said it
+        self.avoid: frozenset[str] = frozenset()  # instances a retry must not use
 
 
 # Transfer failures a language pod reports that are its encode peer's doing (it could
@@ -90,7 +91,6 @@ class Upstream:
         payload: dict[str, Any],
     ) -> dict[str, Any]:
         """One JSON request to `instance`, its JSON answer; LegError otherwise."""
-        instance.inflight += 1
         try:
             async with self.session.post(f"{instance.url}{path}", json=payload) as r:
                 if r.status != 200:
@@ -112,8 +112,6 @@ class Upstream:
                 return body
         except aiohttp.ClientError as e:
             raise self._broken(role, instance, path, e) from e
-        finally:
-            instance.inflight -= 1
 
     async def open_generation(
         self, language: Instance, payload: dict[str, Any], encoder: Instance | None
