@@ -27,9 +27,9 @@ CONFIG_FILE = "config.json"
 # them, so that old and new pods are never paired. 2: sampling, n choices, steps.
 WIRE_VERSION = 2
 CONTRACT_HASH_LENGTH = 10
-# The router's API keys (router.apiKeySecret), one per line: the operator renders the
-# Secret into this variable, the router reads it.
-API_KEYS_ENV = "DEEPSTACK_API_KEYS"
+# The router's API keys (router.apiKeySecret), one per line: the operator mounts the
+# Secret's key as this file, which the router re-reads when the kubelet updates it.
+API_KEYS_FILE = "/etc/deepstack-api-keys/keys"
 
 
 class ConfigError(ValueError):

@@ -14,7 +14,7 @@ from deepstack_operator.render.common import (
     spec,
 )
 from deepstack_operator.render.config import revision
-from deepstack_runtime.config import API_KEYS_ENV, CONFIG_DIR, CONFIG_FILE, RuntimeConfig
+from deepstack_runtime.config import API_KEYS_FILE, CONFIG_DIR, CONFIG_FILE, RuntimeConfig
 
 CONFIG_VOLUME = "runtime-config"
 MODEL_VOLUME = "model"
@@ -60,13 +60,10 @@ def _env(role: str, config: RuntimeConfig, extra: list[dict[str, Any]]) -> list[
     return env + [e for e in extra if e["name"] not in ours]
 
 
-def _api_keys_env(cr: Manifest, role: str) -> list[dict[str, Any]]:
-    """The router's API keys, from router.apiKeySecret (none: no authentication)."""
-    secret = spec(cr).get("router", {}).get("apiKeySecret")
-    if role != names.ROUTER or not secret:
-        return []
-    ref = {"name": secret["name"], "key": secret.get("key", "api-keys")}
-    return [{"name": API_KEYS_ENV, "valueFrom": {"secretKeyRef": ref}}]
+def _api_keys(cr: Manifest, role: str) -> dict[str, Any] | None:
+    """The router's router.apiKeySecret (none: no authentication)."""
+    secret: dict[str, Any] | None = spec(cr).get("router", {}).get("apiKeySecret")
+    return secret if role == names.ROUTER and secret else None
 
 
 PROBE_TIMEOUT_SECONDS = 5
@@ -91,6 +88,8 @@ def _args(cr: Manifest, role: str) -> list[str]:
             for a in (flag, str(limits[key]))]  # fmt: skip
     for domain in role_spec.get("imageUrlDomains", []):
         args += ["--image-url-domain", domain]
+    if _api_keys(cr, role) is not None:
+        args += ["--api-keys-file", API_KEYS_FILE]
     return args
 
 
@@ -151,6 +150,19 @@ def _volumes(
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "shm", "mountPath": "/dev/shm"},
     ]
+    keys = _api_keys(cr, role)
+    if keys is not None:
+        # A file, not a variable: the kubelet swaps in a changed Secret, which the router
+        # reads again (a rotated key takes effect without a restart).
+        directory, file = API_KEYS_FILE.rsplit("/", 1)
+        item = {"key": keys.get("key", "api-keys"), "path": file}
+        volumes.append(
+            {
+                "name": "api-keys",
+                "secret": {"secretName": keys["name"], "items": [item], "defaultMode": 0o440},
+            }
+        )
+        mounts.append({"name": "api-keys", "mountPath": directory, "readOnly": True})
     volume = model.get("volume")
     if volume:
         # Read-only unless a claim asks otherwise (a runtime that writes a cache next to
@@ -202,7 +214,7 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
             *("--host", "0.0.0.0"),
         ],
         "args": _args(cr, role),
-        "env": _env(role, config, role_spec.get("env", []) + _api_keys_env(cr, role)),
+        "env": _env(role, config, role_spec.get("env", [])),
         "ports": _ports(config, role),
         # Loading weights can take minutes: the startup probe covers it, then the
         # liveness probe restarts a hung server and readiness gates traffic.

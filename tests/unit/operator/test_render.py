@@ -313,17 +313,28 @@ def test_load_autoscaling_renders_no_hpa_and_keeps_the_replica_count() -> None:
     assert group(children, "encode")["spec"]["replicas"] == 1
 
 
-def test_router_api_keys_come_from_the_secret() -> None:
+def test_router_api_keys_are_a_file_mounted_from_the_secret() -> None:
+    """A file the router re-reads (a rotated key takes effect without a restart), never
+    a variable; on the router alone."""
     cr = example("minimal-cpu")
     cr["spec"]["router"]["apiKeySecret"] = {"name": "router-keys", "key": "keys"}
     children = render_all(cr)
-    router = container(one(children, "Deployment", "tiny-qwen3-vl-moe-router"))
-    (keys,) = [e for e in router["env"] if e["name"] == "DEEPSTACK_API_KEYS"]
-    assert keys["valueFrom"] == {"secretKeyRef": {"name": "router-keys", "key": "keys"}}
+    deployment = one(children, "Deployment", "tiny-qwen3-vl-moe-router")
+    router = container(deployment)
+    assert router["args"][-2:] == ["--api-keys-file", "/etc/deepstack-api-keys/keys"]
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+    assert volume["secret"] == {
+        "secretName": "router-keys",
+        "items": [{"key": "keys", "path": "keys"}],
+        "defaultMode": 0o440,
+    }
+    (mount,) = [m for m in router["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount == {"name": "api-keys", "mountPath": "/etc/deepstack-api-keys", "readOnly": True}
+    assert not any(e.get("valueFrom", {}).get("secretKeyRef") for e in router["env"])
     for role in ("encode", "language"):
-        assert "DEEPSTACK_API_KEYS" not in {
-            e["name"] for e in container(group(children, role))["env"]
-        }
+        workload = group(children, role)
+        assert "--api-keys-file" not in container(workload)["args"]
+        assert not any("secret" in v for v in workload["spec"]["template"]["spec"]["volumes"])
 
 
 @pytest.mark.parametrize("read_only", [True, False])
