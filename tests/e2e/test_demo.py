@@ -73,7 +73,7 @@ def monolithic_answer(model_dir: str, max_tokens: int) -> str:
 
     from PIL import Image
 
-    from deepstack_runtime.backends.reference import ReferencePreprocessor, monolithic_generate
+    from tests.support.oracles import ReferencePreprocessor, monolithic_generate
 
     pre = ReferencePreprocessor(model_dir)
     content = [{"type": "image"}, {"type": "text", "text": "Describe the image."}]
@@ -282,6 +282,15 @@ def test_deleting_a_language_pod_under_traffic(cluster: Cluster, demo: dict[str,
         assert body["error"]["message"], body
 
 
+def restart_count(pod: dict[str, Any]) -> int:
+    return sum(s.get("restartCount", 0) for s in pod["status"].get("containerStatuses", []))
+
+
+def pod_named(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = get_json(cluster, "-n", namespace, "get", "pod", name)
+    return found
+
+
 def blocks_held(pod: dict[str, Any]) -> float:
     text = metrics(pod)
     return sum(sample(text, "deepstack_buffer_blocks", state=s) for s in ("used", "fenced"))
@@ -337,8 +346,18 @@ def test_killing_pods_at_random_under_load_fails_only_requests_in_flight(
                     chooser.shuffle(turns)
                 name = turns.pop()
                 victim = next(p for p in running_pods if p["metadata"]["name"] == name)
+                restarts = restart_count(victim)
                 os.kill(container_pid(victim), signal.SIGKILL)
                 kills.append((time.monotonic(), victim["metadata"]["name"]))
+                # Its restart first: right after the kill the router may not have noticed
+                # yet, and "every pod in rotation" would be true of the dead one. (Waiting
+                # only for that let the next kill take the other pod of the same role
+                # while this one was still down: both gone at once, so requests that were
+                # in flight at no kill got a 503. That was this test's old flakiness.)
+                wait_until(
+                    lambda n=name, r=restarts: restart_count(pod_named(cluster, namespace, n)) > r,  # type: ignore[misc]
+                    f"{name} to restart",
+                )
         results = [(r, span) for c in clients for r, span in zip(c.results, c.spans, strict=True)]
         failed = [(r, span) for r, span in results if r[0] != 200]
         latencies = sorted(end - start for r, (start, end) in results if r[0] == 200)
