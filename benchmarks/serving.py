@@ -65,13 +65,13 @@ def request_body() -> dict[str, Any]:
 MONOLITHIC_SERVER = """
 import asyncio, sys, torch
 from aiohttp import web
-from deepstack_runtime.backends.reference import ReferencePreprocessor, _load_model
-from deepstack_runtime.servers.router import RouterOptions, parse_messages
+from deepstack_runtime.backends.reference import load_model
+from deepstack_runtime.servers.prompt import parse_messages
+from tests.support.oracles import ReferencePreprocessor
 model_dir, port = sys.argv[1], int(sys.argv[2])
 pre = ReferencePreprocessor(model_dir)
-model = _load_model(model_dir)
+model = load_model(model_dir)
 lock = asyncio.Lock()
-options = RouterOptions(encode_urls=[], language_urls=[])
 
 def run(prompt):
     ids = prompt.input_ids.unsqueeze(0)
@@ -84,7 +84,7 @@ def run(prompt):
 
 async def chat(request):
     body = await request.json()
-    messages, images = parse_messages(body, options)
+    messages, images = parse_messages(body, 8)  # transformers reads the data: URLs
     prompt = await asyncio.to_thread(pre.prepare, messages, images)
     async with lock:
         tokens = await asyncio.to_thread(run, prompt)

@@ -26,11 +26,12 @@ sys.path.insert(0, str(REPO))
 
 
 def main(device_name: str) -> int:
-    from deepstack_runtime.backends.reference import ReferenceEncoder, ReferencePreprocessor
+    from deepstack_runtime.backends.reference import ReferenceEncoder
     from deepstack_runtime.buffers import BufferLayout
     from deepstack_runtime.models.tiny import make_tiny_model
     from deepstack_runtime.transfer.mooncake import buffer_device
     from deepstack_runtime.transfer.settings import TransferSettings
+    from tests.support.oracles import ReferencePreprocessor
     from tests.support.runtime import png
     from tests.support.transfer_peers import Peer, decode_item, encode_item
 

@@ -137,11 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     if extra and not (args.command == "language" and config.backend == "sglang"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "encode":
-        from deepstack_runtime.servers.workers import run_encode
+        from deepstack_runtime.servers.encode import run_encode
 
         asyncio.run(run_encode(config, listen))
     elif args.command == "language":
-        from deepstack_runtime.servers.workers import run_language
+        from deepstack_runtime.servers.language import run_language
 
         failure = asyncio.run(run_language(config, listen, extra))
         if failure:  # the pod restarts with a fresh engine

@@ -16,6 +16,7 @@ PROTOCOLS = ("tcp", "rdma")
 DTYPES = ("bfloat16", "float16", "float32")
 
 HTTP_PORT = 8000  # every runtime server's API port inside the pod
+DEFAULT_ENCODE_CACHE_MIB = 1024
 # Mooncake's own range for the ports it listens on (its handshake RPC port and, over
 # tcp, its data port); it refuses ports of Linux's ephemeral range.
 MOONCAKE_PORTS = (15000, 17000)
@@ -24,8 +25,9 @@ CONFIG_DIR = "/etc/deepstack"
 CONFIG_FILE = "config.json"
 # The version of the messages the router, encode and language pods exchange
 # (transfer/protocol.py, the language pod's /v1/generate): raise it with any change to
-# them, so that old and new pods are never paired. 2: sampling, n choices, steps.
-WIRE_VERSION = 2
+# them, so that old and new pods are never paired. 2: sampling, n choices, steps. 3: images
+# as bytes to encode pods (servers/wire.py).
+WIRE_VERSION = 3
 CONTRACT_HASH_LENGTH = 10
 # The router's API keys (router.apiKeySecret), one per line: the operator mounts the
 # Secret's key as this file, which the router re-reads when the kubelet updates it.
@@ -96,6 +98,12 @@ class RuntimeConfig:
     metrics_port: int = 9090
     encode_tensor_parallel_size: int = 1
     language_tensor_parallel_size: int = 1
+    # The encode pods' embedding cache (encode.embeddingCache.sizeMiB); 0: off.
+    encode_cache_mib: int = DEFAULT_ENCODE_CACHE_MIB
+
+    @property
+    def encode_cache_bytes(self) -> int:
+        return self.encode_cache_mib << 20
 
     def __post_init__(self) -> None:
         self.validate()
@@ -191,6 +199,7 @@ class RuntimeConfig:
                         "metrics_port",
                         "encode_tensor_parallel_size",
                         "language_tensor_parallel_size",
+                        "encode_cache_mib",
                     )
                     if k in data
                 },
@@ -262,5 +271,8 @@ class RuntimeConfig:
             ),
             metrics_port=spec.get("monitoring", {}).get("metricsPort", 9090),
             encode_tensor_parallel_size=spec.get("encode", {}).get("tensorParallelSize", 1),
+            encode_cache_mib=spec.get("encode", {})
+            .get("embeddingCache", {})
+            .get("sizeMiB", DEFAULT_ENCODE_CACHE_MIB),
             language_tensor_parallel_size=spec.get("language", {}).get("tensorParallelSize", 1),
         )

@@ -1,6 +1,6 @@
 """How the next token is chosen: the parameters one choice is generated with (the same on
-every backend), their wire form between the router and a language pod, and the
-reference backend's sampler.
+every backend) and their wire form between the router and a language pod (the reference
+backend's sampler, which needs torch, is backends/reference.py's Sampler).
 
 The order is the one SGLang and vLLM use: presence and frequency penalties on the logits,
 then temperature, then top-k, then top-p. Temperature 0 is greedy. A seed makes a
@@ -14,9 +14,6 @@ from __future__ import annotations
 import secrets
 from dataclasses import asdict, dataclass, replace
 from typing import Any
-
-import torch
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from deepstack_runtime.errors import InputError
 
@@ -137,51 +134,14 @@ class Step:
     token: int
     logprob: float | None = None
     top: tuple[tuple[int, float], ...] = ()
+    # On a choice's first step: prompt tokens the engine reused from its prefix cache.
+    cached: int | None = None
 
     def to_wire(self, index: int) -> dict[str, Any]:
         line: dict[str, Any] = {"index": index, "token": self.token}
         if self.logprob is not None:
             line["logprob"] = self.logprob
             line["top"] = [list(pair) for pair in self.top]
+        if self.cached is not None:
+            line["cached"] = self.cached
         return line
-
-
-class Sampler:
-    """The reference backend's choice of each next token for one sequence (it keeps the
-    counts the penalties need and the seeded generator)."""
-
-    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
-        self.params = params
-        self._counts = torch.zeros(vocab_size)
-        self._generator = torch.Generator().manual_seed(params.drawn_seed())
-        self._warpers = [
-            *([TopKLogitsWarper(params.top_k)] if params.top_k else []),
-            *([TopPLogitsWarper(params.top_p)] if params.top_p < 1.0 else []),
-        ]
-
-    def step(self, logits: torch.Tensor) -> Step:
-        """The next token from the model's logits [vocab] for this position."""
-        scores = logits.float()
-        if self.params.penalised:
-            scores = (
-                scores
-                - self.params.frequency_penalty * self._counts
-                - self.params.presence_penalty * (self._counts > 0).float()
-            )
-        if self.params.greedy:
-            token = int(scores.argmax())
-        else:
-            warped = (scores / self.params.temperature).unsqueeze(0)
-            for warper in self._warpers:
-                warped = warper(torch.empty(1, 0, dtype=torch.long), warped)
-            probs = torch.softmax(warped, dim=-1)[0]
-            token = int(torch.multinomial(probs, 1, generator=self._generator))
-        self._counts[token] += 1
-        if not self.params.logprobs:
-            return Step(token)
-        logprobs = torch.log_softmax(scores, dim=-1)
-        top: tuple[tuple[int, float], ...] = ()
-        if self.params.top_logprobs:
-            values, ids = logprobs.topk(self.params.top_logprobs)
-            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-        return Step(token, float(logprobs[token]), top)

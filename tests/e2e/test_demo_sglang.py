@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from deepstack_runtime.backends.reference import ReferencePreprocessor, monolithic_generate
 from tests.support.cluster import Cluster
 from tests.support.demo import demo_up
 from tests.support.metrics import sample
 from tests.support.operator import get_json, group_name
+from tests.support.oracles import ReferencePreprocessor, monolithic_generate
 from tests.support.runtime import data_url, get, png, post, sglang_server
 
 NAME = "tiny-qwen3-vl-moe"

@@ -10,14 +10,20 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import torch
 
-from deepstack_runtime.backends.reference import ReferencePreprocessor
 from deepstack_runtime.models.tiny import make_tiny_model
-from deepstack_runtime.servers.workers import encode_tensor
+from deepstack_runtime.servers.wire import MEDIA_TYPE
 from tests.support.cluster import wait_for
 from tests.support.metrics import sample
-from tests.support.runtime import ServerProcess, data_url, png, runtime_config, serving_stack
+from tests.support.oracles import ReferencePreprocessor
+from tests.support.runtime import (
+    ServerProcess,
+    data_url,
+    media_body,
+    png,
+    runtime_config,
+    serving_stack,
+)
 
 GRID = [[1, 4, 4]]  # 16 patches of 8x8 pixels: 4 visual tokens
 
@@ -39,12 +45,15 @@ def used(server: ServerProcess) -> float:
 
 
 def abandon(
-    server: ServerProcess, path: str, body: dict[str, Any], busy: Callable[[], bool]
+    server: ServerProcess, path: str, body: dict[str, Any] | bytes, busy: Callable[[], bool]
 ) -> float:
     """Send `body`, wait until the server is busy with it, hang up; return when we did."""
     port = int(server.url.rsplit(":", 1)[1])
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    if isinstance(body, bytes):
+        connection.request("POST", path, body, {"Content-Type": MEDIA_TYPE})
+    else:
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     wait_for(busy, timeout=30, interval=0.05, what=f"{server.role} busy with the request")
     assert connection.sock is not None
     connection.sock.close()
@@ -72,12 +81,7 @@ def test_abandoned_receive_frees_the_language_blocks(stack: dict[str, Any]) -> N
 
 def test_abandoned_encode_frees_the_encoder_blocks(stack: dict[str, Any]) -> None:
     """The encoder holds an item for a receiver that never comes; its client hangs up."""
-    pixels = torch.randn(16, 3 * 2 * 8 * 8)
-    body = {
-        "room": "abandoned-encode",
-        "pixel_values": encode_tensor(pixels),
-        "image_grid_thw": GRID,
-    }
+    body = media_body(stack["model"], "abandoned-encode", [png(32, 32, (1, 2, 3))])
     hung_up = abandon(stack["encode"], "/v1/encode", body, lambda: used(stack["encode"]) > 0)
     freed_within(stack["encode"], hung_up, 1.0)
 

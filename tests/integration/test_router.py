@@ -15,15 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deepstack_runtime.backends.reference import (
-    ReferenceEncoder,
-    ReferenceLanguageModel,
-    ReferencePreprocessor,
-)
+from deepstack_runtime.backends.reference import ReferenceEncoder, ReferenceLanguageModel
 from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.sampling import SamplingParams
 from tests.support.cluster import wait_for
 from tests.support.metrics import sample, sample_or_zero
+from tests.support.oracles import ReferencePreprocessor
 from tests.support.runtime import (
     ServerProcess,
     data_url,
@@ -188,7 +185,7 @@ BAD: list[tuple[str, Any, int, str]] = [
         "not-an-image",
         image_part(data_url(b"this is text, not a picture")),
         400,
-        "image 1: the image could not be decoded",
+        "image 1: the data (27 bytes) is not a PNG, JPEG, WebP or GIF image",
     ),
     (
         "prompt-too-long",
@@ -258,7 +255,7 @@ BAD: list[tuple[str, Any, int, str]] = [
         "too-many-pixels",
         image_part(data_url(png(4100, 4100, (0, 0, 0)))),
         400,
-        "the image is 4100x4100 = 16810000 pixels; the limit is 16777216",
+        "image 1: the image is 4100x4100 = 16,810,000 pixels; the limit is 16,777,216",
     ),
 ]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import Qwen3VLMoeForConditionalGeneration
 
-from deepstack_runtime.backends.reference import ReferencePreprocessor
+from tests.support.oracles import ReferencePreprocessor
 from tests.support.runtime import (
     data_url,
     png,

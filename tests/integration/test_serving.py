@@ -13,15 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from deepstack_runtime.backends.reference import (
-    ReferencePreprocessor,
-    monolithic_generate,
-    monolithic_logits,
-)
 from deepstack_runtime.models.tiny import make_tiny_model
-from deepstack_runtime.servers.workers import encode_tensor
+from deepstack_runtime.servers.wire import MEDIA_TYPE
 from tests.support.metrics import sample
-from tests.support.runtime import ServerProcess, get, png, post, runtime_config
+from tests.support.oracles import ReferencePreprocessor, monolithic_generate, monolithic_logits
+from tests.support.runtime import ServerProcess, get, media_body, png, post, runtime_config
 
 # Blocks of 4 tokens and a first allocation of 8 tokens: a 64x48 image (12 visual tokens)
 # needs a resume round; two images even more.
@@ -74,20 +70,13 @@ def test_disaggregated_equals_monolithic(stack: dict[str, Any], case: str) -> No
     assert prompt.pixel_values is not None
     assert prompt.image_grid_thw is not None
     grid = prompt.image_grid_thw.tolist()
-    pixels = prompt.pixel_values
     room = f"fidelity-{case}"
     before = stack["language"].metrics()
     results: dict[str, Any] = {}
 
     def run_encode() -> None:
-        results["encode"] = post(
-            f"{stack['encode'].url}/v1/encode",
-            {
-                "room": room,
-                "pixel_values": encode_tensor(pixels),
-                "image_grid_thw": grid,
-            },
-        )
+        body = media_body(stack["model"], room, CASES[case])
+        results["encode"] = post(f"{stack['encode'].url}/v1/encode", body, content_type=MEDIA_TYPE)
 
     thread = threading.Thread(target=run_encode)
     thread.start()

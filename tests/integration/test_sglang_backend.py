@@ -20,15 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-from deepstack_runtime.backends.reference import (
-    ReferenceEncoder,
-    ReferencePreprocessor,
-    monolithic_generate,
-)
+from deepstack_runtime.backends.reference import ReferenceEncoder
 from deepstack_runtime.backends.sglang import fused_rows
 from deepstack_runtime.models.tiny import make_tiny_model
 from tests.support.cluster import REPO, wait_for
 from tests.support.metrics import sample
+from tests.support.oracles import ReferencePreprocessor, monolithic_generate
 from tests.support.runtime import (
     data_url,
     get,

@@ -193,9 +193,11 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def post(url: str, body: Any, timeout: float = 120) -> tuple[int, Any]:
+def post(
+    url: str, body: Any, timeout: float = 120, content_type: str = "application/json"
+) -> tuple[int, Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data, {"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:
             text = r.read().decode()
@@ -249,3 +251,13 @@ def tiny_stack(
         wait_until_router_sees_both(router.url)
         yield {"model": model, "config": config_file, "root": root,
                "encode": encode, "language": language, "router": router}  # fmt: skip
+
+
+def media_body(model_dir: Path, room: str, images: list[bytes]) -> bytes:
+    """An encode request for `images`, as the router would send it (servers/wire.py)."""
+    from deepstack_runtime.servers.prompt import PromptBuilder
+    from deepstack_runtime.servers.wire import encode_media
+
+    builder = PromptBuilder(model_dir)
+    described = [builder.image(data, i + 1, 1 << 28) for i, data in enumerate(images)]
+    return encode_media(room, [(image.media_item(), image.data) for image in described])

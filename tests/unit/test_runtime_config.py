@@ -47,7 +47,7 @@ def test_bad_files_are_clear_errors(
 
 
 def test_transfer_settings_and_mooncake_follow_the_resource() -> None:
-    from deepstack_runtime.servers.workers import transfer_settings
+    from deepstack_runtime.servers.endpoint import transfer_settings
 
     cr = example("minimal-cpu")
     cr["spec"]["transfer"].update(

@@ -95,23 +95,27 @@ def test_a_hello_for_another_hosts_memory_is_refused() -> None:
     assert parked == 0
 
 
-def test_one_peer_waits_for_at_most_max_queued_rooms() -> None:
-    async def scenario() -> tuple[TransferError, int]:
+def test_one_peer_waits_for_at_most_its_share_of_rooms() -> None:
+    """Rooms not yet submitted hold a connection each: a peer's share of connections
+    bounds them (as many as a language pod of the same resource can have in flight)."""
+
+    async def scenario() -> tuple[TransferError, int, int]:
         async with encoder() as sender:
-            waiting = [await connect(sender, hello(f"r{i}")) for i in range(SETTINGS.max_queued)]
+            share = sender.max_peer_connections
+            waiting = [await connect(sender, hello(f"r{i}")) for i in range(share)]
             async with asyncio.timeout(2):
-                while sender.parked < SETTINGS.max_queued:
+                while sender.parked < share:
                     await asyncio.sleep(0.005)
             reader, writer = await connect(sender, hello("one-too-many"))
             error = await answer(reader)
             for _, w in [*waiting, (reader, writer)]:
                 w.close()
-            return error, sender.parked
+            return error, sender.parked, share
 
-    error, parked = asyncio.run(scenario())
+    error, parked, share = asyncio.run(scenario())
     assert error.reason is FailureReason.POOL_EXHAUSTED
-    assert f"127.0.0.1 already waits for {SETTINGS.max_queued} rooms" in error.message
-    assert parked == SETTINGS.max_queued
+    assert f"already holds {share} connections" in error.message
+    assert parked == share
 
 
 def test_one_peer_holds_at_most_its_share_of_connections() -> None:

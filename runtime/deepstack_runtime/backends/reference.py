@@ -1,38 +1,29 @@
 """The `reference` backend: the transformers implementation of Qwen3-VL-MoE, split in two.
 
-  router    ReferencePreprocessor: chat template, image processor, image-token expansion
   encode    ReferenceEncoder: the vision tower -> merged embeddings + K DeepStack features
   language  ReferenceLanguageModel: token embeddings with the visual rows put in, M-RoPE
-            positions, DeepStack added after decoder layers 0..K-1, sampling.Sampler
+            positions, DeepStack added after decoder layers 0..K-1, Sampler;
+            ReferenceLanguageBackend, the language server's backend around it
 
 Split this way it reproduces the monolithic model exactly (see the fidelity tests).
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Iterator
-from dataclasses import dataclass
+import asyncio
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from deepstack_runtime.buffers import MultimodalItem, copy_item, settle
 from deepstack_runtime.errors import InputError
-from deepstack_runtime.sampling import Sampler, SamplingParams, Step
+from deepstack_runtime.sampling import SamplingParams, Step
 
 
-@dataclass
-class Prompt:
-    """A tokenized chat with its images, ready for both sides."""
-
-    input_ids: torch.Tensor  # [L] int64, image pad tokens expanded
-    pixel_values: torch.Tensor | None  # [patches, C*T*P*P]
-    image_grid_thw: torch.Tensor | None  # [images, 3] int64
-
-
-def _load_model(model_dir: str | Path) -> Any:
+def load_model(model_dir: str | Path) -> Any:
     from transformers import Qwen3VLMoeForConditionalGeneration
 
     path = Path(model_dir)
@@ -41,66 +32,6 @@ def _load_model(model_dir: str | Path) -> Any:
     model: Any = Qwen3VLMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
     model.eval()
     return model
-
-
-def decode_image(data: bytes, max_pixels: int | None = None) -> Any:
-    """PNG/JPEG/... bytes -> RGB PIL image; InputError if it is not an image, or if it
-    has more than `max_pixels` pixels (known from its header: nothing is decoded then)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-        width, height = image.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise InputError(
-                f"the image is {width}x{height} = {width * height} pixels; "
-                f"the limit is {max_pixels}"
-            )
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"the image could not be decoded: {e}") from e
-    return image.convert("RGB")
-
-
-class ReferencePreprocessor:
-    def __init__(self, model_dir: str | Path) -> None:
-        from transformers import AutoConfig, AutoTokenizer
-        from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
-
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
-        self.image_processor: Any = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-        config = AutoConfig.from_pretrained(model_dir)
-        self.image_token_id = int(config.image_token_id)
-        self.merge = int(self.image_processor.merge_size)
-        self.image_pad = str(self.tokenizer.convert_ids_to_tokens(self.image_token_id))
-        self.eos_token_id = int(self.tokenizer.eos_token_id)
-
-    def prepare(self, messages: list[dict[str, Any]], images: list[Any]) -> Prompt:
-        """`messages`: OpenAI-style, with {"type": "image"} parts where images go, in the
-        order of `images` (decoded PIL images)."""
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        pieces = text.split(self.image_pad)
-        if len(pieces) - 1 != len(images):
-            raise InputError(f"{len(pieces) - 1} image placeholders for {len(images)} images")
-        pixel_values = grid = None
-        if images:
-            try:
-                processed = self.image_processor(images=images, return_tensors="pt")
-            except ValueError as e:  # for example an aspect ratio it does not take
-                raise InputError(f"the image processor refused the image: {e}") from e
-            pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"]
-            counts = [int(g.prod()) // self.merge**2 for g in grid]
-            text = pieces[0] + "".join(
-                self.image_pad * n + p for n, p in zip(counts, pieces[1:], strict=True)
-            )
-        input_ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
-        return Prompt(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid)
-
-    def decode(self, tokens: list[int]) -> str:
-        text: str = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return text
 
 
 def load_vision_tower(model_dir: str | Path, device: str, dtype: torch.dtype) -> Any:
@@ -195,7 +126,7 @@ class ReferenceEncoder:
         `writes_in_place(out)` the mergers' last layers write their rows there directly;
         otherwise the rows are cast and copied into it."""
         positions = torch.cat(
-            [self._grid_positions(int(t), int(h), int(w)) for t, h, w in image_grid_thw.tolist()]
+            [self.grid_positions(int(t), int(h), int(w)) for t, h, w in image_grid_thw.tolist()]
         )
         if out is not None and out.num_tokens != self.num_tokens(image_grid_thw):
             raise ValueError(f"out holds {out.num_tokens} tokens, not the images' tokens")
@@ -229,7 +160,7 @@ class ReferenceEncoder:
         settle(out.embeddings)
         return out
 
-    def _grid_positions(self, t: int, h: int, w: int) -> torch.Tensor:
+    def grid_positions(self, t: int, h: int, w: int) -> torch.Tensor:
         """(t, h, w) of every merged visual token of one image, in sequence order."""
         gt, gh, gw = torch.meshgrid(
             torch.arange(t),
@@ -242,7 +173,7 @@ class ReferenceEncoder:
 
 class ReferenceLanguageModel:
     def __init__(self, model_dir: str | Path) -> None:
-        self.model = _load_model(model_dir)
+        self.model = load_model(model_dir)
         self.model.model.visual = None  # the encode side has it; free the memory
         self.image_token_id = int(self.model.config.image_token_id)
         self.eos_token_id = int(self.model.config.text_config.eos_token_id)
@@ -349,31 +280,86 @@ def _cache_of(output: Any) -> Any:
     return None
 
 
-def monolithic_logits(model_dir: str | Path, prompt: Prompt) -> torch.Tensor:
-    """The undivided transformers model on the same prompt: what the split must equal."""
-    model = _load_model(model_dir)
-    ids = prompt.input_ids.unsqueeze(0)
-    kwargs: dict[str, Any] = {
-        "input_ids": ids,
-        "mm_token_type_ids": (ids == model.config.image_token_id).long(),
-    }
-    if prompt.pixel_values is not None:
-        kwargs |= {"pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw}
-    with torch.no_grad():
-        logits: torch.Tensor = model(**kwargs).logits[0]
-    return logits
+class ReferenceLanguageBackend:
+    """The transformers text model; one request at a time (it has no batching)."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.model = ReferenceLanguageModel(model_dir)
+        self.image_token_id = self.model.image_token_id
+        text_config = self.model.model.config.text_config
+        self.hidden_size = int(text_config.hidden_size)
+        vision_config = self.model.model.config.vision_config
+        self.num_deepstack = len(vision_config.deepstack_visual_indexes)
+        self.merge_size = int(vision_config.spatial_merge_size)
+        self.vocab_size = int(text_config.vocab_size)
+        self._lock = asyncio.Lock()
+
+    async def stream(
+        self,
+        input_ids: list[int],
+        item: MultimodalItem | None,
+        image_grid_thw: torch.Tensor | None,
+        params: SamplingParams,
+        *,
+        content: str | None = None,  # no prefix cache here: nothing is reused
+    ) -> AsyncGenerator[Step, None]:
+        if item is not None:
+            item.embeddings = item.embeddings.float()
+            if item.deepstack is not None:
+                item.deepstack = item.deepstack.float()
+        ids = torch.tensor(input_ids, dtype=torch.int64)
+        async with self._lock:
+            steps = self.model.generate_iter(ids, item, image_grid_thw, params)
+            while (step := await asyncio.to_thread(next, steps, None)) is not None:
+                yield step
+
+    async def logits(
+        self, input_ids: list[int], item: MultimodalItem | None, grid: torch.Tensor | None
+    ) -> list[float]:
+        """The next-token logits of the prompt (for fidelity checks)."""
+        ids = torch.tensor(input_ids, dtype=torch.int64)
+        async with self._lock:
+            logits = await asyncio.to_thread(self.model.logits, ids, item, grid)
+        values: list[float] = logits[-1].tolist()
+        return values
 
 
-def monolithic_generate(model_dir: str | Path, prompt: Prompt, max_new_tokens: int) -> list[int]:
-    """Greedy tokens of the undivided model (transformers' own `generate`) on `prompt`."""
-    model = _load_model(model_dir)
-    ids = prompt.input_ids.unsqueeze(0)
-    kwargs: dict[str, Any] = {"mm_token_type_ids": (ids == model.config.image_token_id).long()}
-    if prompt.pixel_values is not None:
-        kwargs |= {"pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw}
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs
-        )
-    tokens: list[int] = out[0, ids.shape[1] :].tolist()
-    return tokens
+class Sampler:
+    """The reference backend's choice of each next token for one sequence (it keeps the
+    counts the penalties need and the seeded generator)."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+        self.params = params
+        self._counts = torch.zeros(vocab_size)
+        self._generator = torch.Generator().manual_seed(params.drawn_seed())
+        self._warpers = [
+            *([TopKLogitsWarper(params.top_k)] if params.top_k else []),
+            *([TopPLogitsWarper(params.top_p)] if params.top_p < 1.0 else []),
+        ]
+
+    def step(self, logits: torch.Tensor) -> Step:
+        """The next token from the model's logits [vocab] for this position."""
+        scores = logits.float()
+        if self.params.penalised:
+            scores = (
+                scores
+                - self.params.frequency_penalty * self._counts
+                - self.params.presence_penalty * (self._counts > 0).float()
+            )
+        if self.params.greedy:
+            token = int(scores.argmax())
+        else:
+            warped = (scores / self.params.temperature).unsqueeze(0)
+            for warper in self._warpers:
+                warped = warper(torch.empty(1, 0, dtype=torch.long), warped)
+            probs = torch.softmax(warped, dim=-1)[0]
+            token = int(torch.multinomial(probs, 1, generator=self._generator))
+        self._counts[token] += 1
+        if not self.params.logprobs:
+            return Step(token)
+        logprobs = torch.log_softmax(scores, dim=-1)
+        top: tuple[tuple[int, float], ...] = ()
+        if self.params.top_logprobs:
+            values, ids = logprobs.topk(self.params.top_logprobs)
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        return Step(token, float(logprobs[token]), top)

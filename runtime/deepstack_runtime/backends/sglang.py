@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -152,9 +153,12 @@ class SGLangLanguageModel:
         item: MultimodalItem | None,
         image_grid_thw: torch.Tensor | None,
         params: SamplingParams,
+        *,
+        content: str | None = None,
     ) -> AsyncGenerator[Step, None]:
         """One choice's tokens, one at a time, as SGLang produces them, sampled by
-        SGLang's own sampler. Closing the iterator early aborts the request inside SGLang."""
+        SGLang's own sampler. Closing the iterator early aborts the request inside SGLang.
+        The first step says how many prompt tokens SGLang's prefix cache held."""
         sampling = self.sampling_params(params)
         image_data = None
         if item is not None:
@@ -163,14 +167,18 @@ class SGLangLanguageModel:
             # A processor output that carries `precomputed_embeddings`: SGLang 0.5.23
             # puts a "precomputed_embedding" item's tensor where pixel values go and runs
             # its vision tower on it (nothing reads that format back).
-            image_data = [
-                {
-                    "format": "processor_output",
-                    "modality": "IMAGE",
-                    "precomputed_embeddings": fused_rows(item),
-                    "image_grid_thw": image_grid_thw,
-                }
-            ]
+            rows: dict[str, Any] = {
+                "format": "processor_output",
+                "modality": "IMAGE",
+                "precomputed_embeddings": fused_rows(item),
+                "image_grid_thw": image_grid_thw,
+            }
+            if content is not None:
+                # SGLang keys its prefix cache on the item's hash (the image tokens'
+                # pad values): our hash of the images' bytes, instead of SGLang's own
+                # hash of the rows, which would read every row of every request.
+                rows["hash"] = content_hash_value(content)
+            image_data = [rows]
         if self.failure:
             raise EngineFailure(self.failure)
         assert self._stopped is not None, "attach() the engine to the event loop first"
@@ -205,7 +213,11 @@ class SGLangLanguageModel:
                 logprobs = list(meta.get("output_token_logprobs") or [])[sent:]
                 tops = list(meta.get("output_top_logprobs") or [])[sent:]
                 for i, token in enumerate(new):
-                    yield _step(int(token), params, logprobs[i : i + 1], tops[i : i + 1])
+                    step_out = _step(int(token), params, logprobs[i : i + 1], tops[i : i + 1])
+                    if sent + i == 0:
+                        cached = int(meta.get("cached_tokens") or 0)
+                        step_out = dataclasses.replace(step_out, cached=cached)
+                    yield step_out
                 sent += len(new)
                 reason = meta.get("finish_reason") or {}
                 if reason.get("type") == "abort":
@@ -249,6 +261,11 @@ class SGLangLanguageModel:
 
     async def stop(self) -> None:
         await asyncio.to_thread(self._engine.shutdown)
+
+
+def content_hash_value(content: str) -> int:
+    """The 64-bit item hash SGLang takes, from our hex content hash."""
+    return int(content[:16], 16)
 
 
 def _step(token: int, params: SamplingParams, logprob: list[Any], top: list[Any]) -> Step:

@@ -38,13 +38,30 @@ PATCH_SIZE = 8
 MERGE_SIZE = 2
 NUM_DEEPSTACK = 3
 HIDDEN_SIZE = 64
+# Qwen3-VL's published image processor: patch 16, merge 2, 65,536 to 16,777,216 pixels
+# (the tiny one caps images at 65,536 pixels, which would hide what a large one costs).
+PUBLISHED_PATCH_SIZE = 16
+PUBLISHED_PIXELS = (65_536, 16_777_216)
 
 
 def make_tiny_model(
-    directory: str | Path, seed: int = 0, num_deepstack: int = NUM_DEEPSTACK
+    directory: str | Path,
+    seed: int = 0,
+    num_deepstack: int = NUM_DEEPSTACK,
+    *,
+    published_image_processor: bool = False,
 ) -> Path:
     """Write the checkpoint into `directory` (created) and return it; `num_deepstack`
-    vision layers feed the language model (at most the vision depth, 4)."""
+    vision layers feed the language model (at most the vision depth, 4). With
+    `published_image_processor`, images are cut as the released Qwen3-VL models cut them
+    (patches of 16, up to 16,777,216 pixels: a 2560x1440 screenshot is 3,600 visual
+    tokens)."""
+    patch = PUBLISHED_PATCH_SIZE if published_image_processor else PATCH_SIZE
+    min_pixels, max_pixels = (
+        PUBLISHED_PIXELS
+        if published_image_processor
+        else ((PATCH_SIZE * MERGE_SIZE) ** 2, (PATCH_SIZE * MERGE_SIZE * 16) ** 2)
+    )
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -100,7 +117,7 @@ def make_tiny_model(
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_heads": 2,
-            "patch_size": PATCH_SIZE,
+            "patch_size": patch,
             "spatial_merge_size": MERGE_SIZE,
             "temporal_patch_size": 2,
             "out_hidden_size": HIDDEN_SIZE,
@@ -119,11 +136,11 @@ def make_tiny_model(
     _store_experts_in_hub_layout(out / "model.safetensors")
     tokenizer.save_pretrained(out)
     processor = Qwen2VLImageProcessorPil(
-        patch_size=PATCH_SIZE,
+        patch_size=patch,
         merge_size=MERGE_SIZE,
         temporal_patch_size=2,
-        min_pixels=(PATCH_SIZE * MERGE_SIZE) ** 2,
-        max_pixels=(PATCH_SIZE * MERGE_SIZE * 16) ** 2,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
     )
     processor.save_pretrained(out)
     (out / "deepstack.json").write_text(

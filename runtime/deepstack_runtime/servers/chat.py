@@ -166,10 +166,13 @@ class Choice:
     finish_reason: str | None = None
     sent: int = 0  # characters of `text` a stream has sent
     logprobs_sent: int = 0  # steps whose log probabilities a stream has sent
+    cached_tokens: int = 0  # prompt tokens the engine reused (said by the first step)
 
     def add(self, step: dict[str, Any], decode: Decode) -> None:
         if self.finish_reason is not None:
             return
+        if not self.steps:
+            self.cached_tokens = int(step.get("cached", 0))
         self.steps.append(step)
         text = decode([s["token"] for s in self.steps])
         cuts = [
@@ -230,10 +233,13 @@ def _logprob_entry(step: dict[str, Any], decode: Decode) -> dict[str, Any]:
     return entry
 
 
-def usage(prompt_tokens: int, choices: list[Choice]) -> dict[str, int]:
+def usage(prompt_tokens: int, choices: list[Choice]) -> dict[str, Any]:
+    """OpenAI's usage: the prompt's tokens counted once, of which the cached ones are
+    those the engine reused for the first choice (0 where nothing was reused)."""
     completion = sum(len(c.steps) for c in choices)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": choices[0].cached_tokens if choices else 0},
     }

@@ -25,6 +25,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    Summary,
 )
 from prometheus_client.exposition import generate_latest
 
@@ -56,6 +57,13 @@ class ServingMetrics:
             registry=registry,
         )
         self.inflight.labels(role=role)
+        self.size = Summary(
+            "deepstack_request_size_bytes",
+            "Bytes of the requests' bodies, by role and route (what an image costs on the "
+            "wire: its file, not its pixels).",
+            ["role", "route"],
+            registry=registry,
+        )
         self.queued = Gauge(
             "deepstack_requests_queued",
             "Requests waiting for their turn at the model, by role.",
@@ -182,6 +190,8 @@ class Server:
                 )
                 self.metrics.requests.labels(self.role, route, "503").inc()
                 return response
+            if request.content_length is not None:
+                self.metrics.size.labels(self.role, route).observe(request.content_length)
             self.inflight += 1
             self.idle.clear()
             self.metrics.inflight.labels(role=self.role).inc()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import aiohttp
 
+from deepstack_runtime.routing import Candidate, rendezvous_pick
+
 log = logging.getLogger(__name__)
 
 
@@ -144,10 +146,16 @@ class Pool:
     def healthy(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.healthy]
 
-    def pick(self, candidates: list[Instance]) -> Instance:
-        """Of `candidates` (of this pool): least in flight; among equals, the one picked
-        longest ago (round robin)."""
-        chosen = min(candidates, key=lambda i: (i.inflight, i.picked, i.url))
+    def pick(self, candidates: list[Instance], key: str | None = None) -> Instance:
+        """Of `candidates` (of this pool): the one `key` hashes to (rendezvous hashing
+        with bounded load: routing.py), so that the same content lands where its state
+        is; without a key, least in flight, and among equals the one picked longest ago
+        (round robin)."""
+        if key is not None:
+            url = rendezvous_pick([key], [Candidate(i.url, i.inflight) for i in candidates])
+            chosen = next(i for i in candidates if i.url == url)
+        else:
+            chosen = min(candidates, key=lambda i: (i.inflight, i.picked, i.url))
         self._sequence += 1
         chosen.picked = self._sequence
         return chosen
@@ -159,6 +167,20 @@ class Pair:
 
     language: Instance
     encoder: Instance | None
+
+
+@dataclass(frozen=True)
+class RouteKeys:
+    """What a request's pair is picked by: its images' content hashes (the encode pod;
+    the first image's decides) and its conversation's key (the language pod)."""
+
+    images: list[str] = field(default_factory=list)
+    conversation: str | None = None
+
+    def of(self, role: str) -> str | None:
+        if role == "encode":
+            return self.images[0] if self.images else None
+        return self.conversation
 
 
 class Unavailable(Exception):
@@ -183,6 +205,7 @@ class _Waiter:
 
     with_encoder: bool
     avoid: frozenset[str]
+    keys: RouteKeys
     granted: asyncio.Future[Pair]
     why: str = ""
     busy: bool = False
@@ -236,7 +259,9 @@ class Fleet:
         pool = self.pools[role]
         return [i for i in pool.healthy() if i.contract == self.contract and i.url not in avoid]
 
-    def _pick(self, with_encoder: bool, avoid: frozenset[str]) -> tuple[Pair | None, str, bool]:
+    def _pick(
+        self, with_encoder: bool, avoid: frozenset[str], keys: RouteKeys
+    ) -> tuple[Pair | None, str, bool]:
         """(a pair with room, or None with why not and whether it is only busy)."""
         roles = ("language", "encode") if with_encoder else ("language",)
         chosen: dict[str, Instance] = {}
@@ -252,7 +277,7 @@ class Fleet:
                     f"every {role} instance of contract {self.contract} is busy "
                     f"({len(healthy)} x {self.per_instance} requests)"
                 ), True  # fmt: skip
-            chosen[role] = self.pools[role].pick(free)
+            chosen[role] = self.pools[role].pick(free, keys.of(role))
         return Pair(chosen["language"], chosen.get("encode")), "", False
 
     def _dispatch(self) -> None:
@@ -262,7 +287,9 @@ class Fleet:
             if waiter.granted.done():  # gave up meanwhile
                 self._waiters.remove(waiter)
                 continue
-            pair, waiter.why, waiter.busy = self._pick(waiter.with_encoder, waiter.avoid)
+            pair, waiter.why, waiter.busy = self._pick(
+                waiter.with_encoder, waiter.avoid, waiter.keys
+            )
             if pair is not None:
                 pair.language.inflight += 1
                 if pair.encoder is not None:
@@ -271,12 +298,18 @@ class Fleet:
                 waiter.granted.set_result(pair)
 
     async def acquire(
-        self, with_encoder: bool, avoid: frozenset[str] = frozenset(), *, wait: bool = True
+        self,
+        with_encoder: bool,
+        avoid: frozenset[str] = frozenset(),
+        *,
+        keys: RouteKeys | None = None,
+        wait: bool = True,
     ) -> Pair:
         """A pair for one request, its place on both instances taken (give it back with
-        `release`); Unavailable when there is none within the waits (or at once, without
-        `wait`)."""
-        waiter = _Waiter(with_encoder, avoid, asyncio.get_running_loop().create_future())
+        `release`), picked by `keys` among those with room; Unavailable when there is
+        none within the waits (or at once, without `wait`)."""
+        granted = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(with_encoder, avoid, keys or RouteKeys(), granted)
         self._waiters.append(waiter)
         self._dispatch()
         started = time.monotonic()

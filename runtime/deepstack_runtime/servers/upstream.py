@@ -84,15 +84,12 @@ class Upstream:
         await self.session.close()
 
     async def call(
-        self,
-        role: str,
-        instance: Instance,
-        path: str,
-        payload: dict[str, Any],
+        self, role: str, instance: Instance, path: str, body: bytes, content_type: str
     ) -> dict[str, Any]:
-        """One JSON request to `instance`, its JSON answer; LegError otherwise."""
+        """One request to `instance`, its JSON answer; LegError otherwise."""
+        headers = {"Content-Type": content_type}
         try:
-            async with self.session.post(f"{instance.url}{path}", json=payload) as r:
+            async with self.session.post(f"{instance.url}{path}", data=body, headers=headers) as r:
                 if r.status != 200:
                     raise self._failed(role, "refused", await refusal(r, path, instance.url))
                 try:

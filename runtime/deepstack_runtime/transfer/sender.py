@@ -16,9 +16,9 @@ receiver frees its blocks when it hears one (see receiver.py).
 The bootstrap port takes only what it can afford: a hello is checked whole (room,
 session, layout, region, blocks) before anything is allocated for it; its session host
 must be the connecting peer's own address (else a pod could aim the writes into another
-pod's pool); one peer address may hold at most `max_queued + num_blocks` connections
-(waiting rooms plus one per block that a room being sent can hold) and wait for at most
-`max_queued` rooms not yet submitted.
+pod's pool); one peer address may hold at most `max_queued + num_blocks` connections,
+rooms not yet submitted included: what a language pod of the same resource can have in
+flight at most (a receipt holds at least one of its blocks, or waits in its queue).
 """
 
 from __future__ import annotations
@@ -184,8 +184,9 @@ class EmbeddingSender:
 
     @property
     def max_peer_connections(self) -> int:
-        """Bootstrap connections one peer address may hold: its waiting rooms, and one
-        per block, the most rooms being sent that this pool can hold."""
+        """Bootstrap connections one peer address may hold, waiting rooms included: a
+        language pod like this one has at most a receipt per block of its pool, and its
+        queue, in flight."""
         return self.settings.max_queued + self.layout.num_blocks
 
     async def reserve(self, room: str, num_tokens: int) -> Reserved | None:
@@ -423,14 +424,7 @@ class EmbeddingSender:
                     await writer.wait_closed()
 
     def _park(self, room: str, target: _Target) -> None:
-        """Let `target` wait for its room, within its peer's share."""
-        waiting = sum(1 for t in self._parked.values() if t.peer == target.peer)
-        if waiting >= self.settings.max_queued:
-            raise TransferError(
-                FailureReason.POOL_EXHAUSTED,
-                f"{target.peer} already waits for {waiting} rooms not yet submitted to this "
-                "encoder, the most one peer may",
-            )
+        """Let `target` wait for its room (bounded by its peer's share of connections)."""
         self._parked[room] = target
 
     @staticmethod
