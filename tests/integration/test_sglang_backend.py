@@ -276,6 +276,33 @@ def test_a_stop_string_stops_sglangs_generation_of_a_whole_answer(stack: dict[st
     assert after - before < 40
 
 
+def test_follow_up_turns_reuse_sglangs_prefix_cache(stack: dict[str, Any]) -> None:
+    """Four turns of one conversation, each resending its image: turns 2-4 find the earlier
+    turns in SGLang's prefix cache (images included: SGLang keys them by our hash of the
+    image's bytes), and every answer is SGLang's own server's."""
+    image = png(64, 48, (120, 40, 200))
+    messages: list[dict[str, Any]] = [chat([image])["messages"][0]]
+    before = stack["encode"].metrics()
+    earlier_prompt = 0  # tokens of the turn before's prompt
+    for turn in range(4):
+        body = {**chat([]), "messages": messages}
+        ours = answer(stack["router"].url, body)
+        theirs = answer(stack["single"], body)
+        text = ours["choices"][0]["message"]["content"]
+        assert text == theirs["choices"][0]["message"]["content"], turn
+        cached = ours["usage"]["prompt_tokens_details"]["cached_tokens"]
+        # The whole earlier prompt, its image tokens included, was found in the cache.
+        assert cached >= earlier_prompt, (turn, cached, earlier_prompt)
+        earlier_prompt = ours["usage"]["prompt_tokens"]
+        messages = [*messages, {"role": "assistant", "content": text},
+                    {"role": "user", "content": f"And then? {turn}"}]  # fmt: skip
+    after = stack["encode"].metrics()
+    misses = sample(after, "deepstack_embedding_cache_misses_total") - sample(
+        before, "deepstack_embedding_cache_misses_total"
+    )
+    assert misses == 1  # the tower ran once for the four turns
+
+
 def test_a_seed_sglang_would_ignore_is_refused_by_name(stack: dict[str, Any]) -> None:
     """SGLang honours seeds only with --enable-deterministic-inference, which needs a GPU
     attention backend: without it a seeded draw is refused, never answered unrepeatably."""
