@@ -92,7 +92,7 @@ def test_alert_rules_pass_promtool_unit_tests() -> None:
         text=True,
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 5 rules found" in check.stdout
+    assert "SUCCESS: 6 rules found" in check.stdout
     result = subprocess.run(
         [PROMTOOL, "test", "rules", "rules_test.yaml"],
         cwd=CHART / "alerts",
