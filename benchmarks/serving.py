@@ -30,6 +30,8 @@ from typing import Any
 
 import aiohttp
 
+from deepstack_runtime.config import DEFAULT_ENCODE_CACHE_MIB
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -162,7 +164,11 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     root = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     model = make_tiny_model(root / "model", seed=0)
     config = root / "config.json"
-    config.write_text(dataclasses.replace(runtime_config(model), backend=args.backend).to_json())
+    config.write_text(
+        dataclasses.replace(
+            runtime_config(model), backend=args.backend, encode_cache_mib=args.embedding_cache_mib
+        ).to_json()
+    )
     python = sys.executable
     ports = {role: free_port() for role in ("encode", "language", "router", "monolithic")}
     common = ["--config", str(config), "--host", "127.0.0.1", "--metrics-port", "0"]
@@ -220,6 +226,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rows.append(
                     {
                         "backend": args.backend,
+                        "embedding_cache_mib": args.embedding_cache_mib,
                         "concurrency": clients,
                         "disaggregated_rps": round(d["rps"], 2),
                         "monolithic_rps": round(m["rps"], 2),
@@ -244,6 +251,13 @@ def main() -> None:
     parser.add_argument("--backend", choices=["reference", "sglang"], default="reference")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--requests", type=int, default=8, help="requests per client")
+    parser.add_argument(
+        "--embedding-cache-mib",
+        type=int,
+        default=DEFAULT_ENCODE_CACHE_MIB,
+        help="the encode pod's cache (every request sends the same image: 0 makes each one "
+        "run the vision tower, as the monolithic server does)",
+    )
     args = parser.parse_args()
     rows = asyncio.run(run(args))
     for row in rows:

@@ -309,7 +309,10 @@ def test_a_repeated_image_goes_to_the_same_encode_pod_and_only_its_keys_move(
 
 def test_the_router_runs_without_torch(stack: dict[str, Any], tmp_path: Path) -> None:
     """The router's process has no torch to import: it is left out of its packages, and
-    the router serves an image request through the stack."""
+    the router serves an image request through the stack. Where torch is installed (the
+    runtime image), the router does not load it either: it stays small."""
+    rss = sample(stack["router"].metrics(), "process_resident_memory_bytes")
+    assert rss < 250 * 2**20, f"the stack's router holds {rss / 2**20:.0f} MiB"
     site = Path(next(p for p in sys.path if p.endswith("site-packages")))
     view = tmp_path / "site-packages"
     view.mkdir()

@@ -12,6 +12,7 @@ miss would have made.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -59,6 +60,26 @@ class Vision:
         self.fingerprint = settings_fingerprint(
             {"processor": self.processor.to_dict(), "compute": f"{device}/{dtype}"}
         )
+
+    def tokens(self, grid: tuple[int, int, int]) -> int:
+        """Visual tokens of an image's grid; BadRequest for one the tower cannot merge."""
+        t, h, w = grid
+        merge = self.tower.merge
+        if h % merge or w % merge:
+            raise BadRequest(f"grid {grid}: heights and widths must be multiples of {merge}")
+        return t * h * w // merge**2
+
+    def fill_and_positions(
+        self, grids: list[tuple[int, int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A request's fill ids and M-RoPE grid positions: they follow from its grids."""
+        positions = torch.cat([self._positions(grid) for grid in grids])
+        fill = torch.full((positions.shape[0],), self.tower.image_token_id, dtype=torch.int64)
+        return fill, positions
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - one Vision per process
+    def _positions(self, grid: tuple[int, int, int]) -> torch.Tensor:
+        return self.tower.grid_positions(*grid)
 
     def rows(self, item: MediaItem, data: bytes) -> MultimodalItem:
         """The rows of one image (on a worker thread); InputError for bytes that are not
@@ -144,10 +165,7 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
             room = check_room(sent_room)
         except TransferError as e:
             raise BadRequest(e.message) from e
-        try:
-            counts = [vision.tower.num_tokens(torch.tensor([item.grid])) for item, _ in items]
-        except ValueError as e:
-            raise BadRequest(str(e)) from e
+        counts = [vision.tokens(item.grid) for item, _ in items]
         submitted = False
         try:
             rows = await asyncio.gather(
@@ -160,7 +178,7 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
                 )
             )
             total = sum(counts)
-            fill, positions = _fill_and_positions(vision.tower, [item.grid for item, _ in items])
+            fill, positions = vision.fill_and_positions([item.grid for item, _ in items])
             reserved = await sender.reserve(room, total)
             try:
                 # The rows go where they are sent from; with no single run of blocks
@@ -200,14 +218,6 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
     app = server.app()
     app.router.add_post("/v1/encode", server.tracked("/v1/encode", encode))
     await serve(server, app, listen, on_stop=stop)
-
-
-def _fill_and_positions(
-    tower: ReferenceEncoder, grids: list[tuple[int, int, int]]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A request's fill ids and M-RoPE grid positions: they follow from its grids."""
-    positions = torch.cat([tower.grid_positions(*grid) for grid in grids])
-    return torch.full((positions.shape[0],), tower.image_token_id, dtype=torch.int64), positions
 
 
 def _rows_for(layout: BufferLayout, tokens: int) -> MultimodalItem:

@@ -66,9 +66,12 @@ class PromptBuilder:
     """The chat template, tokenizer and image geometry of one checkpoint."""
 
     def __init__(self, model_dir: str | Path) -> None:
-        from transformers import AutoTokenizer
+        # The fast tokenizer class itself: AutoTokenizer reads the model's configuration
+        # through transformers' model code, which imports torch where it is installed
+        # (as in the runtime image), and the router would carry it (600 MB).
+        from transformers import PreTrainedTokenizerFast
 
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer: Any = PreTrainedTokenizerFast.from_pretrained(model_dir)
         self.geometry = ImageGeometry.from_checkpoint(model_dir)
         config = json.loads((Path(model_dir) / "config.json").read_text())
         self.image_token_id = int(config["image_token_id"])
