@@ -113,10 +113,13 @@ def router_counts(url: str) -> dict[str, int]:
 
 @dataclass
 class Traffic:
-    """Requests sent one after another until stopped: each one's status and body."""
+    """Requests sent one after another until stopped: each one's status and body. Each
+    request has an image of its own (a repeated one would be the encode pods' cached rows,
+    and one conversation that the router keeps on one language pod)."""
 
     url: str
-    body: dict[str, Any] = field(default_factory=lambda: chat(4))
+    max_tokens: int = 4
+    image_size: tuple[int, int] = (64, 48)
     results: list[tuple[int, Any]] = field(default_factory=list)
     spans: list[tuple[float, float]] = field(default_factory=list)  # each one's start, end
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -126,11 +129,21 @@ class Traffic:
         self._thread.start()
         return self
 
+    def _body(self, n: int) -> dict[str, Any]:
+        body = chat(self.max_tokens)
+        colour = (n * 37 % 256, (n // 256 * 101 + id(self)) % 256, n * 7 % 256)
+        body["messages"][0]["content"][0]["image_url"]["url"] = data_url(
+            png(*self.image_size, colour)
+        )
+        return body
+
     def _run(self) -> None:
+        n = 0
         while not self._stop.is_set():
             started = time.monotonic()
+            n += 1
             try:
-                result = post(f"{self.url}/v1/chat/completions", self.body, timeout=60)
+                result = post(f"{self.url}/v1/chat/completions", self._body(n), timeout=60)
             except OSError as e:  # no HTTP answer at all: recorded, never hidden
                 result = (0, str(e))
             self.spans.append((started, time.monotonic()))
@@ -324,7 +337,7 @@ def test_killing_pods_at_random_under_load_fails_only_requests_in_flight(
         chooser = random.Random(seed)
         kills: list[tuple[float, str]] = []
         turns: list[str] = []
-        clients = [Traffic(demo["ROUTER_URL"], chat(8)) for _ in range(8)]
+        clients = [Traffic(demo["ROUTER_URL"], max_tokens=8) for _ in range(8)]
         with contextlib.ExitStack() as running:
             for client in clients:
                 running.enter_context(client)
@@ -502,17 +515,22 @@ def connects(cluster: Cluster, namespace: str, pod: str, ip: str, port: int) -> 
     return result.returncode == 0
 
 
+def pod_config(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    """The runtime configuration the operator rendered for the pods."""
+    config_map = get_json(
+        cluster, "-n", namespace, "get", "configmap", config_map_name(cluster, namespace, NAME)
+    )
+    config: dict[str, Any] = json.loads(config_map["data"]["config.json"])
+    return config
+
+
 def test_network_policies_let_only_the_needed_flows_through(
     cluster: Cluster, demo: dict[str, Any]
 ) -> None:
     """The rendered NetworkPolicies, enforced on the real node (kube-router's firewall):
     every test above passed through them; here, what they refuse."""
     namespace = demo["namespace"]
-    config = json.loads(
-        get_json(
-            cluster, "-n", namespace, "get", "configmap", config_map_name(cluster, namespace, NAME)
-        )["data"]["config.json"]
-    )
+    config = pod_config(cluster, namespace)
     http, metrics_port = config["http_port"], config["metrics_port"]
     bootstrap = config["transfer"]["bootstrap_port"]
     image = get_json(cluster, "-n", namespace, "get", "dsd", NAME)["spec"]["runtime"]["image"]
@@ -569,11 +587,7 @@ def test_every_port_a_runtime_pod_listens_on_is_admitted_from_its_peer_group(
     pod from encode pods; through the enforced policy a language pod does reach each of
     the encode pod's Mooncake ports."""
     namespace = demo["namespace"]
-    config = json.loads(
-        get_json(
-            cluster, "-n", namespace, "get", "configmap", config_map_name(cluster, namespace, NAME)
-        )["data"]["config.json"]
-    )
+    config = pod_config(cluster, namespace)
     http, metrics_port = config["http_port"], config["metrics_port"]
     transfer = config["transfer"]
     mooncake = set(range(transfer["mooncake_min_port"], transfer["mooncake_max_port"] + 1))
@@ -642,9 +656,7 @@ def test_load_autoscaling_scales_encode_on_image_load_within_the_ratio(
         "-p", json.dumps({"spec": {"autoscaling": autoscaling}}),
     )  # fmt: skip
     assert group_replicas(cluster, namespace) == {"encode": 1, "language": 1}
-    body = chat(1)
-    body["messages"][0]["content"][0]["image_url"]["url"] = data_url(png(448, 448, (200, 40, 90)))
-    clients = [Traffic(demo["ROUTER_URL"], body) for _ in range(8)]
+    clients = [Traffic(demo["ROUTER_URL"], max_tokens=1, image_size=(448, 448)) for _ in range(8)]
     with contextlib.ExitStack() as running:
         for client in clients:
             running.enter_context(client)
