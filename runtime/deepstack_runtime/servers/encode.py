@@ -160,7 +160,8 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=MAX_BODY, actual_size=request.content_length
             )
-        sent_room, items = decode_media(await request.read())
+        body = await request.read()
+        sent_room, items = await asyncio.to_thread(decode_media, body)  # hashes megabytes
         try:
             room = check_room(sent_room)
         except TransferError as e:

@@ -174,15 +174,19 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
         chat = parse_chat_request(body, options.max_tokens_limit)
         messages, urls = parse_messages(body, options.max_images)
         data = await read_images(urls, fetcher, options.allow_local_files)
-        images = [
-            builder.image(image, i + 1, options.max_image_pixels) for i, image in enumerate(data)
-        ]
+        # Off the event loop: hashing megabytes of images and tokenizing take a while.
+        images = await asyncio.to_thread(
+            lambda: [
+                builder.image(image, i + 1, options.max_image_pixels)
+                for i, image in enumerate(data)
+            ]
+        )
         visual = sum(image.tokens for image in images)
         if visual > options.max_visual_tokens:  # known from the headers: nothing decoded
             raise BadRequest(
                 f"the images make {visual} visual tokens; the limit is {options.max_visual_tokens}"
             )
-        prompt = builder.build(messages, images)
+        prompt = await asyncio.to_thread(builder.build, messages, images)
         if len(prompt.input_ids) > options.max_prompt_tokens:
             raise BadRequest(
                 f"the prompt has {len(prompt.input_ids)} tokens; "
