@@ -12,13 +12,8 @@ fenced for the write timeout (`write_timeout`, plus one second per GB of the chu
 Mooncake counts), then are freed. Between rounds (RESUMING) nothing can be written, and
 a failure frees the blocks at once.
 
-Allocation cannot deadlock: when the sequence length is known (the language side knows it
-from the prompt), a receipt is admitted only once the pool can hold all of it, in arrival
-order, and the blocks of its later rounds are reserved then, so no receipt ever holds
-blocks while it waits for more (no hold-and-wait). At most `max_queued` receipts wait;
-the next is refused at once (POOL_EXHAUSTED, which the server answers 503 + Retry-After).
-Without a known length, a round waits for blocks at most `resume_timeout` and then
-fails, freeing what it held.
+Which receipt gets blocks, and when (admission in arrival order, without deadlock):
+admission.py.
 """
 
 from __future__ import annotations
@@ -35,6 +30,7 @@ from deepstack_runtime.buffers import MultimodalDataBuffers, MultimodalItem, cop
 from deepstack_runtime.errors import FailureReason, TransferError
 from deepstack_runtime.metrics import TransferMetrics
 from deepstack_runtime.transfer import protocol
+from deepstack_runtime.transfer.admission import BlockAdmission
 from deepstack_runtime.transfer.base import Transport
 from deepstack_runtime.transfer.plan import region_of
 from deepstack_runtime.transfer.settings import TransferSettings
@@ -75,10 +71,8 @@ class EmbeddingReceiver:
         self.settings = settings
         self.metrics = metrics or TransferMetrics()
         self.allocator = BlockAllocator(self.layout.num_blocks, on_change=self.metrics.set_blocks)
-        self._freed = asyncio.Event()
+        self._admission = BlockAdmission(self.layout, self.allocator, settings, self.metrics)
         self._fenced = 0  # blocks waiting for their encoder to close the connection
-        self._promised = 0  # blocks reserved by admitted receipts, not yet allocated
-        self._queue: list[object] = []  # receipts waiting for admission, in arrival order
         self._fences: set[asyncio.Task[None]] = set()
         self._on_chunk_received = on_chunk_received
         self._default_blocks = self.layout.blocks_for(settings.default_tokens)
@@ -124,7 +118,7 @@ class EmbeddingReceiver:
                 lent = self.buffers.gather(held, total)
             yield lent
         finally:
-            self._free(held)
+            self._admission.free(held)
 
     async def _receive(
         self, room: str, sender_address: str, num_tokens: int | None
@@ -143,9 +137,11 @@ class EmbeddingReceiver:
             async with asyncio.timeout(self.settings.transfer_timeout):
                 first = self._default_blocks
                 if num_tokens is not None:
-                    receipt.reserved = await self._admit(self.layout.blocks_for(num_tokens))
+                    receipt.reserved = await self._admission.admit(
+                        self.layout.blocks_for(num_tokens)
+                    )
                     first = min(first, receipt.reserved)
-                held += await self._take(receipt, first)
+                held += await self._admission.take(receipt, first)
                 reader, writer = await self._connect(sender_address)
                 total = await self._receive_rounds(receipt, held, reader, writer, num_tokens)
             self.metrics.duration.observe(time.monotonic() - started)
@@ -166,7 +162,7 @@ class EmbeddingReceiver:
             failure = TransferError(FailureReason.TRANSFER_ERROR, f"room {room}: {e!r}")
             raise failure from e
         finally:
-            self._unreserve(receipt.reserved)
+            self._admission.unreserve(receipt.reserved)
             self.metrics.inflight.dec()
             writing_possible = receipt.state is ReceiptState.RECEIVING
             receipt.state = ReceiptState.FAILED if failure is not None else ReceiptState.DONE
@@ -190,11 +186,11 @@ class EmbeddingReceiver:
         (between rounds, or the encoder said so with its error); else fence them until
         the encoder says so, or for `wait_out` seconds once the connection ended."""
         if writer is None or reader is None:
-            self._free(held)
+            self._admission.free(held)
             return
         ended = reader.at_eof() or failure.reason is FailureReason.PEER_LOST
         if not writing_possible or failure.from_peer:
-            self._free(held)
+            self._admission.free(held)
             if ended or failure.from_peer:
                 writer.close()
             else:
@@ -229,7 +225,7 @@ class EmbeddingReceiver:
         finally:
             self._fenced -= len(held)
             self.metrics.set_fenced(self._fenced)
-            self._free(held)
+            self._admission.free(held)
             writer.close()
 
     @staticmethod
@@ -251,11 +247,6 @@ class EmbeddingReceiver:
             await protocol.send_error_quietly(writer, failure)
         finally:
             writer.close()
-
-    def _free(self, held: list[int]) -> None:
-        if held:
-            self.allocator.free(held)
-            self._freed.set()
 
     async def close(self) -> None:
         """Wait (up to the transfer timeout) for the fences still up: their encoders say
@@ -285,85 +276,6 @@ class EmbeddingReceiver:
             raise TransferError(
                 FailureReason.CONNECT_FAILED, f"cannot reach encoder {address}: {e}"
             ) from e
-
-    def _available(self) -> int:
-        return self.allocator.free_blocks - self._promised
-
-    async def _admit(self, blocks: int) -> int:
-        """Reserve `blocks` for one receipt, waiting in arrival order (up to the resume
-        timeout) until the pool can hold them all; returns the reservation."""
-        if blocks > self.layout.num_blocks:
-            raise TransferError(
-                FailureReason.OVERSIZE,
-                f"{blocks} blocks needed; the whole pool has {self.layout.num_blocks}",
-            )
-        if len(self._queue) >= self.settings.max_queued:
-            # Bounded: a client told "busy" at once can go elsewhere or retry later.
-            raise TransferError(
-                FailureReason.POOL_EXHAUSTED,
-                f"{len(self._queue)} requests already wait for blocks "
-                f"({self._available()} of {self.layout.num_blocks} free)",
-            )
-        ticket = object()
-        self._queue.append(ticket)
-        self.metrics.queued.set(len(self._queue))
-        try:
-            await self._wait_until(
-                lambda: self._queue[0] is ticket and self._available() >= blocks,
-                f"{blocks} blocks needed",
-            )
-            self._promised += blocks
-            return blocks
-        finally:
-            self._queue.remove(ticket)
-            self.metrics.queued.set(len(self._queue))
-            self._freed.set()  # the next in line may fit now
-
-    def _unreserve(self, blocks: int) -> None:
-        if blocks:
-            self._promised -= blocks
-            self._freed.set()
-
-    async def _take(self, receipt: _Receipt, count: int) -> list[int]:
-        """`count` blocks for `receipt`: from its reservation, which never waits, or (for a
-        receipt of unknown length) from the pool, waiting up to the resume timeout."""
-        from_reservation = min(count, receipt.reserved)
-        blocks = []
-        if from_reservation:
-            receipt.reserved -= from_reservation
-            self._promised -= from_reservation
-            blocks = self.allocator.alloc(from_reservation)  # free >= promised: never fails
-        if count > from_reservation:
-            try:
-                blocks += await self._alloc(count - from_reservation)
-            except BaseException:
-                self._free(blocks)
-                raise
-        return blocks
-
-    async def _alloc(self, count: int) -> list[int]:
-        """Allocate from what no reservation holds, waiting for blocks freed by other
-        requests up to the resume timeout."""
-        if count <= self.layout.num_blocks:
-            await self._wait_until(lambda: self._available() >= count, f"{count} blocks needed")
-        return self.allocator.alloc(count)  # OVERSIZE beyond the whole pool
-
-    async def _wait_until(self, ready: Callable[[], bool], need: str) -> None:
-        """Wait until `ready()`, re-checked whenever blocks are freed, up to the resume
-        timeout; then POOL_EXHAUSTED."""
-        deadline = time.monotonic() + self.settings.resume_timeout
-        while not ready():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TransferError(
-                    FailureReason.POOL_EXHAUSTED,
-                    f"{need}, {self._available()} of {self.layout.num_blocks} free for "
-                    f"{self.settings.resume_timeout:g}s",
-                )
-            self._freed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await self._freed.wait()
 
     async def _receive_rounds(
         self,
@@ -437,7 +349,7 @@ class EmbeddingReceiver:
                     f"the whole pool has {self.layout.num_blocks}",
                 )
             self.metrics.resumptions.inc()
-            chunk_blocks = await self._take(receipt, needed)
+            chunk_blocks = await self._admission.take(receipt, needed)
             held += chunk_blocks
             receipt.writable = len(chunk_blocks) * block_bytes
             receipt.state = ReceiptState.RECEIVING
