@@ -110,7 +110,7 @@ def install_chart(operator_image: str) -> None:
         [tool("helm"), "--kubeconfig", str(KUBECONFIG), "upgrade", "--install", RELEASE,
          str(REPO / "charts" / "deepstack-disagg"),
          "--namespace", SYSTEM, "--create-namespace", "--wait", "--timeout", "300s",
-         "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+         "--set", f"image.repository={repository}", "--set-string", f"image.tag={tag}",
          "--set", "image.pullPolicy=Never"],
         check=True, stdout=subprocess.DEVNULL,
     )  # fmt: skip
