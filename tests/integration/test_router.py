@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 
 from deepstack_runtime.backends.reference import ReferenceEncoder, ReferenceLanguageModel
 from deepstack_runtime.config import RuntimeConfig
+from deepstack_runtime.routing import Candidate, rendezvous_pick
 from deepstack_runtime.sampling import SamplingParams
+from deepstack_runtime.servers.wire import content_hash
 from tests.support.cluster import wait_for
 from tests.support.metrics import sample, sample_or_zero
 from tests.support.oracles import ReferencePreprocessor
@@ -521,6 +523,16 @@ def test_a_router_told_to_require_keys_does_not_start_without_any(
         router.stop()
 
 
+def routed_to(url: str, urls: list[str]) -> bytes:
+    """An image the router sends to the encode instance `url` of `urls` (rendezvous
+    hashing of its content)."""
+    for n in range(1000):
+        image = png(64, 48, (n % 256, n // 256, 77))
+        if rendezvous_pick([content_hash(image)], [Candidate(u, 0) for u in urls]) == url:
+            return image
+    raise AssertionError("no image hashes to it")
+
+
 @pytest.mark.parametrize("role", ["language", "encode"])
 def test_a_request_whose_instance_died_is_retried_on_another(
     stack: dict[str, Any], tmp_path: Path, role: str
@@ -548,9 +560,17 @@ def test_a_request_whose_instance_died_is_retried_on_another(
             )
             doomed.process.kill()
             doomed.process.wait(30)
-            results = [post(f"{router.url}/v1/chat/completions", chat()) for _ in range(6)]
+            # Requests that go to the dead one first: text (no routing key: least loaded,
+            # so the second at the latest), or an image whose hash ranks it first.
+            image = (
+                None
+                if role == "language"
+                else routed_to(doomed.url, [stack["encode"].url, doomed.url])
+            )
+            body = chat(image=image)
+            results = [post(f"{router.url}/v1/chat/completions", body) for _ in range(6)]
             assert [status for status, _ in results] == [200] * 6, results
-            expected = expected_answer(stack["model"], IMAGE)
+            expected = expected_answer(stack["model"], image)
             assert all(body["choices"][0]["message"]["content"] == expected for _, body in results)
             metrics = get(f"{router.url}/metrics")[1]
             assert sample(metrics, "deepstack_router_retries_total", role=role) == 1
