@@ -25,7 +25,15 @@ PAUSE_IMAGE=localhost/deepstack-pause:1
 
 log() { printf '[node] %s\n' "$*" >&2; }
 
-running() { [[ -f "$run/$1.pid" ]] && kill -0 "$(cat "$run/$1.pid")" 2>/dev/null; }
+# A pid file may outlive its process (a killed session, a machine restored from a snapshot
+# keeps /run on disk) and its number may now be another process's: check the name too.
+running() {
+  local pid
+  [[ -f "$run/$1.pid" ]] || return 1
+  pid="$(cat "$run/$1.pid")"
+  [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "${1:0:15}" ]] &&
+    [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]
+}
 
 start() { # name logfile command...
   local name=$1
@@ -239,6 +247,13 @@ up() {
     log "error: the real node is in use by the cluster of $(cat "$run/cluster"); stop that one first"
     return 1
   fi
+  # What a node that was killed rather than stopped left behind (mounts, iptables rules of
+  # dead pods, the machine's settings to restore) is undone before starting afresh.
+  if [[ -f "$run/sysctl.saved" ]] && ! running kubelet && ! running containerd; then
+    log "undoing what an earlier node, no longer running, left on this machine"
+    down
+    mkdir -p "$run" "$lib" "$logs"
+  fi
   echo "$kubeconfig" >"$run/cluster"
   record_machine_state
   network
@@ -247,6 +262,9 @@ up() {
   kubelet_up "$bin" "$kubeconfig" "$dns_ip" "$client_ca"
   proxy_up "$bin" "$kubeconfig"
   dns_up "$bin" "$kubeconfig" "$dns_ip" "${kubectl[@]}"
+  # kube-router finds its node by name at start, and exits if the kubelet has not yet
+  # registered it.
+  wait_until 60 "node $NODE_NAME to register" "${kubectl[@]}" get node "$NODE_NAME"
   policy_up "$bin" "$kubeconfig"
   wait_until 60 "kube-proxy's rules for the DNS Service" \
     sh -c "iptables -t nat -S KUBE-SERVICES | grep -q -- '-d $dns_ip/32'"

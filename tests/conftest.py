@@ -17,7 +17,13 @@ def cluster() -> Iterator[Cluster]:
     bin_dir = tool_bin()
     started = False
     if not is_ready(bin_dir):
-        subprocess.run([str(REPO / "hack" / "cluster.sh"), "up"], check=True, timeout=600)
+        up = subprocess.run(
+            [str(REPO / "hack" / "cluster.sh"), "up"], capture_output=True, text=True, timeout=600
+        )
+        if up.returncode != 0:
+            # One line, so that the reason is in every summary line of the tests it fails.
+            said = [line for line in up.stderr.splitlines() if not line.startswith("{")]
+            pytest.fail(f"hack/cluster.sh up: exit {up.returncode}: {' | '.join(said[-4:])}")
         started = True
     try:
         yield Cluster(kubeconfig=KUBECONFIG, bin=bin_dir)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
-from tests.support.cluster import REPO, SIMULATED_PLACEMENT, Cluster
+from tests.support.cluster import REPO, SIMULATED_PLACEMENT, Cluster, wait_for
+from tests.support.node import NODE_NAME, PAUSE_IMAGE, STATE, kill_node_processes
 
 
 def pinned() -> dict[str, str]:
@@ -82,3 +84,43 @@ def test_binaries_print_pinned_versions(cluster: Cluster) -> None:
     assert helm.returncode == 0, helm.stderr
     kubectl = cluster.kubectl("version", "--client", "-o", "json").stdout
     assert json.loads(kubectl)["clientVersion"]["gitVersion"] == versions["KUBE_VERSION"]
+
+
+def test_a_real_node_killed_rather_than_stopped_comes_back_with_the_next_up(
+    cluster: Cluster, namespace: str
+) -> None:
+    """`hack/cluster.sh up` after the node's processes were killed (pid files, mounts and
+    iptables rules left behind) and against a control plane that has never seen the node,
+    as on a machine restored from a snapshot taken while a cluster ran: the node comes back
+    and runs a pod. CI once found pids of dead processes and a kube-router that started
+    before its node was registered."""
+    assert kill_node_processes(), "the real node was not running"
+    wait_for(
+        lambda: (
+            not any(
+                Path(f"/proc/{pid}").exists()
+                for pid in (int(p.read_text()) for p in STATE.glob("*.pid"))
+            )
+        ),
+        timeout=30,
+        what="the node's processes to be gone",
+    )
+    cluster.kubectl("delete", "node", NODE_NAME, "--wait=true")
+    up = subprocess.run(
+        [str(REPO / "hack" / "cluster.sh"), "up"], capture_output=True, text=True, timeout=600
+    )
+    assert up.returncode == 0, up.stderr[-3000:]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "after-restart"},
+        "spec": {
+            "nodeSelector": {"deepstack.dev/node": "real"},
+            "automountServiceAccountToken": False,
+            "containers": [{"name": "pause", "image": PAUSE_IMAGE, "imagePullPolicy": "Never"}],
+        },
+    }
+    cluster.kubectl("-n", namespace, "apply", "-f", "-", stdin=json.dumps(pod))
+    cluster.kubectl(
+        "-n", namespace, "wait", "pod/after-restart", "--for=condition=Ready", "--timeout=120s"
+    )
