@@ -49,7 +49,8 @@ MODEL_DIR = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     / "deepstack-disagg"
     / "models"
-    / "tiny-qwen3-vl-moe-v2"  # v2: experts in the published layout (SGLang loads it)
+    # v2: experts in the published layout (SGLang loads it); v3: a video processor
+    / "tiny-qwen3-vl-moe-v3"
 )
 BACKEND = os.environ.get("DEMO_BACKEND", "reference")
 RELEASE, SYSTEM, NAME = "deepstack-disagg", "deepstack-system", "tiny-qwen3-vl-moe"

@@ -77,8 +77,12 @@ def main(argv: list[str] | None = None) -> None:
             )
             # Limits per request; unset: RouterOptions' defaults.
             p.add_argument("--max-prompt-tokens", type=int, help="tokens of one prompt")
-            p.add_argument("--max-images", type=int, help="images in one request")
-            p.add_argument("--max-image-pixels", type=int, help="pixels of one image")
+            p.add_argument("--max-images", type=int, help="images and videos in one request")
+            p.add_argument(
+                "--max-image-pixels", type=int, help="pixels of one image or video frame"
+            )
+            p.add_argument("--max-video-seconds", type=float, help="seconds of one video")
+            p.add_argument("--max-video-frames", type=int, help="frames sampled from one video")
             p.add_argument("--max-visual-tokens", type=int, help="visual tokens of one request")
             p.add_argument("--max-inflight", type=int, help="requests at once (beyond: 429)")
             p.add_argument(

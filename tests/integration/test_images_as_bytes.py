@@ -212,6 +212,8 @@ def test_an_encode_request_is_checked_against_its_bytes(stack: dict[str, Any]) -
     data = picture(64, 48, seed=6)
     honest = MediaItem(content_hash(data), len(data), "PNG", 64, 48, (1, 6, 8))
     url = f"{stack['encode'].url}/v1/encode"
+    # Its rows cached first: a description that differs is still checked, never a hit.
+    answer(stack, chat([user(data, "What is it?")]))
     cases = [
         (MediaItem("0" * 64, len(data), "PNG", 64, 48, (1, 6, 8)), "do not have the sha256"),
         (MediaItem(honest.sha256, len(data), "PNG", 48, 64, (1, 8, 6)), "the router described"),

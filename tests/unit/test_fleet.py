@@ -4,9 +4,13 @@ instance takes, who waits, in what order, and for how long (pure asyncio, no HTT
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from deepstack_runtime.servers.instances import Fleet, Instance, Pair, Pool, Unavailable
 
@@ -164,5 +168,61 @@ def test_retry_after_is_the_wait_at_the_recent_rate() -> None:
         await asyncio.gather(*waiters, return_exceptions=True)
         for pair in held:
             f.release(pair)
+
+    run(scenario)
+
+
+async def health_server(role: str) -> tuple[web.AppRunner, str]:
+    """A /health that answers as an instance of `role` would (on 127.0.0.1)."""
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"role": role, "contract": CONTRACT, "bootstrap": "x:1"})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+def test_an_instance_listed_again_keeps_the_count_of_its_requests(tmp_path: Path) -> None:
+    """A pod whose readiness flapped (out of the Service, back in) while its requests ran
+    is not taken for an idle one: it is given no more than its share."""
+
+    async def scenario() -> None:
+        runner, url = await health_server("encode")
+        listing = tmp_path / "instances.json"
+        pool = Pool("encode", [], instances_file=str(listing))
+        try:
+            async with aiohttp.ClientSession() as session:
+                listing.write_text(json.dumps({"encode": [url]}))
+                await pool.refresh(session)
+                busy = pool.instances[url]
+                assert busy.healthy
+                busy.inflight = 2  # two requests on it
+                listing.write_text(json.dumps({"encode": []}))
+                await pool.refresh(session)
+                assert url not in pool.instances
+                busy.inflight -= 1  # one of them ends while it is not listed
+                listing.write_text(json.dumps({"encode": [url]}))
+                await pool.refresh(session)
+                assert pool.instances[url] is busy
+                assert (busy.inflight, busy.healthy) == (1, True)
+        finally:
+            await runner.cleanup()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("listing", ['{"encode": null}', '{"encode": 5}', "[]", "\xff"])
+def test_an_odd_instances_file_keeps_the_instances_known(tmp_path: Path, listing: str) -> None:
+    async def scenario() -> None:
+        path = tmp_path / "instances.json"
+        path.write_text(listing, encoding="latin-1")
+        pool = Pool("encode", [], instances_file=str(path))
+        assert await pool.discover() is None
 
     run(scenario)

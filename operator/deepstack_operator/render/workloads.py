@@ -71,6 +71,8 @@ PROBE_TIMEOUT_SECONDS = 5
 ROUTER_LIMIT_FLAGS = {
     "maxImages": "--max-images",
     "maxImagePixels": "--max-image-pixels",
+    "maxVideoSeconds": "--max-video-seconds",
+    "maxVideoFrames": "--max-video-frames",
     "maxVisualTokens": "--max-visual-tokens",
     "maxPromptTokens": "--max-prompt-tokens",
     "maxInflight": "--max-inflight",

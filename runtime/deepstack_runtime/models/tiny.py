@@ -1,5 +1,6 @@
 """A tiny Qwen3-VL-MoE checkpoint with random weights, written as a real local checkpoint
-(config, safetensors, tokenizer, image processor) that loads offline with from_pretrained.
+(config, safetensors, tokenizer, image and video processors) that loads offline with
+from_pretrained.
 For tests, demos and laptops: the architecture is the real one, only smaller."""
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -42,6 +44,10 @@ HIDDEN_SIZE = 64
 # (the tiny one caps images at 65,536 pixels, which would hide what a large one costs).
 PUBLISHED_PATCH_SIZE = 16
 PUBLISHED_PIXELS = (65_536, 16_777_216)
+# Its published video processor: 4,096 to 25,165,824 pixels over all sampled frames.
+PUBLISHED_VIDEO_PIXELS = (4_096, 25_165_824)
+# The tiny one's: sixteen of its largest images over all sampled frames.
+VIDEO_FRAMES_BUDGET = 16
 
 
 def make_tiny_model(
@@ -70,6 +76,7 @@ def make_tiny_model(
         Qwen3VLMoeForConditionalGeneration,
     )
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +150,18 @@ def make_tiny_model(
         max_pixels=max_pixels,
     )
     processor.save_pretrained(out)
+    video_min, video_max = (
+        PUBLISHED_VIDEO_PIXELS
+        if published_image_processor
+        else (min_pixels, max_pixels * VIDEO_FRAMES_BUDGET)
+    )
+    Qwen3VLVideoProcessor(
+        patch_size=patch,
+        merge_size=MERGE_SIZE,
+        temporal_patch_size=2,
+        size={"shortest_edge": video_min, "longest_edge": video_max},
+        cap_pixels_per_frame=False,  # said, as its default is changing upstream
+    ).save_pretrained(out)
     (out / "deepstack.json").write_text(
         json.dumps({"hidden_size": HIDDEN_SIZE, "num_deepstack": num_deepstack, "seed": seed})
         + "\n"

@@ -108,6 +108,8 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
         body = json.loads(await request.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise BadRequest("the body's JSON is nested too deeply") from e
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     return body
@@ -132,8 +134,10 @@ class Busy(Exception):
 
 
 class Admission:
-    """One request at a time through a resource (a model), at most `max_waiting` waiting
-    in arrival order; the next is refused at once (Busy) rather than queued without bound."""
+    """Requests through one resource (a model) that computes one thing at a time: at
+    most `max_waiting` requests are admitted at once, and the next is refused at once
+    (Busy) rather than queued without bound. An admitted request is never refused
+    afterwards, however many turns (its images) it then takes, in arrival order."""
 
     def __init__(self, what: str, max_waiting: int, queued: Gauge | None = None) -> None:
         self.what = what
@@ -148,18 +152,20 @@ class Admission:
             self._queued.set(self.waiting)
 
     @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
+    async def admit(self) -> AsyncIterator[None]:
         if self.waiting >= self.max_waiting:
             raise Busy(f"{self.waiting} requests already wait for {self.what}; retry later")
         self._count(+1)
         try:
-            await self._lock.acquire()
-        finally:
-            self._count(-1)
-        try:
             yield
         finally:
-            self._lock.release()
+            self._count(-1)
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """The resource, for one computation of an admitted request."""
+        async with self._lock:
+            yield
 
 
 @dataclass
@@ -205,6 +211,9 @@ class Server:
                     response = busy(str(e))
                 except web.HTTPException as e:
                     response = error(e.status, e.reason)
+                except Exception as e:  # counted, and answered in the API's form
+                    log.exception("%s %s failed", request.method, route)
+                    response = error(500, f"internal error: {type(e).__name__}", "server_error")
             finally:
                 self.inflight -= 1
                 self.metrics.inflight.labels(role=self.role).dec()

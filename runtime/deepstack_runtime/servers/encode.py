@@ -15,10 +15,11 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from aiohttp import web
+from transformers.video_utils import VideoMetadata
 
 from deepstack_runtime.backends.reference import ReferenceEncoder
 from deepstack_runtime.buffers import DTYPES, BufferLayout, MultimodalItem
@@ -31,6 +32,8 @@ from deepstack_runtime.embedding_cache import (
 )
 from deepstack_runtime.errors import FailureReason, InputError, TransferError
 from deepstack_runtime.media.images import decode_image, probe_image
+from deepstack_runtime.media.videos import VideoGeometry, decode_frames, probe_video
+from deepstack_runtime.media.videos import layout as video_layout
 from deepstack_runtime.metrics import TransferMetrics
 from deepstack_runtime.servers import endpoint
 from deepstack_runtime.servers.common import Admission, BadRequest, Busy, Listen, Server, serve
@@ -46,20 +49,37 @@ MAX_DECODE_PIXELS = 1 << 28
 
 
 class Vision:
-    """One image's rows from its bytes: decode within the pixel budget, the checkpoint's
-    own image processor, the vision tower."""
+    """One image's or video's rows from its bytes: decode within the pixel budget (a
+    video's sampled frames only), the checkpoint's own image or video processor, the
+    vision tower."""
 
     def __init__(self, config: RuntimeConfig, device: str, dtype: torch.dtype) -> None:
         from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
         checkpoint = config.model.encoder_checkpoint
         self.processor = Qwen2VLImageProcessorPil.from_pretrained(checkpoint)
+        self.video_geometry = VideoGeometry.from_checkpoint(checkpoint)
+        self.video_processor: Any = None
+        if self.video_geometry is not None:
+            self.video_processor = Qwen3VLVideoProcessor.from_pretrained(checkpoint)
         self.tower = ReferenceEncoder(checkpoint, device=device, dtype=dtype)
-        # What changes an image's rows besides its bytes and the contract: how it is
+        # What changes an item's rows besides its bytes and the contract: how it is
         # preprocessed, and the arithmetic of the tower (its dtype on this device).
-        self.fingerprint = settings_fingerprint(
-            {"processor": self.processor.to_dict(), "compute": f"{device}/{dtype}"}
-        )
+        compute = f"{device}/{dtype}"
+        self.fingerprints = {
+            "image": settings_fingerprint(
+                {"processor": self.processor.to_dict(), "compute": compute}
+            ),
+            "video": settings_fingerprint(
+                {
+                    "video_processor": None
+                    if self.video_processor is None
+                    else self.video_processor.to_dict(),
+                    "compute": compute,
+                }
+            ),
+        }
 
     def tokens(self, grid: tuple[int, int, int]) -> int:
         """Visual tokens of an image's grid; BadRequest for one the tower cannot merge."""
@@ -82,8 +102,10 @@ class Vision:
         return self.tower.grid_positions(*grid)
 
     def rows(self, item: MediaItem, data: bytes) -> MultimodalItem:
-        """The rows of one image (on a worker thread); InputError for bytes that are not
-        the image the router described."""
+        """The rows of one image or video (on a worker thread); InputError for bytes that
+        are not what the router described."""
+        if item.kind == "video":
+            return self._video_rows(item, data)
         header = probe_image(data, max_pixels=MAX_DECODE_PIXELS)
         described = (item.format, item.width, item.height)
         if (header.format.value, header.width, header.height) != described:
@@ -103,6 +125,38 @@ class Vision:
                 f"the router counted {item.grid} (their settings differ)"
             )
         return self.tower.encode(processed["pixel_values"], grid)
+
+    def _video_rows(self, item: MediaItem, data: bytes) -> MultimodalItem:
+        if self.video_geometry is None:
+            raise InputError("this encode pod's checkpoint has no video processor settings")
+        header = probe_video(data, max_pixels=MAX_DECODE_PIXELS)
+        described = (item.format, item.width, item.height)
+        if (header.container, header.width, header.height) != described:
+            raise InputError(
+                f"the video is a {header}, not the {item.width}x{item.height} {item.format} "
+                "video the router described"
+            )
+        layout = video_layout(header, self.video_geometry)
+        if layout.grid != item.grid:
+            raise InputError(
+                f"this pod's video processor makes a {layout.grid} grid of the video; the "
+                f"router counted {item.grid} (their settings differ)"
+            )
+        frames = decode_frames(data, header, layout.indices)
+        metadata = VideoMetadata(
+            total_num_frames=header.frames, fps=header.fps, width=header.width,
+            height=header.height, frames_indices=list(layout.indices),
+        )  # fmt: skip
+        processed = self.video_processor(
+            videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
+        )
+        grid = processed["video_grid_thw"]
+        if tuple(int(x) for x in grid[0]) != item.grid:
+            raise InputError(
+                f"this pod's video processor makes a {tuple(grid[0].tolist())} grid of the "
+                f"video; the router counted {item.grid}"
+            )
+        return self.tower.encode(processed["pixel_values_videos"], grid)
 
 
 def cache_device(capacity: int) -> str:
@@ -169,35 +223,46 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
         counts = [vision.tokens(item.grid) for item, _ in items]
         submitted = False
         try:
-            rows = await asyncio.gather(
-                *(
-                    cache.get_or_compute(
-                        cache_key(item.sha256, vision.fingerprint, contract),
-                        lambda item=item, data=data: compute(item, bytes(data)),  # type: ignore[misc]
+            async with tower.admit():  # (refused at once when the pod is full)
+                # Keyed by the whole description, not the hash alone: a hit is only ever for
+                # a description a miss checked against the bytes.
+                rows = await asyncio.gather(
+                    *(
+                        cache.get_or_compute(
+                            cache_key(item.identity(), vision.fingerprints[item.kind], contract),
+                            lambda item=item, data=data: compute(item, bytes(data)),  # type: ignore[misc]
+                        )
+                        for item, data in items
                     )
-                    for item, data in items
                 )
-            )
-            total = sum(counts)
-            fill, positions = vision.fill_and_positions([item.grid for item, _ in items])
-            reserved = await sender.reserve(room, total)
-            try:
-                # The rows go where they are sent from; with no single run of blocks
-                # free, into rows of their own, scattered into blocks at submit.
-                target = reserved.item if reserved is not None else _rows_for(layout, total)
-                target.fill_ids.copy_(fill)
-                target.positions.copy_(positions)
-                offset = 0
-                for image_rows in rows:
-                    image_rows.write_into(target, offset)
-                    offset += image_rows.num_tokens
-            except BaseException:
-                if reserved is not None:
-                    sender.release(reserved)
-                raise
-            submitted = True  # from here on the room is this request's
-            finished = await sender.submit(room, target, reserved)
-            await finished
+                for n, (image_rows, count) in enumerate(zip(rows, counts, strict=True)):
+                    if image_rows.num_tokens != count:
+                        raise InputError(
+                            f"item {n + 1} makes {image_rows.num_tokens} visual tokens; its "
+                            f"description says {count}"
+                        )
+                total = sum(counts)
+                fill, positions = vision.fill_and_positions(
+                    [grid for item, _ in items for grid in item.frame_grids]
+                )
+                reserved = await sender.reserve(room, total)
+                try:
+                    # The rows go where they are sent from; with no single run of blocks
+                    # free, into rows of their own, scattered into blocks at submit.
+                    target = reserved.item if reserved is not None else _rows_for(layout, total)
+                    target.fill_ids.copy_(fill)
+                    target.positions.copy_(positions)
+                    offset = 0
+                    for image_rows in rows:
+                        image_rows.write_into(target, offset)
+                        offset += image_rows.num_tokens
+                except BaseException:
+                    if reserved is not None:
+                        sender.release(reserved)
+                    raise
+                submitted = True  # from here on the room is this request's
+                finished = await sender.submit(room, target, reserved)
+                await finished
         except InputError as e:
             await sender.refuse(room, TransferError(FailureReason.BAD_REQUEST, str(e)))
             raise BadRequest(str(e)) from e
@@ -209,6 +274,13 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
         except asyncio.CancelledError:  # the requester went away
             if submitted:  # (an earlier room of the same id is another request's)
                 sender.abort(room, "the encode request was abandoned")
+            raise
+        except Exception as e:  # a fault here (out of memory, say): the receiver learns it
+            if not submitted:
+                await sender.refuse(
+                    room,
+                    TransferError(FailureReason.TRANSFER_ERROR, f"the encode pod failed: {e!r}"),
+                )
             raise
         return web.json_response({"room": room, "tokens": total})
 

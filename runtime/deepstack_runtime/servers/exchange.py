@@ -63,9 +63,7 @@ class Exchange:
         }
         legs: list[asyncio.Task[Any]] = []
         if encoder is not None:
-            media = encode_media(
-                room, [(image.media_item(), image.data) for image in prompt.images]
-            )
+            media = encode_media(room, [(item.media_item(), item.data) for item in prompt.media])
             legs.append(
                 asyncio.create_task(
                     self.upstream.call("encode", encoder, "/v1/encode", media, MEDIA_TYPE)
@@ -178,6 +176,21 @@ class Exchange:
                 await send([{**news, "finish_reason": finish}])
 
         choices = self.choices(chat)
+        # An encode leg that fails ends the stream at once, with its reason: the language
+        # pod would otherwise wait out the room for rows that never come (an encode pod
+        # that could not read the room, a draining one, tells it nothing).
+        streaming = asyncio.current_task()
+        assert streaming is not None
+        encode_failures: list[LegError] = []
+
+        def encode_done(task: asyncio.Task[Any]) -> None:
+            failure = None if task.cancelled() else task.exception()
+            if isinstance(failure, LegError) and not encode_failures:
+                encode_failures.append(failure)
+                streaming.cancel()
+
+        for task in legs:
+            task.add_done_callback(encode_done)
         try:
             r = await self.upstream.open_generation(language, payload, pair.encoder)
             async with r:
@@ -196,6 +209,8 @@ class Exchange:
                     await send_news(choice)
                     if all(c.finish_reason is not None for c in choices):
                         break  # leaving closes the connection: the pod stops generating
+            for task in legs:  # the answer is whole: how the encode leg ends changes nothing
+                task.remove_done_callback(encode_done)
             for choice in choices:
                 if choice.finish_reason is None:
                     choice.end()
@@ -214,6 +229,15 @@ class Exchange:
             if response is None or not response.prepared:
                 raise  # before the first byte: the caller may try another pair
             failure = e
+        except asyncio.CancelledError:
+            if not encode_failures or streaming.uncancel() > 0:
+                raise  # the client went away
+            failure = encode_failures[0]
+            if response is None or not response.prepared:
+                raise failure from None
+        finally:
+            for task in legs:
+                task.remove_done_callback(encode_done)
         # After the first byte the status is sent: an error event ends the stream.
         for task in legs:
             task.cancel()

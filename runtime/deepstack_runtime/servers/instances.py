@@ -76,6 +76,9 @@ class Pool:
     port: int = 8000
     instances_file: str = ""
     instances: dict[str, Instance] = field(default_factory=dict)
+    # Instances no longer listed while requests still run on them: one that is listed
+    # again (a pod whose readiness flapped) comes back with the count of those requests.
+    _departed: dict[str, Instance] = field(default_factory=dict)
     _sequence: int = 0
 
     async def discover(self) -> list[str] | None:
@@ -83,7 +86,9 @@ class Pool:
         if self.instances_file:
             try:
                 listed = json.loads(Path(self.instances_file).read_text()).get(self.role, [])
-            except (OSError, json.JSONDecodeError, AttributeError):
+            except (OSError, ValueError, AttributeError):
+                return None
+            if not isinstance(listed, list):
                 return None
             return [str(url) for url in listed]
         if self.static:
@@ -112,12 +117,23 @@ class Pool:
             urls = list(self.instances)
         for url in list(self.instances):
             if url not in urls:
-                del self.instances[url]
+                gone = self.instances.pop(url)
+                if gone.inflight:
+                    self._departed[url] = gone
+        for url, gone in list(self._departed.items()):
+            if not gone.inflight:
+                del self._departed[url]
         before = {url: i.healthy for url, i in self.instances.items()}
+        for url in urls:
+            if url not in self.instances:
+                back = self._departed.pop(url, None)
+                if back is None:
+                    self.instances[url] = Instance(url)
+                else:  # the releases of its requests go to this object
+                    back.healthy, back.why = False, "listed again, not probed yet"
+                    self.instances[url] = back
         # All at once: one slow instance must not delay what the others report.
-        await asyncio.gather(
-            *(self._probe(session, self.instances.setdefault(url, Instance(url))) for url in urls)
-        )
+        await asyncio.gather(*(self._probe(session, self.instances[url]) for url in urls))
         for url, instance in self.instances.items():
             if instance.healthy != before.get(url, False):
                 state = "in rotation" if instance.healthy else f"out of rotation: {instance.why}"
@@ -139,7 +155,8 @@ class Pool:
             if instance.slow_probes >= SLOW_PROBES_UNHEALTHY:
                 instance.healthy = False
                 instance.why = f"{instance.slow_probes} probes timed out in a row"
-        except (aiohttp.ClientError, json.JSONDecodeError, AttributeError) as e:
+        except (aiohttp.ClientError, ValueError, TypeError, AttributeError) as e:
+            # (a body that is not UTF-8 or not JSON is a ValueError)
             instance.healthy = False
             instance.why = f"/health failed: {e!r}"
 
@@ -250,9 +267,12 @@ class Fleet:
     async def run(self, session: aiohttp.ClientSession, before_round: Callable[[], None]) -> None:
         """The health loop: look up and probe both pools, again and again."""
         while True:
-            before_round()
-            await asyncio.gather(*(p.refresh(session) for p in self.pools.values()))
-            self._dispatch()
+            try:
+                before_round()
+                await asyncio.gather(*(p.refresh(session) for p in self.pools.values()))
+                self._dispatch()
+            except Exception:  # the loop must outlive any one round (keys re-read too)
+                log.exception("a round of the health loop failed; the next one runs as usual")
             await asyncio.sleep(self.health_interval)
 
     def _ours(self, role: str, avoid: frozenset[str]) -> list[Instance]:

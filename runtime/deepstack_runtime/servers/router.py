@@ -37,9 +37,9 @@ from deepstack_runtime.servers.instances import (
     Unavailable,
     probe_session,
 )
-from deepstack_runtime.servers.prompt import PromptBuilder, parse_messages, read_images
+from deepstack_runtime.servers.prompt import PromptBuilder, VideoLimits, parse_messages, read_media
 from deepstack_runtime.servers.upstream import Upstream
-from deepstack_runtime.servers.wire import MAX_BODY
+from deepstack_runtime.servers.wire import MAX_BODY, MAX_MEDIA_BYTES
 
 log = logging.getLogger(__name__)
 # A request whose leg fails before any byte reached the client is tried again this many
@@ -51,6 +51,8 @@ RETRIES = 1
 ROUTER_LIMITS = (
     "max_images",
     "max_image_pixels",
+    "max_video_seconds",
+    "max_video_frames",
     "max_visual_tokens",
     "max_prompt_tokens",
     "max_inflight",
@@ -71,8 +73,10 @@ class RouterOptions:
     # Bearer tokens a client must send on the OpenAI routes; none: no authentication.
     api_keys: ApiKeys = field(default_factory=ApiKeys)
     # What one request may cost, checked before anything is decoded or encoded.
-    max_images: int = 8
-    max_image_pixels: int = 4096 * 4096
+    max_images: int = 8  # images and videos
+    max_image_pixels: int = 4096 * 4096  # of an image, or of a video's frame
+    max_video_seconds: float = 120.0  # of one video: what its encode pod may decode
+    max_video_frames: int = 768  # sampled from one video (its processor's own maximum)
     max_visual_tokens: int = 16384
     # Hosts image URLs may name (router.imageUrlDomains); empty: no image is fetched.
     image_urls: Allowlist = field(default_factory=Allowlist)
@@ -172,34 +176,48 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 "not_found",
             )
         chat = parse_chat_request(body, options.max_tokens_limit)
-        messages, urls = parse_messages(body, options.max_images)
-        data = await read_images(urls, fetcher, options.allow_local_files)
-        # Off the event loop: hashing megabytes of images and tokenizing take a while.
-        images = await asyncio.to_thread(
+        messages, refs = parse_messages(body, options.max_images)
+        data = await read_media(refs, fetcher, options.allow_local_files)
+        carried = sum(len(item) for item in data)
+        if carried > MAX_MEDIA_BYTES:  # what one encode request may carry
+            raise BadRequest(
+                f"the images and videos are {carried} bytes together; the limit is "
+                f"{MAX_MEDIA_BYTES}"
+            )
+        limits = VideoLimits(
+            options.max_image_pixels, options.max_video_seconds, options.max_video_frames
+        )
+        # Off the event loop: hashing megabytes, reading containers and tokenizing take a
+        # while.
+        media = await asyncio.to_thread(
             lambda: [
-                builder.image(image, i + 1, options.max_image_pixels)
-                for i, image in enumerate(data)
+                builder.video(item, i + 1, limits)
+                if ref.kind == "video"
+                else builder.image(item, i + 1, options.max_image_pixels)
+                for i, (ref, item) in enumerate(zip(refs, data, strict=True))
             ]
         )
-        visual = sum(image.tokens for image in images)
+        visual = sum(item.tokens for item in media)
         if visual > options.max_visual_tokens:  # known from the headers: nothing decoded
+            what = "images and videos" if any(r.kind == "video" for r in refs) else "images"
             raise BadRequest(
-                f"the images make {visual} visual tokens; the limit is {options.max_visual_tokens}"
+                f"the {what} make {visual} visual tokens; the limit is {options.max_visual_tokens}"
             )
-        prompt = await asyncio.to_thread(builder.build, messages, images)
+        prompt = await asyncio.to_thread(builder.build, messages, media)
         if len(prompt.input_ids) > options.max_prompt_tokens:
             raise BadRequest(
                 f"the prompt has {len(prompt.input_ids)} tokens; "
                 f"the limit is {options.max_prompt_tokens}"
             )
+        hashes = [item.sha256 for item in media]
         keys = RouteKeys(
-            [image.sha256 for image in images],
-            conversation_key(prompt.input_ids, builder.image_token_id, [i.sha256 for i in images]),
+            hashes,
+            conversation_key(prompt.input_ids, builder.image_token_id, hashes),
         )
         try:
             # The pods are given only what they can take: the others wait here in arrival
             # order, or are told when to come back.
-            pair = await fleet.acquire(bool(images), keys=keys)
+            pair = await fleet.acquire(bool(media), keys=keys)
         except Unavailable as e:
             return error(503, e.message, "unavailable", headers={"Retry-After": str(e.retry_after)})
         created = int(time.time())
@@ -216,7 +234,7 @@ async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptio
                 fleet.release(pair)
                 held = None
                 try:  # another pair at once, or the failure is the answer
-                    pair = held = await fleet.acquire(bool(images), avoid, keys=keys, wait=False)
+                    pair = held = await fleet.acquire(bool(media), avoid, keys=keys, wait=False)
                 except Unavailable:
                     return upstream_error(result)
             raise AssertionError("the last try always answers")

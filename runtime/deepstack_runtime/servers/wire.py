@@ -7,12 +7,14 @@ router -> encode   POST /v1/encode, Content-Type MEDIA_TYPE: the images as they 
                        u32 (big-endian) length of the header | header JSON | item bytes...
 
                    header = {"room", "items": [{"sha256", "size", "format", "width",
-                   "height", "grid": [t, h, w]}]}: the items' bytes follow in order, each
-                   `size` long, nothing after them. The encode pod checks every field
-                   against the bytes (their hash, their header) before it spends work.
-router -> language POST /v1/generate (JSON): {room, encoder, input_ids, image_grid_thw,
-                   content (a hash of the images' hashes), sampling, n, stream}; the pod
-                   streams steps, one JSON line each.
+                   "height", "grid": [t, h, w], "kind": "image" | "video"}]}: the items'
+                   bytes follow in order, each `size` long, nothing after them. The
+                   encode pod checks every field against the bytes (their hash, their
+                   header) before it spends work.
+router -> language POST /v1/generate (JSON): {room, encoder, input_ids, image_grid_thw
+                   (a video's temporal patches as images of [1, h, w]), content (a hash of
+                   the media's hashes), sampling, n, stream}; the pod streams steps, one
+                   JSON line each.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ MAX_BODY = 64 << 20
 MEDIA_TYPE = "application/x-deepstack-media"
 _LENGTH = struct.Struct(">I")
 MAX_HEADER_BYTES = 1 << 20
+MEDIA_KINDS = ("image", "video")
+# The media bytes of one request: an encode body is these and a header.
+MAX_MEDIA_BYTES = MAX_BODY - MAX_HEADER_BYTES - _LENGTH.size
 
 
 def content_hash(data: bytes | memoryview) -> str:
@@ -45,26 +50,52 @@ class MediaItem:
 
     sha256: str
     size: int
-    format: str
+    format: str  # an image's format (Pillow's name), a video's container (FFmpeg's)
     width: int
     height: int
     grid: tuple[int, int, int]
+    kind: str = "image"  # or "video"
 
     @classmethod
     def parse(cls, value: Any, index: int) -> MediaItem:
-        try:
-            grid = tuple(int(x) for x in value["grid"])
-            item = cls(
-                str(value["sha256"]), int(value["size"]), str(value["format"]),
-                int(value["width"]), int(value["height"]), grid,  # type: ignore[arg-type]
-            )  # fmt: skip
-        except (KeyError, TypeError, ValueError) as e:
-            raise BadRequest(f"item {index}: a bad description: {e!r}") from e
-        if len(item.grid) != 3 or min(item.grid) < 1 or min(item.size, item.width, item.height) < 1:
+        """An item of a media header, every field of its type; BadRequest otherwise."""
+        if not isinstance(value, dict):
+            raise BadRequest(f"item {index}: must be an object")
+        fields = {"sha256": str, "size": int, "format": str, "width": int, "height": int}
+        for name, expected in fields.items():
+            if not _is(value.get(name), expected):
+                raise BadRequest(f"item {index}: {name} must be a {expected.__name__}")
+        grid = value.get("grid")
+        if not (isinstance(grid, list) and len(grid) == 3 and all(_is(x, int) for x in grid)):
+            raise BadRequest(f"item {index}: grid must be a list of three integers")
+        kind = value.get("kind", "image")
+        if kind not in MEDIA_KINDS:
+            raise BadRequest(f"item {index}: kind must be one of {', '.join(MEDIA_KINDS)}")
+        item = cls(
+            value["sha256"], value["size"], value["format"], value["width"], value["height"],
+            (grid[0], grid[1], grid[2]), kind,
+        )  # fmt: skip
+        if min(item.grid) < 1 or min(item.size, item.width, item.height) < 1:
             raise BadRequest(f"item {index}: sizes and grid must be positive")
         if len(item.sha256) != 64:
             raise BadRequest(f"item {index}: sha256 must be 64 hex digits")
         return item
+
+    @property
+    def frame_grids(self) -> list[tuple[int, int, int]]:
+        """Its grid as the language side sees it: a video's temporal patches are images
+        of [1, h, w] (servers/prompt.py says why)."""
+        t, h, w = self.grid
+        return [(1, h, w)] * t if self.kind == "video" else [self.grid]
+
+    def identity(self) -> str:
+        """Everything the item's description says, canonically: what its rows are cached
+        under (with the settings and the contract)."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+
+def _is(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def encode_media(room: str, items: list[tuple[MediaItem, bytes]]) -> bytes:
