@@ -106,9 +106,12 @@ def main(argv: list[str] | None = None) -> None:
             )
             p.add_argument(
                 "--image-url-domain",
+                "--media-url-domain",
+                dest="image_url_domain",
                 action="append",
                 default=[],
-                help="a host, *.domain, address or network image URLs may name (repeatable)",
+                help="a host, *.domain, address or network image and video URLs may name "
+                "(repeatable)",
             )
             p.add_argument(
                 "--api-keys-file",

@@ -450,6 +450,17 @@ INVALID: list[tuple[str, Callable[[Spec], None], str]] = [
         "CIDR network",
     ),
     (
+        "media-url-domain-is-a-url",
+        put("spec.router.mediaUrlDomains", ["https://cdn.example.com"]),
+        "each mediaUrlDomains entry is a lower-case host name, *.domain, an IP address or a "
+        "CIDR network",
+    ),
+    (
+        "one-video-frame",
+        put("spec.router.limits", {"maxVideoFrames": 1}),
+        "spec.router.limits.maxVideoFrames in body should be greater than or equal to 2",
+    ),
+    (
         "router-limit-zero",
         put("spec.router.limits", {"maxInflight": 0}),
         "spec.router.limits.maxInflight in body should be greater than or equal to 1",

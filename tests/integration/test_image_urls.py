@@ -1,5 +1,5 @@
 """Images by http URL: fetched by the router from an image server on 127.0.0.1 that this
-test runs, under router.imageUrlDomains (--image-url-domain): the allowlist, private
+test runs, under router.mediaUrlDomains (--image-url-domain): the allowlist, private
 addresses, redirects, size and time limits, each refusal a 400 with its reason."""
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_an_image_by_url_answers_like_the_same_image_inline(
     ("path", "reason"),
     [
         ("/redirect/4", "more than 3 redirects"),
-        ("/to/localhost", "localhost is not in router.imageUrlDomains"),
+        ("/to/localhost", "localhost is not in router.mediaUrlDomains"),
         ("/missing", "the server answered 404"),
         ("/big", f"over the limit of {MAX_IMAGE_BYTES} bytes"),
     ],
@@ -168,5 +168,5 @@ def test_without_a_list_no_url_is_fetched(stack: dict[str, Any], images: str) ->
         "--encode-url", stack["encode"].url, "--language-url", stack["language"].url,
     ) as router:  # fmt: skip
         reason = refusal(router.url, f"{images}/cat.png")
-        assert "fetches no image URLs" in reason
+        assert "fetches no image or video URLs" in reason
         assert "only data: and http(s) URLs" in refusal(router.url, "ftp://127.0.0.1/cat.png")

@@ -180,7 +180,7 @@ BAD: list[tuple[str, Any, int, str]] = [
         "http-image",
         image_part("https://example.com/cat.png"),
         400,
-        "https://example.com/cat.png: this server fetches no image URLs",
+        "https://example.com/cat.png: this server fetches no image or video URLs",
     ),
     ("bad-base64", image_part("data:image/png;base64,@@@"), 400, "the base64 data is malformed"),
     (

@@ -131,6 +131,42 @@ def test_answer_equals_transformers(stack: dict[str, Any], case: str) -> None:
     )
 
 
+@pytest.mark.parametrize("with_image", [False, True], ids=["video", "image-and-video"])
+def test_a_video_answers_like_transformers(stack: dict[str, Any], with_image: bool) -> None:
+    """A video's temporal patches reach SGLang as images of [1, h, w] behind their
+    timestamps, positioned and embedded as Qwen3-VL positions a video's. The reference is
+    transformers' own pipeline (its PyAV reader, its sampling): SGLang's own server
+    samples and resizes a video its own way (qwen-vl-utils' rule, bilinear), not as the
+    checkpoint's video processor does, so its answer is not the model's."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.support.oracles import monolithic_media_generate
+    from tests.support.videos import clip
+
+    video = clip(20, 10.0, 64, 48)  # 4 sampled frames: 2 temporal patches, 24 tokens
+    image = CASES["one-image-fits"][0]
+    media = [("image", image)] if with_image else []
+    media.append(("video", video))
+    content: list[dict[str, Any]] = [
+        {"type": f"{kind}_url",
+         f"{kind}_url": {"url": data_url(data, "video/mp4" if kind == "video" else "image/png")}}
+        for kind, data in media
+    ]  # fmt: skip
+    content.append({"type": "text", "text": "What happens?"})
+    body = {
+        "model": "tiny-qwen3-vl-moe", "max_tokens": MAX_TOKENS, "temperature": 0,
+        "messages": [{"role": "user", "content": content}],
+    }  # fmt: skip
+    plain = [{"type": kind} for kind, _ in media] + [{"type": "text", "text": "What happens?"}]
+    tokens = monolithic_media_generate(
+        stack["model"], [{"role": "user", "content": plain}], media, MAX_TOKENS
+    )
+    want = PreTrainedTokenizerFast.from_pretrained(stack["model"]).decode(
+        tokens, skip_special_tokens=True
+    )
+    assert answer(stack["router"].url, body)["choices"][0]["message"]["content"] == want
+
+
 def test_streaming_answer_equals_the_whole_one(stack: dict[str, Any]) -> None:
     whole = answer(stack["router"].url, chat(CASES["two-images"]))
     body = json.dumps(chat(CASES["two-images"], stream=True)).encode()

@@ -93,13 +93,25 @@ def blocks_held(server: ServerProcess) -> float:
     return sum(sample(text, "deepstack_buffer_blocks", state=s) for s in ("used", "fenced"))
 
 
+def by_modality(encode: ServerProcess) -> dict[str, float]:
+    text = encode.metrics()
+    return {
+        name: sample_or_zero(text, f"deepstack_encode_{name}", modality="video")
+        for name in ("items_total", "visual_tokens_total", "seconds_count")
+    }
+
+
 def test_a_short_clip_answers_like_the_monolithic_model(stack: dict[str, Any]) -> None:
+    before = by_modality(stack["encode"])
     messages = [user(part("video", clip(20, 10.0, 64, 48)))]
     status, reply = ask(stack, messages)
     assert status == 200, reply
     assert reply["choices"][0]["message"]["content"] == monolithic(stack["model"], messages)
     # 4 sampled frames, 2 temporal patches of 6 x 8 patches: 24 visual tokens.
-    assert reply["usage"]["prompt_tokens"] > 24
+    after = by_modality(stack["encode"])
+    assert {name: after[name] - before[name] for name in after} == {
+        "items_total": 1, "visual_tokens_total": 24, "seconds_count": 1,
+    }  # fmt: skip
 
 
 def test_a_long_clip_arrives_in_resumed_rounds_and_answers_the_same(

@@ -88,7 +88,9 @@ def _args(cr: Manifest, role: str) -> list[str]:
     limits = role_spec.get("limits", {})
     args = [a for key, flag in ROUTER_LIMIT_FLAGS.items() if key in limits
             for a in (flag, str(limits[key]))]  # fmt: skip
-    for domain in role_spec.get("imageUrlDomains", []):
+    # mediaUrlDomains, and imageUrlDomains (its older name): merged, in order, once each.
+    domains = [*role_spec.get("mediaUrlDomains", []), *role_spec.get("imageUrlDomains", [])]
+    for domain in dict.fromkeys(domains):
         args += ["--image-url-domain", domain]
     if _api_keys(cr, role) is not None:
         args += ["--api-keys-file", API_KEYS_FILE]

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from transformers.video_utils import VideoMetadata
 
 from deepstack_runtime.backends.reference import ReferenceEncoder
@@ -37,7 +38,13 @@ from deepstack_runtime.media.videos import layout as video_layout
 from deepstack_runtime.metrics import TransferMetrics
 from deepstack_runtime.servers import endpoint
 from deepstack_runtime.servers.common import Admission, BadRequest, Busy, Listen, Server, serve
-from deepstack_runtime.servers.wire import MAX_BODY, MEDIA_TYPE, MediaItem, decode_media
+from deepstack_runtime.servers.wire import (
+    MAX_BODY,
+    MEDIA_KINDS,
+    MEDIA_TYPE,
+    MediaItem,
+    decode_media,
+)
 from deepstack_runtime.transfer.protocol import check_room
 from deepstack_runtime.transfer.sender import EmbeddingSender
 
@@ -159,6 +166,35 @@ class Vision:
         return self.tower.encode(processed["pixel_values_videos"], grid)
 
 
+class MediaMetrics:
+    """What the encode pod serves, by modality (image, video)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.items = Counter(
+            "deepstack_encode_items",
+            "Images and videos served, their rows cached or computed, by modality.",
+            ["modality"],
+            registry=registry,
+        )
+        self.visual_tokens = Counter(
+            "deepstack_encode_visual_tokens",
+            "Visual tokens sent (rows, each with its DeepStack features), by modality.",
+            ["modality"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "deepstack_encode_seconds",
+            "Computing one item's rows on a cache miss (decode, preprocessing, tower), by "
+            "modality.",
+            ["modality"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=registry,
+        )
+        for kind in MEDIA_KINDS:
+            for series in (self.items, self.visual_tokens, self.seconds):
+                series.labels(modality=kind)
+
+
 def cache_device(capacity: int) -> str:
     """Where the cache's rows live: device memory when a GPU has room for the whole
     budget twice over (the model needs the rest), host memory otherwise."""
@@ -203,9 +239,12 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
         server.metrics.queued.labels(role=server.role),
     )
 
+    media = MediaMetrics(server.registry)
+
     async def compute(item: MediaItem, data: bytes) -> MultimodalItem:
         async with tower.turn():
-            return await _finished(asyncio.to_thread(vision.rows, item, data))
+            with media.seconds.labels(modality=item.kind).time():
+                return await _finished(asyncio.to_thread(vision.rows, item, data))
 
     async def encode(request: web.Request) -> web.Response:
         if request.content_type != MEDIA_TYPE:
@@ -241,6 +280,9 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
                             f"item {n + 1} makes {image_rows.num_tokens} visual tokens; its "
                             f"description says {count}"
                         )
+                for (item, _), count in zip(items, counts, strict=True):
+                    media.items.labels(modality=item.kind).inc()
+                    media.visual_tokens.labels(modality=item.kind).inc(count)
                 total = sum(counts)
                 fill, positions = vision.fill_and_positions(
                     [grid for item, _ in items for grid in item.frame_grids]

@@ -1,5 +1,5 @@
 """Images a request names by http(s) URL, fetched by the router under the operator's
-rules (router.imageUrlDomains), so that a client cannot make the router reach what it
+rules (router.mediaUrlDomains), so that a client cannot make the router reach what it
 should not or spend what it should not.
 
 - Only hosts on the allowlist are fetched: a name (`images.example.com`), every name
@@ -108,7 +108,7 @@ class _CheckedResolver(AbstractResolver):
             if not self._allowlist.address_allowed(address):
                 raise ImageFetchError(
                     f"{host} resolves to {address}, which is not a public address "
-                    "(list it in router.imageUrlDomains to allow it)"
+                    "(list it in router.mediaUrlDomains to allow it)"
                 )
         return results
 
@@ -136,8 +136,8 @@ class ImageFetcher:
         """The image's bytes, or ImageFetchError saying why not."""
         if self.allowlist.empty:
             raise ImageFetchError(
-                "this server fetches no image URLs (router.imageUrlDomains is empty); "
-                "send the image as a data: URL"
+                "this server fetches no image or video URLs (router.mediaUrlDomains is "
+                "empty); send it as a data: URL"
             )
         try:
             async with asyncio.timeout(FETCH_TIMEOUT_SECONDS):
@@ -169,7 +169,7 @@ class ImageFetcher:
         if parsed.scheme not in ("http", "https") or not host:
             raise ImageFetchError(f"{url[:80]!r} is not an http(s) URL with a host")
         if not self.allowlist.host_allowed(host):
-            raise ImageFetchError(f"{host} is not in router.imageUrlDomains")
+            raise ImageFetchError(f"{host} is not in router.mediaUrlDomains")
         address = _address(host)
         # A literal address never reaches the resolver: checked here.
         if address is not None and not self.allowlist.address_allowed(address):

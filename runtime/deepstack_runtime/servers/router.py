@@ -78,7 +78,7 @@ class RouterOptions:
     max_video_seconds: float = 120.0  # of one video: what its encode pod may decode
     max_video_frames: int = 768  # sampled from one video (its processor's own maximum)
     max_visual_tokens: int = 16384
-    # Hosts image URLs may name (router.imageUrlDomains); empty: no image is fetched.
+    # Hosts image URLs may name (router.mediaUrlDomains); empty: no image is fetched.
     image_urls: Allowlist = field(default_factory=Allowlist)
     # Requests one router serves at once; beyond, 429 with Retry-After (before the body
     # is read).

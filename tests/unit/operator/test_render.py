@@ -365,3 +365,19 @@ def test_a_model_host_path_is_always_mounted_read_only() -> None:
     for sts in by_kind(render_all(cr), "StatefulSet"):
         (mount,) = [m for m in container(sts)["volumeMounts"] if m["name"] == "model"]
         assert mount["readOnly"] is True
+
+
+def test_router_media_hosts_and_video_limits_become_its_flags() -> None:
+    """router.mediaUrlDomains and imageUrlDomains (its older name) merged, in order and
+    once each; the video limits as the router's flags."""
+    cr = example("minimal-cpu")
+    cr["spec"]["router"]["mediaUrlDomains"] = ["media.example.com", "10.0.0.0/8"]
+    cr["spec"]["router"]["imageUrlDomains"] = ["10.0.0.0/8", "images.example.com"]
+    cr["spec"]["router"]["limits"] = {"maxVideoSeconds": 30, "maxVideoFrames": 64}
+    args = container(one(render_all(cr), "Deployment", "tiny-qwen3-vl-moe-router"))["args"]
+    assert args == [
+        "--max-video-seconds", "30", "--max-video-frames", "64",
+        "--image-url-domain", "media.example.com",
+        "--image-url-domain", "10.0.0.0/8",
+        "--image-url-domain", "images.example.com",
+    ]  # fmt: skip
