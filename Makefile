@@ -74,6 +74,7 @@ bench: tools venv cluster sglang-env
 	$(BIN)/python benchmarks/operator_scale.py --count 100 --json
 	$(BIN)/python benchmarks/serving.py --json
 	$(BIN)/python benchmarks/serving.py --backend sglang --json
+	$(BIN)/python benchmarks/serving.py --video --json
 	$(BIN)/python benchmarks/reuse.py --json
 	$(BIN)/python benchmarks/reuse.py --backend sglang --json
 	$(BIN)/python benchmarks/load.py --json

@@ -9,7 +9,15 @@ For 1..8 concurrent clients, each sending --requests requests with one image, pr
 JSON object per concurrency level with requests/s and p50/p99 latency of both, and the
 overhead ratio (disaggregated latency / monolithic latency at p50).
 
-    python benchmarks/serving.py [--backend reference|sglang] --json
+With --video (reference backend): one client sends --requests clips of each length in
+--video-seconds (10 fps, 128x96, each clip another, so no cache hit on either side) and
+one JSON object per length gives both p50 latencies, the overhead ratio, the resumed
+rounds and encode seconds per request, and the clip seconds served per wall second.
+SGLang's own server is no baseline for video here: its environment has no video decoder
+(torchcodec or decord), and it samples and resizes clips its own way, not as the
+checkpoint's processor does.
+
+    python benchmarks/serving.py [--backend reference|sglang] [--video] --json
 """
 
 from __future__ import annotations
@@ -69,9 +77,10 @@ import asyncio, sys, torch
 from aiohttp import web
 from deepstack_runtime.backends.reference import load_model
 from deepstack_runtime.servers.prompt import parse_messages
-from tests.support.oracles import ReferencePreprocessor
+from tests.support.oracles import MediaPreprocessor, ReferencePreprocessor, media_generate
 model_dir, port = sys.argv[1], int(sys.argv[2])
 pre = ReferencePreprocessor(model_dir)
+media_pre = MediaPreprocessor(model_dir)
 model = load_model(model_dir)
 lock = asyncio.Lock()
 
@@ -86,7 +95,15 @@ def run(prompt):
 
 async def chat(request):
     body = await request.json()
-    messages, images = parse_messages(body, 8)  # transformers reads the data: URLs
+    messages, refs = parse_messages(body, 8)
+    if any(ref.kind == "video" for ref in refs):  # transformers' own video pipeline
+        import base64
+        media = [(ref.kind, base64.b64decode(ref.url.split(",", 1)[1])) for ref in refs]
+        inputs = await asyncio.to_thread(media_pre.inputs, messages, media)
+        async with lock:
+            tokens = await asyncio.to_thread(media_generate, model, inputs, int(sys.argv[3]))
+        return web.json_response({"choices": [{"message": {"content": media_pre.decode(tokens)}}]})
+    images = [ref.url for ref in refs]  # transformers reads the data: URLs
     prompt = await asyncio.to_thread(pre.prepare, messages, images)
     async with lock:
         tokens = await asyncio.to_thread(run, prompt)
@@ -101,6 +118,94 @@ app.router.add_get("/health", health)
 print("READY", flush=True)
 web.run_app(app, host="127.0.0.1", port=port, print=None)
 """
+
+
+def video_body(seconds: int, seed: int) -> dict[str, Any]:
+    from tests.support.videos import clip
+
+    data = clip(seconds * VIDEO_FPS, VIDEO_FPS, 128, 96, seed=seed)
+    url = "data:video/mp4;base64," + base64.b64encode(data).decode()
+    return {
+        "model": "tiny-qwen3-vl-moe",
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video_url", "video_url": {"url": url}},
+                    {"type": "text", "text": "What happens?"},
+                ],
+            }
+        ],
+    }
+
+
+VIDEO_FPS = 10
+
+
+async def counter(session: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
+    """A series' value from a server's /metrics (its API port: no metrics port of its own)."""
+    from tests.support.metrics import sample_or_zero
+
+    async with session.get(f"{url}/metrics") as r:
+        return sample_or_zero(await r.text(), name, **labels)
+
+
+async def timed(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> float:
+    t0 = time.perf_counter()
+    async with session.post(f"{url}/v1/chat/completions", json=body) as r:
+        await r.read()
+        if r.status != 200:
+            raise SystemExit(f"{url}: {r.status} {await r.text()}")
+    return time.perf_counter() - t0
+
+
+async def video_rows(
+    session: aiohttp.ClientSession, ours: str, base: str, pods: dict[str, str],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:  # fmt: skip
+    rows = []
+    for seconds in args.video_seconds:
+        bodies = [video_body(seconds, seed=1000 * seconds + i) for i in range(args.requests)]
+        resumed = await counter(session, pods["language"], "deepstack_transfer_resumptions_total")
+        encode = [
+            await counter(session, pods["encode"], f"deepstack_encode_seconds_{part}",
+                          modality="video")
+            for part in ("sum", "count")
+        ]  # fmt: skip
+        started = time.perf_counter()
+        d = sorted([await timed(session, ours, body) for body in bodies])
+        d_wall = time.perf_counter() - started
+        started = time.perf_counter()
+        m = sorted([await timed(session, base, body) for body in bodies])
+        m_wall = time.perf_counter() - started
+        resumed = (
+            await counter(session, pods["language"], "deepstack_transfer_resumptions_total")
+            - resumed
+        )
+        encode_sum = await counter(
+            session, pods["encode"], "deepstack_encode_seconds_sum", modality="video"
+        )
+        encode_count = await counter(
+            session, pods["encode"], "deepstack_encode_seconds_count", modality="video"
+        )
+        computed = max(1.0, encode_count - encode[1])
+        rows.append(
+            {
+                "backend": args.backend,
+                "video_seconds": seconds,
+                "requests": len(bodies),
+                "disaggregated_p50_ms": round(statistics.median(d) * 1e3, 1),
+                "monolithic_p50_ms": round(statistics.median(m) * 1e3, 1),
+                "overhead_ratio_p50": round(statistics.median(d) / statistics.median(m), 3),
+                "resumed_rounds": round(resumed / len(bodies), 2),
+                "encode_seconds": round((encode_sum - encode[0]) / computed, 4),
+                "video_seconds_per_second": round(seconds * len(bodies) / d_wall, 2),
+                "monolithic_video_seconds_per_second": round(seconds * len(bodies) / m_wall, 2),
+            }
+        )
+    return rows
 
 
 def free_port() -> int:
@@ -166,7 +271,10 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     config = root / "config.json"
     config.write_text(
         dataclasses.replace(
-            runtime_config(model), backend=args.backend, encode_cache_mib=args.embedding_cache_mib
+            # A 30 s clip is 1,440 visual tokens: more than the example's pool of 1,024.
+            runtime_config(model, **({"poolBlocks": 256} if args.video else {})),
+            backend=args.backend,
+            encode_cache_mib=args.embedding_cache_mib,
         ).to_json()
     )
     python = sys.executable
@@ -220,6 +328,11 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             await wait_healthy(session, base, 300)
             await load(session, ours, 1, 2)  # warm up both
             await load(session, base, 1, 2)
+            if args.video:
+                pods = {role: f"http://127.0.0.1:{ports[role]}" for role in ("encode", "language")}
+                await timed(session, ours, video_body(1, seed=1))  # warm up the video paths
+                await timed(session, base, video_body(1, seed=1))
+                return await video_rows(session, ours, base, pods, args)
             for clients in args.clients:
                 d = await load(session, ours, clients, args.requests)
                 m = await load(session, base, clients, args.requests)
@@ -258,7 +371,11 @@ def main() -> None:
         help="the encode pod's cache (every request sends the same image: 0 makes each one "
         "run the vision tower, as the monolithic server does)",
     )
+    parser.add_argument("--video", action="store_true", help="clips instead of images")
+    parser.add_argument("--video-seconds", type=int, nargs="+", default=[2, 5, 10, 30])
     args = parser.parse_args()
+    if args.video and args.backend != "reference":
+        parser.error("--video has a baseline on the reference backend only (see above)")
     rows = asyncio.run(run(args))
     for row in rows:
         print(json.dumps(row) if args.json else " ".join(f"{k}={v}" for k, v in row.items()))

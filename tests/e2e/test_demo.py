@@ -5,6 +5,7 @@ the router finds them by DNS)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -203,6 +204,31 @@ def test_demo_answers_like_the_monolithic_model(cluster: Cluster, demo: dict[str
     assert "over tcp" in gate["message"]
     (encode,) = pods(cluster, namespace, "encode")
     assert sample(metrics(encode), "deepstack_transfer_bytes_total", payload="deepstack") > 0
+
+
+def test_a_video_through_the_real_pods_answers_like_transformers(demo: dict[str, Any]) -> None:
+    """The runtime image decodes video (PyAV) and runs the checkpoint's video processor
+    (torchvision): a clip through the router's Service equals transformers' own answer."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.support.oracles import monolithic_media_generate
+    from tests.support.videos import clip
+
+    video = clip(20, 10.0, 64, 48)
+    url = "data:video/mp4;base64," + base64.b64encode(video).decode()
+    content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "Go"}]
+    body = {
+        "model": NAME, "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": content}],
+    }  # fmt: skip
+    status, reply = post(f"{demo['ROUTER_URL']}/v1/chat/completions", body)
+    assert status == 200, reply
+    plain = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Go"}]}]
+    tokens = monolithic_media_generate(demo["MODEL_DIR"], plain, [("video", video)], 8)
+    want = PreTrainedTokenizerFast.from_pretrained(demo["MODEL_DIR"]).decode(
+        tokens, skip_special_tokens=True
+    )
+    assert reply["choices"][0]["message"]["content"] == want
 
 
 def test_scaling_the_language_group_loses_no_request(

@@ -113,50 +113,75 @@ def monolithic_generate(model_dir: str | Path, prompt: Prompt, max_new_tokens: i
     return tokens
 
 
+class MediaPreprocessor:
+    """transformers' own preparation of a chat with images and videos: its
+    Qwen3VLProcessor, its own video reader (PyAV, every frame) and its own frame sampling,
+    nothing of ours."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from transformers import PreTrainedTokenizerFast
+        from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+        from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
+            Qwen3VLVideoProcessor,
+        )
+
+        self.tokenizer: Any = PreTrainedTokenizerFast.from_pretrained(model_dir)
+        self.processor = Qwen3VLProcessor(  # type: ignore[no-untyped-call]
+            image_processor=Qwen2VLImageProcessorPil.from_pretrained(model_dir),
+            tokenizer=self.tokenizer,
+            video_processor=Qwen3VLVideoProcessor.from_pretrained(model_dir),
+            chat_template=self.tokenizer.chat_template,
+        )
+
+    def inputs(self, messages: list[dict[str, Any]], media: list[tuple[str, bytes]]) -> Any:
+        """The model's inputs for `messages` (with {"type": "image"} / {"type": "video"}
+        parts where `media`, pairs of kind and bytes, go)."""
+        import tempfile
+
+        from transformers.video_utils import load_video
+
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        images = [decode_image(data) for kind, data in media if kind == "image"]
+        videos, metadata = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            for n, (kind, data) in enumerate(media):
+                if kind == "video":
+                    path = Path(tmp) / f"{n}.mp4"
+                    path.write_bytes(data)
+                    frames, meta = load_video(str(path), backend="pyav")  # type: ignore[arg-type]
+                    videos.append(frames)
+                    metadata.append(meta)
+        inputs = self.processor(
+            text=[text], images=images or None, videos=videos or None,
+            video_metadata=metadata or None, do_sample_frames=True, return_metadata=True,
+            return_tensors="pt",
+        )  # fmt: skip
+        inputs.pop("video_metadata", None)
+        return inputs
+
+    def decode(self, tokens: list[int]) -> str:
+        text: str = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return text
+
+
+def media_generate(model: Any, inputs: Any, max_new_tokens: int) -> list[int]:
+    """Greedy tokens of the undivided `model` on prepared `inputs`."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    tokens: list[int] = out[0, inputs["input_ids"].shape[1] :].tolist()
+    return tokens
+
+
 def monolithic_media_generate(
     model_dir: str | Path,
     messages: list[dict[str, Any]],
     media: list[tuple[str, bytes]],
     max_new_tokens: int,
 ) -> list[int]:
-    """Greedy tokens of the undivided model for a chat with images and videos
-    (`messages` with {"type": "image"} / {"type": "video"} parts where `media`, pairs of
-    kind and bytes, go), prepared by transformers alone: its Qwen3VLProcessor, its own
-    video reader (PyAV, every frame) and its own frame sampling, nothing of ours."""
-    import tempfile
-
-    from transformers import PreTrainedTokenizerFast
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-    from transformers.video_utils import load_video
-
-    tokenizer: Any = PreTrainedTokenizerFast.from_pretrained(model_dir)
-    processor = Qwen3VLProcessor(  # type: ignore[no-untyped-call]
-        image_processor=Qwen2VLImageProcessorPil.from_pretrained(model_dir),
-        tokenizer=tokenizer,
-        video_processor=Qwen3VLVideoProcessor.from_pretrained(model_dir),
-        chat_template=tokenizer.chat_template,
-    )
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    images = [decode_image(data) for kind, data in media if kind == "image"]
-    videos, metadata = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for n, (kind, data) in enumerate(media):
-            if kind == "video":
-                path = Path(tmp) / f"{n}.mp4"
-                path.write_bytes(data)
-                frames, meta = load_video(str(path), backend="pyav")  # type: ignore[arg-type]
-                videos.append(frames)
-                metadata.append(meta)
-    inputs = processor(
-        text=[text], images=images or None, videos=videos or None,
-        video_metadata=metadata or None, do_sample_frames=True, return_metadata=True,
-        return_tensors="pt",
-    )  # fmt: skip
-    inputs.pop("video_metadata", None)
-    model = load_model(model_dir)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    tokens: list[int] = out[0, inputs["input_ids"].shape[1] :].tolist()
-    return tokens
+    """Greedy tokens of the undivided model for a chat with images and videos, prepared
+    by transformers alone (MediaPreprocessor)."""
+    inputs = MediaPreprocessor(model_dir).inputs(messages, media)
+    return media_generate(load_model(model_dir), inputs, max_new_tokens)

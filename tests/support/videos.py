@@ -13,16 +13,24 @@ import numpy as np
 
 
 def clip(
-    frames: int, fps: float, width: int, height: int, codec: str = "mpeg4", fmt: str = "mp4"
+    frames: int,
+    fps: float,
+    width: int,
+    height: int,
+    codec: str = "mpeg4",
+    fmt: str = "mp4",
+    seed: int = 0,
 ) -> bytes:
-    """A clip of a square moving across a changing background."""
+    """A clip of a square moving across a changing background (`seed` shifts its
+    colours: another clip of the same size)."""
     out = io.BytesIO()
     with av.open(out, "w", format=fmt) as container:
         stream: Any = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for i in range(frames):
             picture = np.zeros((height, width, 3), np.uint8)
-            picture[..., 0] = i * 9 % 256
+            picture[..., 0] = (i * 9 + seed * 37) % 256
+            picture[..., 2] = seed * 53 % 256
             x = i * 3 % max(1, width - 8)
             picture[: min(8, height), x : x + 8, 1] = 255
             for packet in stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
