@@ -22,7 +22,7 @@ from deepstack_runtime.models.tiny import make_tiny_model
 from deepstack_runtime.servers.wire import MEDIA_TYPE, MediaItem, content_hash, encode_media
 from tests.support.cluster import REPO, wait_for
 from tests.support.metrics import sample, sample_or_zero
-from tests.support.oracles import ReferencePreprocessor, monolithic_generate
+from tests.support.oracles import ReferencePreprocessor, monolithic_generate, split_media
 from tests.support.runtime import (
     ServerProcess,
     data_url,
@@ -68,23 +68,8 @@ def chat(messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
 
 def monolithic(model: Path, messages: list[dict[str, Any]]) -> str:
     """The undivided model's greedy answer to the same messages."""
-    images, plain = [], []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, str):
-            plain.append(message)
-            continue
-        parts = []
-        for part in content:
-            if part["type"] == "image_url":
-                data = part["image_url"]["url"].split(",", 1)[1]
-                import base64
-
-                images.append(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
-                parts.append({"type": "image"})
-            else:
-                parts.append(part)
-        plain.append({"role": message["role"], "content": parts})
+    plain, media = split_media(messages)
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for _, data in media]
     pre = ReferencePreprocessor(model)
     return pre.decode(monolithic_generate(model, pre.prepare(plain, images), MAX_TOKENS))
 

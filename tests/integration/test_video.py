@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.cluster import wait_for
 from tests.support.metrics import sample, sample_or_zero
-from tests.support.oracles import monolithic_media_generate
+from tests.support.oracles import monolithic_media_generate, split_media
 from tests.support.runtime import ServerProcess, data_url, post, tiny_stack
 from tests.support.videos import clip, empty_clip, truncated_clip, unknown_codec_clip
 
@@ -54,25 +54,9 @@ def ask(stack: dict[str, Any], messages: list[dict[str, Any]]) -> tuple[int, dic
 
 def monolithic(model: Path, messages: list[dict[str, Any]]) -> str:
     """The undivided model's greedy answer, from the same messages' media bytes."""
-    import base64
-
     from transformers import PreTrainedTokenizerFast
 
-    plain, media = [], []
-    for message in messages:
-        content = message["content"]
-        if isinstance(content, str):
-            plain.append(message)
-            continue
-        parts = []
-        for p in content:
-            if p["type"] == "text":
-                parts.append(p)
-                continue
-            kind = p["type"].removesuffix("_url")
-            media.append((kind, base64.b64decode(p[p["type"]]["url"].split(",", 1)[1])))
-            parts.append({"type": kind})
-        plain.append({"role": message["role"], "content": parts})
+    plain, media = split_media(messages)
     tokens = monolithic_media_generate(model, plain, media, MAX_TOKENS)
     text: str = PreTrainedTokenizerFast.from_pretrained(model).decode(
         tokens, skip_special_tokens=True

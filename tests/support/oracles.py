@@ -185,3 +185,27 @@ def monolithic_media_generate(
     by transformers alone (MediaPreprocessor)."""
     inputs = MediaPreprocessor(model_dir).inputs(messages, media)
     return media_generate(load_model(model_dir), inputs, max_new_tokens)
+
+
+def split_media(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """OpenAI messages with inline (data: URL) images and videos -> (the messages with
+    {"type": "image"} / {"type": "video"} parts, [(kind, bytes)] in order)."""
+    import base64
+
+    plain, media = [], []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            plain.append(message)
+            continue
+        parts = []
+        for part in content:
+            if part["type"] in ("image_url", "video_url"):
+                kind = part["type"].removesuffix("_url")
+                url = part[part["type"]]["url"]
+                media.append((kind, base64.b64decode(url.split(",", 1)[1])))
+                parts.append({"type": kind})
+            else:
+                parts.append(part)
+        plain.append({"role": message["role"], "content": parts})
+    return plain, media

@@ -126,11 +126,7 @@ class Vision:
         except ValueError as e:  # an aspect ratio it does not take, say
             raise InputError(f"the image processor refused the image: {e}") from e
         grid = processed["image_grid_thw"]
-        if tuple(int(x) for x in grid[0]) != item.grid:
-            raise InputError(
-                f"this pod's processor makes a {tuple(grid[0].tolist())} grid of the image; "
-                f"the router counted {item.grid} (their settings differ)"
-            )
+        _same_grid(tuple(int(x) for x in grid[0]), item)
         return self.tower.encode(processed["pixel_values"], grid)
 
     def _video_rows(self, item: MediaItem, data: bytes) -> MultimodalItem:
@@ -144,11 +140,7 @@ class Vision:
                 "video the router described"
             )
         layout = video_layout(header, self.video_geometry)
-        if layout.grid != item.grid:
-            raise InputError(
-                f"this pod's video processor makes a {layout.grid} grid of the video; the "
-                f"router counted {item.grid} (their settings differ)"
-            )
+        _same_grid(layout.grid, item)  # before any frame is decoded
         frames = decode_frames(data, header, layout.indices)
         metadata = VideoMetadata(
             total_num_frames=header.frames, fps=header.fps, width=header.width,
@@ -158,12 +150,16 @@ class Vision:
             videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
         )
         grid = processed["video_grid_thw"]
-        if tuple(int(x) for x in grid[0]) != item.grid:
-            raise InputError(
-                f"this pod's video processor makes a {tuple(grid[0].tolist())} grid of the "
-                f"video; the router counted {item.grid}"
-            )
+        _same_grid(tuple(int(x) for x in grid[0]), item)
         return self.tower.encode(processed["pixel_values_videos"], grid)
+
+
+def _same_grid(made: tuple[int, ...], item: MediaItem) -> None:
+    if made != item.grid:
+        raise InputError(
+            f"this pod's {item.kind} processor makes a {made} grid of the {item.kind}; the "
+            f"router counted {item.grid} (their settings differ)"
+        )
 
 
 class MediaMetrics:
