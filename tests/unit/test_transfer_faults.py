@@ -97,3 +97,33 @@ def test_a_refused_room_is_heard_at_once_by_its_waiting_receiver() -> None:
     assert error.reason is FailureReason.POOL_EXHAUSTED
     assert "tower full" in error.message
     assert waited < 1.0  # not the room wait (the transfer timeout less one handshake)
+
+
+def test_rows_wait_for_a_full_pool_to_free_blocks_instead_of_being_refused() -> None:
+    """A pool full of rows whose receivers have not taken them yet: the next item waits
+    until a receiver takes its room (then fits), and is refused only if none does."""
+
+    async def scenario() -> tuple[bool, bool, float]:
+        sender = EmbeddingSender(MultimodalDataBuffers(LAYOUT), InProcessTransport(), SETTINGS)
+        receiver = EmbeddingReceiver(MultimodalDataBuffers(LAYOUT), InProcessTransport(), SETTINGS)
+        await sender.start()
+        receiver.start()
+        held = await sender.submit("first", item(LAYOUT.num_blocks * LAYOUT.block_tokens))
+        assert sender.allocator.free_blocks == 0
+        gave_up = await sender.wait_for_room(4, timeout=0.2)  # nobody takes "first"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waiting = asyncio.ensure_future(sender.wait_for_room(4, timeout=5))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        await receiver.receive("first", sender.address)  # its receiver comes
+        await held
+        fits = await waiting
+        waited = loop.time() - started
+        await receiver.close()
+        await sender.stop()
+        return gave_up, fits, waited
+
+    gave_up, fits, waited = asyncio.run(scenario())
+    assert (gave_up, fits) == (False, True)
+    assert 0.1 <= waited < 4

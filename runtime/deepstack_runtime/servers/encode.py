@@ -210,10 +210,11 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
     vision = Vision(config, device, torch.float32 if device == "cpu" else DTYPES[layout.dtype])
     endpoint.check_checkpoint(vision.tower.hidden_size, vision.tower.num_deepstack, layout)
     metrics = TransferMetrics(server.registry)
+    settings = endpoint.transfer_settings(config)
     sender = EmbeddingSender(
         endpoint.buffers(config, metrics),
         endpoint.transport(config, listen),
-        endpoint.transfer_settings(config),
+        settings,
         metrics,
         host=listen.host,
         port=listen.bootstrap_port,
@@ -283,6 +284,9 @@ async def run_encode(config: RuntimeConfig, listen: Listen) -> None:
                 fill, positions = vision.fill_and_positions(
                     [grid for item, _ in items for grid in item.frame_grids]
                 )
+                # Rows wait here while the pool is full of rows not yet taken (a language
+                # pod behind): refused only if the pool stays full for a handshake timeout.
+                await sender.wait_for_room(total, settings.handshake_timeout)
                 reserved = await sender.reserve(room, total)
                 try:
                     # The rows go where they are sent from; with no single run of blocks

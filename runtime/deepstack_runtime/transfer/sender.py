@@ -62,7 +62,11 @@ class EmbeddingSender:
         self.transport = transport
         self.settings = settings
         self.metrics = metrics or TransferMetrics()
-        self.allocator = BlockAllocator(self.layout.num_blocks, on_change=self.metrics.set_blocks)
+        # Set (from any thread) whenever blocks are taken or given back: a request that
+        # waits for room looks again.
+        self._blocks_changed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.allocator = BlockAllocator(self.layout.num_blocks, on_change=self._on_blocks)
         self._host, self._port = host, port
         self._table = RoomTable(self.layout, self.allocator, settings, self.metrics)
         # Receivers whose hello came before their room: submit starts their first write
@@ -73,6 +77,33 @@ class EmbeddingSender:
         self._server: asyncio.Server | None = None
         self._region = region_of(buffers)
         self._writes = ChunkWriter(transport, settings, self.metrics, on_chunk_written)
+
+    def _on_blocks(self, used: int, free: int) -> None:
+        self.metrics.set_blocks(used, free)
+        if self._loop is not None and self._blocks_changed is not None:
+            self._loop.call_soon_threadsafe(self._blocks_changed.set)
+
+    async def wait_for_room(self, num_tokens: int, timeout: float) -> bool:
+        """Wait, up to `timeout`, until the pool has blocks free for `num_tokens` (the
+        rooms it holds leave as their receivers take them); False when it still has not.
+        An item the whole pool could never hold does not wait: `reserve` refuses it."""
+        needed = self.layout.blocks_for(num_tokens)
+        if needed > self.allocator.num_blocks:
+            return False
+        loop = asyncio.get_running_loop()
+        if self._blocks_changed is None:
+            self._loop, self._blocks_changed = loop, asyncio.Event()
+        deadline = loop.time() + timeout
+        while self.allocator.free_blocks < needed:
+            self._blocks_changed.clear()
+            if self.allocator.free_blocks >= needed:
+                break
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._blocks_changed.wait()
+            except TimeoutError:
+                return False
+        return True
 
     async def start(self) -> None:
         self.transport.register(self.buffers.base_ptr, self.buffers.nbytes)
