@@ -19,7 +19,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from deepstack_runtime.config import ConfigError, RuntimeConfig
+from deepstack_runtime.config import ROUTER_LIMIT_TABLE, ConfigError, RuntimeConfig
 
 if TYPE_CHECKING:  # the servers import aiohttp; make-tiny-model does not need them
     from deepstack_runtime.servers.common import Listen
@@ -41,7 +41,7 @@ def _listen(args: argparse.Namespace, config: RuntimeConfig) -> Listen:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepstack-runtime", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     tiny = sub.add_parser("make-tiny-model", help="write a small random Qwen3-VL-MoE checkpoint")
@@ -75,31 +75,19 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(
                 "--language-url", action="append", default=[], help="static language instances"
             )
-            # Limits per request; unset: RouterOptions' defaults.
-            p.add_argument("--max-prompt-tokens", type=int, help="tokens of one prompt")
-            p.add_argument("--max-images", type=int, help="images and videos in one request")
-            p.add_argument(
-                "--max-image-pixels", type=int, help="pixels of one image or video frame"
-            )
-            p.add_argument("--max-video-seconds", type=float, help="seconds of one video")
-            p.add_argument("--max-video-frames", type=int, help="frames sampled from one video")
-            p.add_argument("--max-visual-tokens", type=int, help="visual tokens of one request")
-            p.add_argument("--max-inflight", type=int, help="requests at once (beyond: 429)")
+            # The router's limits (RouterOptions'), from the one table of them.
+            for limit in ROUTER_LIMIT_TABLE:
+                p.add_argument(
+                    limit.flag,
+                    type=limit.type,
+                    default=limit.default,
+                    help=f"{limit.help} (default: %(default)s)",
+                )
             p.add_argument(
                 "--health-interval",
                 type=float,
                 default=1.0,
                 help="seconds between discovering instances and probing their /health",
-            )
-            p.add_argument(
-                "--instance-wait-seconds",
-                type=float,
-                help="how long a request waits for a healthy pair when there is none",
-            )
-            p.add_argument(
-                "--queue-wait-seconds",
-                type=float,
-                help="how long a request waits for a pair with room when all are busy",
             )
             p.add_argument(
                 "--allow-local-files", action="store_true", help="accept file: image URLs"
@@ -124,6 +112,11 @@ def main(argv: list[str] | None = None) -> None:
                 default="",
                 help='JSON {"encode": [urls], "language": [urls]}, re-read every second',
             )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     # Extra arguments (the resource's language.extraArgs) go to SGLang's engine on the
     # sglang backend; nothing else takes any.
     args, extra = parser.parse_known_args(argv)
@@ -156,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from deepstack_runtime.servers.auth import ApiKeyError, ApiKeys
         from deepstack_runtime.servers.images import Allowlist
-        from deepstack_runtime.servers.router import ROUTER_LIMITS, RouterOptions, run_router
+        from deepstack_runtime.servers.router import RouterOptions, run_router
 
         try:
             image_urls = Allowlist.parse(args.image_url_domain)
@@ -170,11 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             image_urls=image_urls,
             instances_file=args.instances_file,
             health_interval=args.health_interval,
-            **{
-                limit: getattr(args, limit)
-                for limit in ROUTER_LIMITS
-                if getattr(args, limit) is not None
-            },
+            **{limit.option: getattr(args, limit.option) for limit in ROUTER_LIMIT_TABLE},
             api_keys=api_keys,
         )
         asyncio.run(run_router(config, listen, options))

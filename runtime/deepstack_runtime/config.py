@@ -34,6 +34,103 @@ CONTRACT_HASH_LENGTH = 10
 API_KEYS_FILE = "/etc/deepstack-api-keys/keys"
 
 
+@dataclass(frozen=True)
+class TransferKnob:
+    """One of the resource's spec.transfer knobs: where the CRD has it (dotted, under
+    spec.transfer), the TransferConfig field that holds it, the TransferSettings field it
+    becomes in the transfer ("": none) and its default, which the CRD's must equal
+    (tests/unit/test_defaults.py); None: the CRD has no default."""
+
+    crd_path: str
+    field: str
+    default: Any
+    settings: str = ""
+
+
+# The one table of the transfer knobs: TransferConfig's defaults, RuntimeConfig.from_spec
+# and TransferSettings (its defaults, TransferSettings.from_config) all come from it.
+TRANSFER_KNOBS = (
+    TransferKnob("protocol", "protocol", "tcp"),
+    TransferKnob("rdmaDevices", "rdma_devices", ()),
+    TransferKnob("blockTokens", "block_tokens", 256),
+    TransferKnob("defaultAllocationTokens", "default_allocation_tokens", 4096, "default_tokens"),
+    TransferKnob("poolBlocks", "pool_blocks", 1024),
+    TransferKnob("bootstrapPort", "bootstrap_port", 8998),
+    TransferKnob("handshakeTimeoutSeconds", "handshake_timeout_seconds", 10, "handshake_timeout"),
+    TransferKnob("transferTimeoutSeconds", "transfer_timeout_seconds", 60, "transfer_timeout"),
+    # One Mooncake write (also MC_TRANSFER_TIMEOUT); None: half of transfer_timeout_seconds.
+    TransferKnob("writeTimeoutSeconds", "write_timeout_seconds", None, "write_timeout"),
+    TransferKnob("maxQueuedRequests", "max_queued_requests", 64, "max_queued"),
+    TransferKnob("resumption.maxRounds", "resume_max_rounds", 8, "max_rounds"),
+    TransferKnob("resumption.timeoutSeconds", "resume_timeout_seconds", 30, "resume_timeout"),
+    TransferKnob("checksum", "checksum", True, "checksum"),
+    TransferKnob("mooncakePorts.min", "mooncake_min_port", MOONCAKE_PORTS[0]),
+    TransferKnob("mooncakePorts.max", "mooncake_max_port", MOONCAKE_PORTS[1]),
+)
+# TransferConfig field -> its default.
+TRANSFER_DEFAULTS: dict[str, Any] = {knob.field: knob.default for knob in TRANSFER_KNOBS}
+
+
+@dataclass(frozen=True)
+class RouterLimit:
+    """One of the router's limits per request (or per router): its RouterOptions field,
+    type, default and help, and its key under the resource's spec.router.limits ("": the
+    resource does not expose it). Its flag is the field's name, dashed."""
+
+    option: str
+    type: type[int] | type[float]
+    default: int | float
+    help: str
+    crd_key: str = ""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.option.replace("_", "-")
+
+
+# The one table of the router's limits: RouterOptions' defaults, the router's flags
+# (deepstack_runtime.cli) and the operator's rendering of router.limits come from it; the
+# CRD's defaults must equal it (tests/unit/test_defaults.py).
+ROUTER_LIMIT_TABLE = (
+    RouterLimit("max_images", int, 8, "images and videos in one request", "maxImages"),
+    RouterLimit(
+        "max_image_pixels",
+        int,
+        4096 * 4096,
+        "pixels of one image or video frame",
+        "maxImagePixels",
+    ),
+    RouterLimit("max_video_seconds", float, 120.0, "seconds of one video", "maxVideoSeconds"),
+    RouterLimit("max_video_frames", int, 768, "frames sampled from one video", "maxVideoFrames"),
+    RouterLimit("max_visual_tokens", int, 16384, "visual tokens of one request", "maxVisualTokens"),
+    RouterLimit("max_prompt_tokens", int, 4096, "tokens of one prompt", "maxPromptTokens"),
+    RouterLimit("max_inflight", int, 256, "requests at once (beyond: 429)", "maxInflight"),
+    RouterLimit(
+        "instance_wait_seconds",
+        float,
+        5.0,
+        "how long a request waits for a healthy pair when there is none",
+    ),
+    RouterLimit(
+        "queue_wait_seconds",
+        float,
+        30.0,
+        "how long a request waits for a pair with room when all are busy",
+    ),
+)
+# RouterOptions field -> its default.
+ROUTER_LIMIT_DEFAULTS: dict[str, Any] = {
+    limit.option: limit.default for limit in ROUTER_LIMIT_TABLE
+}
+
+
+def stable_digest(value: Any) -> str:
+    """The sha256 (hex) of JSON-able `value` as compact JSON with sorted keys: the same for
+    equal content whatever its keys' order."""
+    data = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
 class ConfigError(ValueError):
     """A configuration the runtime cannot run with; the message says which field and why."""
 
@@ -58,22 +155,37 @@ class DeepStackConfig:
 
 @dataclass(frozen=True)
 class TransferConfig:
-    protocol: str = "tcp"
-    rdma_devices: tuple[str, ...] = ()
-    block_tokens: int = 256
-    default_allocation_tokens: int = 4096
-    pool_blocks: int = 1024
-    bootstrap_port: int = 8998
-    handshake_timeout_seconds: int = 10
-    transfer_timeout_seconds: int = 60
+    """spec.transfer; every default from TRANSFER_KNOBS."""
+
+    protocol: str = TRANSFER_DEFAULTS["protocol"]
+    rdma_devices: tuple[str, ...] = TRANSFER_DEFAULTS["rdma_devices"]
+    block_tokens: int = TRANSFER_DEFAULTS["block_tokens"]
+    default_allocation_tokens: int = TRANSFER_DEFAULTS["default_allocation_tokens"]
+    pool_blocks: int = TRANSFER_DEFAULTS["pool_blocks"]
+    bootstrap_port: int = TRANSFER_DEFAULTS["bootstrap_port"]
+    handshake_timeout_seconds: int = TRANSFER_DEFAULTS["handshake_timeout_seconds"]
+    transfer_timeout_seconds: int = TRANSFER_DEFAULTS["transfer_timeout_seconds"]
     # One Mooncake write (also MC_TRANSFER_TIMEOUT); None: half of transfer_timeout_seconds.
-    write_timeout_seconds: int | None = None
-    max_queued_requests: int = 64
-    resume_max_rounds: int = 8
-    resume_timeout_seconds: int = 30
-    checksum: bool = True
-    mooncake_min_port: int = MOONCAKE_PORTS[0]
-    mooncake_max_port: int = MOONCAKE_PORTS[1]
+    write_timeout_seconds: int | None = TRANSFER_DEFAULTS["write_timeout_seconds"]
+    max_queued_requests: int = TRANSFER_DEFAULTS["max_queued_requests"]
+    resume_max_rounds: int = TRANSFER_DEFAULTS["resume_max_rounds"]
+    resume_timeout_seconds: int = TRANSFER_DEFAULTS["resume_timeout_seconds"]
+    checksum: bool = TRANSFER_DEFAULTS["checksum"]
+    mooncake_min_port: int = TRANSFER_DEFAULTS["mooncake_min_port"]
+    mooncake_max_port: int = TRANSFER_DEFAULTS["mooncake_max_port"]
+
+    @classmethod
+    def from_spec(cls, transfer: dict[str, Any]) -> TransferConfig:
+        """From the resource's spec.transfer: each knob at its CRD path, else its default."""
+        values: dict[str, Any] = {}
+        for knob in TRANSFER_KNOBS:
+            *parents, key = knob.crd_path.split(".")
+            node = transfer
+            for parent in parents:
+                node = node.get(parent, {})
+            value = node.get(key, knob.default)
+            values[knob.field] = tuple(value) if isinstance(value, list) else value
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -171,8 +283,7 @@ class RuntimeConfig:
 
     def contract_hash(self) -> str:
         """Short, stable name of the contract (a label value; DNS-safe hex)."""
-        data = json.dumps(self.contract(), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(data).hexdigest()[:CONTRACT_HASH_LENGTH]
+        return stable_digest(self.contract())[:CONTRACT_HASH_LENGTH]
 
     # --- (de)serialisation -------------------------------------------------------------
 
@@ -225,10 +336,8 @@ class RuntimeConfig:
             spec.get("deepstack", {}),
             spec.get("transfer", {}),
         )
-        resumption = transfer.get("resumption", {})
-        mooncake_ports = transfer.get("mooncakePorts", {})
         router = spec.get("router", {})
-        router_port = router.get("port", 8000)
+        router_port = router.get("port", HTTP_PORT)
         return cls(
             name=name,
             namespace=namespace,
@@ -243,23 +352,7 @@ class RuntimeConfig:
                 hidden_size=deepstack.get("hiddenSize", 2048),
                 dtype=deepstack.get("dtype", "bfloat16"),
             ),
-            transfer=TransferConfig(
-                protocol=transfer.get("protocol", "tcp"),
-                rdma_devices=tuple(transfer.get("rdmaDevices", ())),
-                block_tokens=transfer.get("blockTokens", 256),
-                default_allocation_tokens=transfer.get("defaultAllocationTokens", 4096),
-                pool_blocks=transfer.get("poolBlocks", 1024),
-                bootstrap_port=transfer.get("bootstrapPort", 8998),
-                handshake_timeout_seconds=transfer.get("handshakeTimeoutSeconds", 10),
-                transfer_timeout_seconds=transfer.get("transferTimeoutSeconds", 60),
-                write_timeout_seconds=transfer.get("writeTimeoutSeconds"),
-                max_queued_requests=transfer.get("maxQueuedRequests", 64),
-                resume_max_rounds=resumption.get("maxRounds", 8),
-                resume_timeout_seconds=resumption.get("timeoutSeconds", 30),
-                checksum=transfer.get("checksum", True),
-                mooncake_min_port=mooncake_ports.get("min", MOONCAKE_PORTS[0]),
-                mooncake_max_port=mooncake_ports.get("max", MOONCAKE_PORTS[1]),
-            ),
+            transfer=TransferConfig.from_spec(transfer),
             endpoints=Endpoints(
                 encode_service=f"{name}-encode.{namespace}.svc",
                 language_service=f"{name}-language.{namespace}.svc",

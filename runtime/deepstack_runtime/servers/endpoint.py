@@ -22,17 +22,7 @@ _CLIENT_REASONS = {FailureReason.BAD_REQUEST, FailureReason.DUPLICATE_ROOM, Fail
 
 
 def transfer_settings(config: RuntimeConfig) -> TransferSettings:
-    t = config.transfer
-    return TransferSettings(
-        default_tokens=t.default_allocation_tokens,
-        handshake_timeout=t.handshake_timeout_seconds,
-        transfer_timeout=t.transfer_timeout_seconds,
-        resume_timeout=t.resume_timeout_seconds,
-        write_timeout=t.write_timeout_seconds,
-        max_rounds=t.resume_max_rounds,
-        max_queued=t.max_queued_requests,
-        checksum=t.checksum,
-    )
+    return TransferSettings.from_config(config.transfer)
 
 
 def buffer_layout(config: RuntimeConfig) -> BufferLayout:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
+from deepstack_runtime.config import HTTP_PORT
 from deepstack_runtime.routing import Candidate, rendezvous_pick
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class Pool:
     role: str
     static: list[str]
     dns_name: str = ""
-    port: int = 8000
+    port: int = HTTP_PORT
     instances_file: str = ""
     instances: dict[str, Instance] = field(default_factory=dict)
     # Instances no longer listed while requests still run on them: one that is listed

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import Counter
 
-from deepstack_runtime.config import RuntimeConfig
+from deepstack_runtime.config import ROUTER_LIMIT_DEFAULTS, ROUTER_LIMIT_TABLE, RuntimeConfig
 from deepstack_runtime.routing import conversation_key
 from deepstack_runtime.servers.auth import ApiKeys
 from deepstack_runtime.servers.chat import parse_chat_request
@@ -48,46 +48,39 @@ RETRIES = 1
 
 
 # The RouterOptions a router's flags (and the resource's router.limits) may set.
-ROUTER_LIMITS = (
-    "max_images",
-    "max_image_pixels",
-    "max_video_seconds",
-    "max_video_frames",
-    "max_visual_tokens",
-    "max_prompt_tokens",
-    "max_inflight",
-    "instance_wait_seconds",
-    "queue_wait_seconds",
-)
+ROUTER_LIMITS = tuple(limit.option for limit in ROUTER_LIMIT_TABLE)
 
 
 @dataclass(frozen=True)
 class RouterOptions:
     encode_urls: list[str]
     language_urls: list[str]
-    max_prompt_tokens: int = 4096
+    max_prompt_tokens: int = ROUTER_LIMIT_DEFAULTS["max_prompt_tokens"]
     max_tokens_limit: int = 512
     allow_local_files: bool = False
     health_interval: float = 1.0
     instances_file: str = ""  # {"encode": [urls], "language": [urls]}
     # Bearer tokens a client must send on the OpenAI routes; none: no authentication.
     api_keys: ApiKeys = field(default_factory=ApiKeys)
-    # What one request may cost, checked before anything is decoded or encoded.
-    max_images: int = 8  # images and videos
-    max_image_pixels: int = 4096 * 4096  # of an image, or of a video's frame
-    max_video_seconds: float = 120.0  # of one video: what its encode pod may decode
-    max_video_frames: int = 768  # sampled from one video (its processor's own maximum)
-    max_visual_tokens: int = 16384
+    # What one request may cost, checked before anything is decoded or encoded; these
+    # limits' defaults are config.ROUTER_LIMIT_TABLE's.
+    max_images: int = ROUTER_LIMIT_DEFAULTS["max_images"]  # images and videos
+    max_image_pixels: int = ROUTER_LIMIT_DEFAULTS["max_image_pixels"]  # of an image or frame
+    # of one video: what its encode pod may decode
+    max_video_seconds: float = ROUTER_LIMIT_DEFAULTS["max_video_seconds"]
+    # sampled from one video (its processor's own maximum)
+    max_video_frames: int = ROUTER_LIMIT_DEFAULTS["max_video_frames"]
+    max_visual_tokens: int = ROUTER_LIMIT_DEFAULTS["max_visual_tokens"]
     # Hosts image URLs may name (router.mediaUrlDomains); empty: no image is fetched.
     image_urls: Allowlist = field(default_factory=Allowlist)
     # Requests one router serves at once; beyond, 429 with Retry-After (before the body
     # is read).
-    max_inflight: int = 256
+    max_inflight: int = ROUTER_LIMIT_DEFAULTS["max_inflight"]
     # How long a request waits for a healthy pair when there is none, before a 503.
-    instance_wait_seconds: float = 5.0
+    instance_wait_seconds: float = ROUTER_LIMIT_DEFAULTS["instance_wait_seconds"]
     # How long a request waits for a pair with room when every one is busy (each pod
     # takes as many requests at once as its queue holds), before a 503.
-    queue_wait_seconds: float = 30.0
+    queue_wait_seconds: float = ROUTER_LIMIT_DEFAULTS["queue_wait_seconds"]
 
 
 async def run_router(config: RuntimeConfig, listen: Listen, options: RouterOptions) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deepstack_runtime.config import TRANSFER_DEFAULTS, TRANSFER_KNOBS, TransferConfig
+
 # Mooncake's own allowance for a write's size on top of its timeout (MC_TRANSFER_TIMEOUT),
 # which ours follows: one second per GB.
 WRITE_SECONDS_PER_BYTE = 1e-9
@@ -11,19 +13,37 @@ WRITE_SECONDS_PER_BYTE = 1e-9
 
 @dataclass(frozen=True)
 class TransferSettings:
-    default_tokens: int = 4096  # language side's first allocation per request
-    handshake_timeout: float = 10.0
-    transfer_timeout: float = 60.0  # whole request, resumptions included
-    resume_timeout: float = 30.0  # one resume round
+    """The transfer's view of spec.transfer (from_config); each default is the knob's in
+    config.TRANSFER_KNOBS."""
+
+    # language side's first allocation per request
+    default_tokens: int = TRANSFER_DEFAULTS["default_allocation_tokens"]
+    handshake_timeout: float = TRANSFER_DEFAULTS["handshake_timeout_seconds"]
+    # whole request, resumptions included
+    transfer_timeout: float = TRANSFER_DEFAULTS["transfer_timeout_seconds"]
+    resume_timeout: float = TRANSFER_DEFAULTS["resume_timeout_seconds"]  # one resume round
     # One Mooncake write: not final by then, its request fails (the write stays fenced
     # until Mooncake says it is final). Also how long a receiver that lost its sender
     # mid-write keeps the blocks fenced. Below transfer_timeout; None: half of it.
-    write_timeout: float | None = None
-    max_rounds: int = 8  # resume requests per request; 0 disables resumption
+    write_timeout: float | None = TRANSFER_DEFAULTS["write_timeout_seconds"]
+    # resume requests per request; 0 disables resumption
+    max_rounds: int = TRANSFER_DEFAULTS["resume_max_rounds"]
     # Receipts waiting for blocks (more are refused: POOL_EXHAUSTED); on the encode side,
     # also the rooms one peer may wait for before they are submitted.
-    max_queued: int = 64
-    checksum: bool = True  # per-block checksums, computed by the sender, checked by the receiver
+    max_queued: int = TRANSFER_DEFAULTS["max_queued_requests"]
+    # per-block checksums, computed by the sender, checked by the receiver
+    checksum: bool = TRANSFER_DEFAULTS["checksum"]
+
+    @classmethod
+    def from_config(cls, config: TransferConfig) -> TransferSettings:
+        """From the runtime configuration's transfer section (TRANSFER_KNOBS' mapping)."""
+        return cls(
+            **{
+                knob.settings: getattr(config, knob.field)
+                for knob in TRANSFER_KNOBS
+                if knob.settings
+            }
+        )
 
     def __post_init__(self) -> None:
         if self.default_tokens < 1:
