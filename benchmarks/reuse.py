@@ -202,7 +202,7 @@ def wire_ratio(wire: float, files: float, images: float) -> dict[str, float]:
 @contextmanager
 def stack(root: Path, backend: str, cache_mib: int) -> Iterator[dict[str, Any]]:
     from deepstack_runtime.models.tiny import make_tiny_model
-    from tests.support.runtime import runtime_config, serving_stack, wait_until_router_sees_both
+    from devkit.runtime import runtime_config, serving_stack, wait_until_router_sees_both
 
     model = make_tiny_model(root / "model", seed=0, published_image_processor=True)
     config = dataclasses.replace(

@@ -77,7 +77,7 @@ import asyncio, sys, torch
 from aiohttp import web
 from deepstack_runtime.backends.reference import load_model
 from deepstack_runtime.servers.prompt import parse_messages
-from tests.support.oracles import MediaPreprocessor, ReferencePreprocessor, media_generate
+from devkit.oracles import MediaPreprocessor, ReferencePreprocessor, media_generate
 model_dir, port = sys.argv[1], int(sys.argv[2])
 pre = ReferencePreprocessor(model_dir)
 media_pre = MediaPreprocessor(model_dir)
@@ -121,7 +121,7 @@ web.run_app(app, host="127.0.0.1", port=port, print=None)
 
 
 def video_body(seconds: int, seed: int) -> dict[str, Any]:
-    from tests.support.videos import clip
+    from devkit.videos import clip
 
     data = clip(seconds * VIDEO_FPS, VIDEO_FPS, 128, 96, seed=seed)
     url = "data:video/mp4;base64," + base64.b64encode(data).decode()
@@ -146,7 +146,7 @@ VIDEO_FPS = 10
 
 async def counter(session: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
     """A series' value from a server's /metrics (its API port: no metrics port of its own)."""
-    from tests.support.metrics import sample_or_zero
+    from devkit.metrics import sample_or_zero
 
     async with session.get(f"{url}/metrics") as r:
         return sample_or_zero(await r.text(), name, **labels)
@@ -263,8 +263,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     import dataclasses
 
     from deepstack_runtime.models.tiny import make_tiny_model
-    from tests.support.runtime import runtime_config
-    from tests.support.sglang_on_cpu import SGLANG_CPU_ARGS, SGLANG_ENV, SGLANG_PYTHON
+    from devkit.runtime import runtime_config
+    from devkit.sglang_on_cpu import SGLANG_CPU_ARGS, SGLANG_ENV, SGLANG_PYTHON
 
     root = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     model = make_tiny_model(root / "model", seed=0)

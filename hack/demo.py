@@ -11,8 +11,8 @@
 
     [DEMO_BACKEND=reference|sglang] python hack/demo.py up | down
 
-DEMO_BACKEND=sglang serves with SGLang's engine on this CPU, which needs the tests' kernel
-stand-ins (tests/support/sglang_cpu) that no image ships: its pods are placed on the
+DEMO_BACKEND=sglang serves with SGLang's engine on this CPU, which needs the kernel
+stand-ins (devkit/sglang_cpu) that no image ships: its pods are placed on the
 simulated nodes and run as local processes from the templates the operator rendered.
 """
 
@@ -36,10 +36,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the tests' SGLang-on-CPU settings and local pods
-from tests.support.cluster import SIMULATED_PLACEMENT  # noqa: E402
-from tests.support.localpods import local_pod, start  # noqa: E402
-from tests.support.sglang_on_cpu import SGLANG_CPU_ARGS, SGLANG_ENV  # noqa: E402
+sys.path.insert(0, str(REPO))  # devkit: the SGLang-on-CPU settings and local pods
+from devkit.cluster import SIMULATED_PLACEMENT  # noqa: E402
+from devkit.localpods import local_pod, start  # noqa: E402
+from devkit.sglang_on_cpu import SGLANG_CPU_ARGS, SGLANG_ENV  # noqa: E402
 
 # The end-to-end test runs its own copy beside a developer's: state, namespace and ports
 # can be moved.

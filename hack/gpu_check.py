@@ -31,9 +31,9 @@ def main(device_name: str) -> int:
     from deepstack_runtime.models.tiny import make_tiny_model
     from deepstack_runtime.transfer.mooncake import buffer_device
     from deepstack_runtime.transfer.settings import TransferSettings
-    from tests.support.oracles import ReferencePreprocessor
-    from tests.support.runtime import png
-    from tests.support.transfer_peers import Peer, decode_item, encode_item
+    from devkit.oracles import ReferencePreprocessor
+    from devkit.runtime import png
+    from devkit.transfer_peers import Peer, decode_item, encode_item
 
     assert device_name == "cpu" or torch.cuda.is_available(), "no CUDA device"
     model = make_tiny_model(Path(tempfile.mkdtemp()) / "model")

@@ -4,7 +4,7 @@
 # and this project (editable, no dependencies). It is kept apart from .venv (SGLang's
 # pins are not the runtime's) but reads torch, transformers and the rest from .venv
 # through a .pth file, so the multi-GB torch install exists once. SGLang's kernel package
-# is not installable on CPU: tests/support/sglang_cpu stands in for it (PYTHONPATH).
+# is not installable on CPU: devkit/sglang_cpu stands in for it (PYTHONPATH).
 # Idempotent.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

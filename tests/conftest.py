@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.cluster import KUBECONFIG, REPO, Cluster, is_ready, tool_bin
+from devkit.cluster import KUBECONFIG, REPO, Cluster, is_ready, tool_bin
 
 
 @pytest.fixture(scope="session")

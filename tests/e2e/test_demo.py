@@ -23,10 +23,11 @@ from typing import Any
 import pytest
 
 from deepstack_runtime.models.tiny import make_tiny_model
-from tests.support.cluster import Cluster, wait_for
+from devkit.cluster import Cluster, wait_for
+from devkit.metrics import sample, sample_or_zero
+from devkit.runtime import data_url, get, png, post
 from tests.support.demo import demo_up
 from tests.support.listening import listening_ports
-from tests.support.metrics import sample, sample_or_zero
 from tests.support.node import NODE_NAME, container_pid, tag_image
 from tests.support.operator import (
     StatusRecorder,
@@ -37,7 +38,6 @@ from tests.support.operator import (
     group_name,
     wait_for_status,
 )
-from tests.support.runtime import data_url, get, png, post
 
 NAME = "tiny-qwen3-vl-moe"
 IMAGE = png(64, 48, (20, 160, 220))
@@ -74,7 +74,7 @@ def monolithic_answer(model_dir: str, max_tokens: int) -> str:
 
     from PIL import Image
 
-    from tests.support.oracles import ReferencePreprocessor, monolithic_generate
+    from devkit.oracles import ReferencePreprocessor, monolithic_generate
 
     pre = ReferencePreprocessor(model_dir)
     content = [{"type": "image"}, {"type": "text", "text": "Describe the image."}]
@@ -211,8 +211,8 @@ def test_a_video_through_the_real_pods_answers_like_transformers(demo: dict[str,
     (torchvision): a clip through the router's Service equals transformers' own answer."""
     from transformers import PreTrainedTokenizerFast
 
-    from tests.support.oracles import monolithic_media_generate
-    from tests.support.videos import clip
+    from devkit.oracles import monolithic_media_generate
+    from devkit.videos import clip
 
     video = clip(20, 10.0, 64, 48)
     url = "data:video/mp4;base64," + base64.b64encode(video).decode()

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.support.cluster import Cluster
+from devkit.cluster import Cluster
+from devkit.metrics import sample
+from devkit.oracles import ReferencePreprocessor, monolithic_generate
+from devkit.runtime import data_url, get, png, post, sglang_server
 from tests.support.demo import demo_up
-from tests.support.metrics import sample
 from tests.support.operator import get_json, group_name
-from tests.support.oracles import ReferencePreprocessor, monolithic_generate
-from tests.support.runtime import data_url, get, png, post, sglang_server
 
 NAME = "tiny-qwen3-vl-moe"
 IMAGE = png(64, 48, (20, 160, 220))

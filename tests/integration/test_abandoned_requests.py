@@ -13,10 +13,10 @@ import pytest
 
 from deepstack_runtime.models.tiny import make_tiny_model
 from deepstack_runtime.servers.wire import MEDIA_TYPE
-from tests.support.cluster import wait_for
-from tests.support.metrics import sample
-from tests.support.oracles import ReferencePreprocessor
-from tests.support.runtime import (
+from devkit.cluster import wait_for
+from devkit.metrics import sample
+from devkit.oracles import ReferencePreprocessor
+from devkit.runtime import (
     ServerProcess,
     data_url,
     media_body,

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from deepstack_runtime.models.tiny import make_tiny_model
-from tests.support.cluster import wait_for
-from tests.support.metrics import sample
-from tests.support.oracles import ReferencePreprocessor
-from tests.support.runtime import ServerProcess, data_url, png, runtime_config, serving_stack
+from devkit.cluster import wait_for
+from devkit.metrics import sample
+from devkit.oracles import ReferencePreprocessor
+from devkit.runtime import ServerProcess, data_url, png, runtime_config, serving_stack
 
 # 4 blocks of 4 tokens: one request of 16 visual tokens holds the whole pool.
 TRANSFER = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 4,

@@ -14,9 +14,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.support.cluster import REPO, SIMULATED_PLACEMENT, Cluster, wait_for
-from tests.support.crd import install_crd, minimal
-from tests.support.localpods import token_kubeconfig
+from devkit.cluster import REPO, SIMULATED_PLACEMENT, Cluster, wait_for
+from devkit.crd import install_crd, minimal
+from devkit.localpods import token_kubeconfig
 from tests.support.operator import OperatorProcess, condition, get_json, wait_for_status
 
 CHART = REPO / "charts" / "deepstack-disagg"

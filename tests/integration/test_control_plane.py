@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.support.cluster import REPO, SIMULATED_PLACEMENT, Cluster, wait_for
+from devkit.cluster import REPO, SIMULATED_PLACEMENT, Cluster, wait_for
 from tests.support.node import NODE_NAME, PAUSE_IMAGE, STATE, kill_node_processes
 
 

@@ -11,8 +11,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.support.cluster import Cluster
-from tests.support.crd import (
+from devkit.cluster import Cluster
+from devkit.crd import (
     CRD_NAME,
     EXAMPLES,
     GROUP,
@@ -74,7 +74,7 @@ def test_one_source_of_defaults(custom_api: Any, namespace: str, path: Any) -> N
     example as written (its fallbacks for absent fields) is the one read from the stored
     object."""
     from deepstack_runtime.config import RuntimeConfig
-    from tests.support.specs import example
+    from devkit.specs import example
 
     given = load(path)
     stored = create(custom_api, namespace, given)

@@ -18,10 +18,18 @@ import pytest
 import yaml
 
 from deepstack_runtime.models.tiny import make_tiny_model
-from tests.support.cluster import REPO, Cluster, wait_for
-from tests.support.crd import install_crd, minimal
-from tests.support.operator import OperatorProcess, free_port, wait_for_status
-from tests.support.runtime import data_url, get, png, post, runtime_config, serving_stack
+from devkit.cluster import REPO, Cluster, wait_for
+from devkit.crd import install_crd, minimal
+from devkit.runtime import (
+    data_url,
+    free_port,
+    get,
+    png,
+    post,
+    runtime_config,
+    serving_stack,
+)
+from tests.support.operator import OperatorProcess, wait_for_status
 
 CHART = REPO / "charts" / "deepstack-disagg"
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from deepstack_runtime.servers.images import FETCH_TIMEOUT_SECONDS, MAX_IMAGE_BYTES
-from tests.support.runtime import (
+from devkit.runtime import (
     ServerProcess,
     data_url,
     png,

@@ -20,10 +20,10 @@ from PIL import Image
 
 from deepstack_runtime.models.tiny import make_tiny_model
 from deepstack_runtime.servers.wire import MEDIA_TYPE, MediaItem, content_hash, encode_media
-from tests.support.cluster import REPO, wait_for
-from tests.support.metrics import sample, sample_or_zero
-from tests.support.oracles import ReferencePreprocessor, monolithic_generate, split_media
-from tests.support.runtime import (
+from devkit.cluster import REPO, wait_for
+from devkit.metrics import sample, sample_or_zero
+from devkit.oracles import ReferencePreprocessor, monolithic_generate, split_media
+from devkit.runtime import (
     ServerProcess,
     data_url,
     get,

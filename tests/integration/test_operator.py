@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import Cluster, wait_for
-from tests.support.crd import install_crd, minimal
-from tests.support.metrics import sample
+from devkit.cluster import Cluster, wait_for
+from devkit.crd import install_crd, minimal
+from devkit.metrics import sample
 from tests.support.operator import (
     OperatorProcess,
     StatusRecorder,

@@ -6,9 +6,9 @@ import json
 import uuid
 from pathlib import Path
 
-from tests.support.cluster import REPO, Cluster, wait_for
-from tests.support.crd import install_crd, minimal
-from tests.support.metrics import sample
+from devkit.cluster import REPO, Cluster, wait_for
+from devkit.crd import install_crd, minimal
+from devkit.metrics import sample
 from tests.support.operator import OperatorProcess, get_json, wait_for_status
 
 NAME = "tiny-qwen3-vl-moe"

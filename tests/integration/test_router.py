@@ -20,10 +20,10 @@ from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.routing import Candidate, rendezvous_pick
 from deepstack_runtime.sampling import SamplingParams
 from deepstack_runtime.servers.wire import content_hash
-from tests.support.cluster import wait_for
-from tests.support.metrics import sample, sample_or_zero
-from tests.support.oracles import ReferencePreprocessor
-from tests.support.runtime import (
+from devkit.cluster import wait_for
+from devkit.metrics import sample, sample_or_zero
+from devkit.oracles import ReferencePreprocessor
+from devkit.runtime import (
     ServerProcess,
     data_url,
     get,

@@ -17,10 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.cluster import wait_for
-from tests.support.metrics import sample, sample_or_zero
-from tests.support.operator import free_port
-from tests.support.runtime import ServerProcess, data_url, get, png, post, tiny_stack
+from devkit.cluster import wait_for
+from devkit.metrics import sample, sample_or_zero
+from devkit.runtime import ServerProcess, data_url, free_port, get, png, post, tiny_stack
 
 # Pods that let 256 requests wait: the router may send them that many at once.
 TRANSFER: dict[str, Any] = {

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import Qwen3VLMoeForConditionalGeneration
 
-from tests.support.oracles import ReferencePreprocessor
-from tests.support.runtime import (
+from devkit.oracles import ReferencePreprocessor
+from devkit.runtime import (
     data_url,
     png,
     tiny_stack,

@@ -15,14 +15,15 @@ from PIL import Image
 
 from deepstack_runtime.models.tiny import make_tiny_model
 from deepstack_runtime.servers.wire import MEDIA_TYPE
-from tests.support.metrics import sample
-from tests.support.oracles import ReferencePreprocessor, monolithic_generate, monolithic_logits
-from tests.support.runtime import ServerProcess, get, media_body, png, post, runtime_config
+from devkit.metrics import sample
+from devkit.oracles import ReferencePreprocessor, monolithic_generate, monolithic_step_logits
+from devkit.runtime import ServerProcess, get, media_body, png, post, runtime_config
 
 # Blocks of 4 tokens and a first allocation of 8 tokens: a 64x48 image (12 visual tokens)
 # needs a resume round; two images even more.
 TRANSFER = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 256}
 MAX_TOKENS = 8
+TOP_LOGPROBS = 20
 
 
 CASES = {
@@ -87,19 +88,28 @@ def test_disaggregated_equals_monolithic(stack: dict[str, Any], case: str) -> No
             "encoder": bootstrap(stack["encode"]),
             "input_ids": prompt.input_ids.tolist(),
             "image_grid_thw": grid,
-            "sampling": {"max_tokens": MAX_TOKENS},
-            "debug_logits": True,
+            "sampling": {"max_tokens": MAX_TOKENS, "logprobs": True, "top_logprobs": TOP_LOGPROBS},
         },
     )
     thread.join(60)
     assert status == 200, body
     assert results["encode"][0] == 200, results["encode"]
-    want = monolithic_logits(stack["model"], prompt)[-1]
-    diff = (torch.tensor(body["logits"]) - want).abs().max().item()
-    print(f"{case}: max abs logit difference {diff:.3g}")
-    assert diff <= 1e-5
     tokens = [step["token"] for step in body["steps"]]
     assert tokens == monolithic_generate(stack["model"], prompt, MAX_TOKENS)
+    # The numerics after the transfer: every step's likeliest tokens and their log
+    # probabilities are the undivided model's (the whole vocabulary is compared in
+    # process, on the same backend code: tests/unit/test_language_fidelity.py).
+    want = torch.log_softmax(monolithic_step_logits(stack["model"], prompt, tokens), dim=-1)
+    diff = 0.0
+    for step, expected in zip(body["steps"], want, strict=True):
+        ids = [token for token, _ in step["top"]]
+        assert len(ids) == TOP_LOGPROBS
+        # The likeliest ones (up to ties at the last place).
+        assert float(expected[ids].min()) >= float(expected.topk(TOP_LOGPROBS).values[-1]) - 1e-5
+        got = torch.tensor([step["logprob"], *(logprob for _, logprob in step["top"])])
+        diff = max(diff, float((got - expected[[step["token"], *ids]]).abs().max()))
+    print(f"{case}: max abs log-probability difference {diff:.3g}")
+    assert diff <= 1e-5
     after = stack["language"].metrics()
     resumed = sample(after, "deepstack_transfer_resumptions_total") - sample(
         before, "deepstack_transfer_resumptions_total"

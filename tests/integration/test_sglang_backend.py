@@ -1,7 +1,7 @@
 """The sglang backend end to end on this CPU: router -> encode server (vision tower) ->
 Mooncake tcp -> language server -> SGLang's engine, against SGLang's own single server
 and against transformers. SGLang 0.5.23 really runs (hack/sglang-env.sh), with the
-kernel-package stand-in of tests/support/sglang_cpu."""
+kernel-package stand-in of devkit/sglang_cpu."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from PIL import Image
 from deepstack_runtime.backends.reference import ReferenceEncoder
 from deepstack_runtime.backends.sglang import fused_rows
 from deepstack_runtime.models.tiny import make_tiny_model
-from tests.support.cluster import REPO, wait_for
-from tests.support.metrics import sample
-from tests.support.oracles import ReferencePreprocessor, monolithic_generate
-from tests.support.runtime import (
+from devkit.cluster import REPO, wait_for
+from devkit.metrics import sample
+from devkit.oracles import ReferencePreprocessor, monolithic_generate
+from devkit.runtime import (
     data_url,
     get,
     png,
@@ -35,7 +35,7 @@ from tests.support.runtime import (
     sglang_config,
     sglang_server,
 )
-from tests.support.sglang_on_cpu import SGLANG_ENV, SGLANG_PYTHON
+from devkit.sglang_on_cpu import SGLANG_ENV, SGLANG_PYTHON
 
 # Blocks of 4 tokens, 8 preallocated, a pool of 64 blocks (256 tokens).
 TRANSFER = {"blockTokens": 4, "defaultAllocationTokens": 8, "poolBlocks": 64}
@@ -140,8 +140,8 @@ def test_a_video_answers_like_transformers(stack: dict[str, Any], with_image: bo
     checkpoint's video processor does, so its answer is not the model's."""
     from transformers import PreTrainedTokenizerFast
 
-    from tests.support.oracles import monolithic_media_generate
-    from tests.support.videos import clip
+    from devkit.oracles import monolithic_media_generate
+    from devkit.videos import clip
 
     video = clip(20, 10.0, 64, 48)  # 4 sampled frames: 2 temporal patches, 24 tokens
     image = CASES["one-image-fits"][0]

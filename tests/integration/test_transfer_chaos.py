@@ -16,9 +16,9 @@ import torch
 
 from deepstack_runtime.buffers import BufferLayout, MultimodalItem
 from deepstack_runtime.transfer.settings import TransferSettings
-from tests.support.cluster import wait_for
-from tests.support.metrics import sample
-from tests.support.transfer_peers import Peer, decode_item, encode_item
+from devkit.cluster import wait_for
+from devkit.metrics import sample
+from devkit.transfer_peers import Peer, decode_item, encode_item
 
 TRANSFERS = 2000
 IN_FLIGHT = 16

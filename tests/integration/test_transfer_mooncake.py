@@ -12,9 +12,9 @@ import torch
 
 from deepstack_runtime.buffers import DTYPES, BufferLayout, MultimodalItem
 from deepstack_runtime.transfer.settings import TransferSettings
-from tests.support.cluster import wait_for
-from tests.support.metrics import sample
-from tests.support.transfer_peers import DIE_EXIT_CODE, Peer, decode_item, encode_item
+from devkit.cluster import wait_for
+from devkit.metrics import sample
+from devkit.transfer_peers import DIE_EXIT_CODE, Peer, decode_item, encode_item
 
 BLOCK = 16
 DEFAULT_TOKENS = 64  # 4 blocks
@@ -459,7 +459,7 @@ def test_mooncake_listens_only_on_the_configured_ports() -> None:
     import subprocess
     import sys
 
-    from tests.support.cluster import REPO
+    from devkit.cluster import REPO
 
     low = free_port_pair()
     run = [sys.executable, "-c", PINNED, str(low), str(low + 1)]

@@ -19,8 +19,8 @@ import torch
 
 from deepstack_runtime.buffers import BufferLayout, MultimodalItem
 from deepstack_runtime.transfer.settings import TransferSettings
-from tests.support.cluster import wait_for
-from tests.support.transfer_peers import Peer, decode_item, encode_item
+from devkit.cluster import wait_for
+from devkit.transfer_peers import Peer, decode_item, encode_item
 
 TOKENS = 2048
 LAYOUT = BufferLayout(num_blocks=160, block_tokens=16, hidden_size=1024, num_deepstack=3,

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from tests.support.cluster import wait_for
-from tests.support.metrics import sample, sample_or_zero
-from tests.support.oracles import monolithic_media_generate, split_media
-from tests.support.runtime import ServerProcess, data_url, post, tiny_stack
-from tests.support.videos import clip, empty_clip, truncated_clip, unknown_codec_clip
+from devkit.cluster import wait_for
+from devkit.metrics import sample, sample_or_zero
+from devkit.oracles import monolithic_media_generate, split_media
+from devkit.runtime import ServerProcess, data_url, post, tiny_stack
+from devkit.videos import clip, empty_clip, truncated_clip, unknown_codec_clip
 
 # The language side allocates 64 tokens at first: longer sequences come in resumed rounds.
 TRANSFER: dict[str, Any] = {"blockTokens": 16, "defaultAllocationTokens": 64, "poolBlocks": 512}

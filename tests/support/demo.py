@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.support.cluster import REPO, Cluster
+from devkit.cluster import REPO, Cluster
 from tests.support.operator import free_port_block
 
 

@@ -14,15 +14,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.support.cluster import REPO, Cluster, wait_for
-from tests.support.metrics import sample
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from devkit.cluster import REPO, Cluster, wait_for
+from devkit.metrics import sample
+from devkit.runtime import free_port
 
 
 def free_port_block(offsets: tuple[int, ...], low: int = 20000, high: int = 30000) -> int:

@@ -20,7 +20,7 @@ def main(model_dir: str, inputs: str, output: str) -> None:
     from sglang.srt.runtime_context import publish
     from sglang.srt.server_args import prepare_server_args
 
-    from tests.support.sglang_on_cpu import SGLANG_CPU_ARGS
+    from devkit.sglang_on_cpu import SGLANG_CPU_ARGS
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

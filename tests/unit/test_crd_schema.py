@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.crd import CRD_FILE, EXAMPLES, load
+from devkit.crd import CRD_FILE, EXAMPLES, load
 
 Schema = dict[str, Any]
 

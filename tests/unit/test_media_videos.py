@@ -32,7 +32,7 @@ from deepstack_runtime.media.videos import (
     sample_indices,
     timestamps,
 )
-from tests.support.videos import clip, empty_clip, truncated_clip, unknown_codec_clip
+from devkit.videos import clip, empty_clip, truncated_clip, unknown_codec_clip
 
 PUBLISHED = {"patch_size": 16, "size": {"shortest_edge": 4096, "longest_edge": 25_165_824}}
 TINY = {"patch_size": 8, "size": {"shortest_edge": 256, "longest_edge": 65_536 * 8}}

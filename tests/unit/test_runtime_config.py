@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from deepstack_runtime.config import ConfigError, RuntimeConfig
-from tests.support.specs import example
+from devkit.specs import example
 
 
 def test_round_trip_through_json(tmp_path: pytest.TempPathFactory) -> None:

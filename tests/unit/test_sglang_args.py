@@ -9,7 +9,7 @@ import torch
 from deepstack_runtime.backends.sglang import fused_rows, server_argv
 from deepstack_runtime.buffers import BufferLayout, MultimodalDataBuffers, MultimodalItem
 from deepstack_runtime.config import RuntimeConfig
-from tests.support.specs import example
+from devkit.specs import example
 
 
 def config() -> RuntimeConfig:
@@ -64,7 +64,7 @@ def test_the_crd_refuses_the_same_flags() -> None:
     import re
 
     from deepstack_runtime.backends.sglang import OWNED_ARGUMENTS
-    from tests.support.crd import CRD_FILE
+    from devkit.crd import CRD_FILE
 
     rule = re.search(r"!a\.matches\('(.+?)'\)", CRD_FILE.read_text())
     assert rule is not None

@@ -223,16 +223,6 @@ class ReferenceLanguageModel:
         # Text after the prompt continues from the largest position, on all three axes.
         return logits, _cache_of(hidden), int(position_ids.max()) + 1
 
-    @torch.no_grad()
-    def logits(
-        self,
-        input_ids: torch.Tensor,
-        item: MultimodalItem | None,
-        image_grid_thw: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Logits [L, vocab] of the whole sequence."""
-        return self._prefill(input_ids, item, image_grid_thw, use_cache=False)[0]
-
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -312,16 +302,6 @@ class ReferenceLanguageBackend:
             steps = self.model.generate_iter(ids, item, image_grid_thw, params)
             while (step := await asyncio.to_thread(next, steps, None)) is not None:
                 yield step
-
-    async def logits(
-        self, input_ids: list[int], item: MultimodalItem | None, grid: torch.Tensor | None
-    ) -> list[float]:
-        """The next-token logits of the prompt (for fidelity checks)."""
-        ids = torch.tensor(input_ids, dtype=torch.int64)
-        async with self._lock:
-            logits = await asyncio.to_thread(self.model.logits, ids, item, grid)
-        values: list[float] = logits[-1].tolist()
-        return values
 
 
 class Sampler:

@@ -19,7 +19,6 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from deepstack_runtime.backends.base import LanguageBackend, language_backend
-from deepstack_runtime.backends.reference import ReferenceLanguageBackend
 from deepstack_runtime.buffers import MultimodalItem
 from deepstack_runtime.config import RuntimeConfig
 from deepstack_runtime.errors import EngineFailure, InputError, TransferError
@@ -90,11 +89,6 @@ async def run_language(
         n = body.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
             raise BadRequest(f"n must be an integer in [1, {MAX_CHOICES}]")
-        debug_logits = bool(body.get("debug_logits"))
-        if debug_logits and (
-            body.get("stream") or n != 1 or not isinstance(model, ReferenceLanguageBackend)
-        ):
-            raise BadRequest("debug_logits needs the reference backend, n=1 and no stream")
         grids = check_grid(body.get("image_grid_thw"))
         grid = None if grids is None else torch.tensor(grids, dtype=torch.int64)
         visual = sum(1 for i in ids if i == model.image_token_id)
@@ -116,13 +110,12 @@ async def run_language(
                     )
                 except TransferError as e:
                     return endpoint.transfer_error(e)
-            # The received rows go back to the pool once every choice has read them
-            # (debug_logits reads them again after the last token).
+            # The received rows go back to the pool once every choice has read them.
             content = body.get("content")
             wanted = Generation(
                 ids, item, grid, content if isinstance(content, str) else None, params, n
             )
-            steps = _choices(model, wanted, None if debug_logits else lease, generated)
+            steps = _choices(model, wanted, lease, generated)
             # Closed on every way out (a client that went away included): the reference
             # model's lock is released and SGLang aborts the request at once.
             async with contextlib.aclosing(steps):
@@ -134,11 +127,7 @@ async def run_language(
                     raise BadRequest(str(e)) from e
                 except EngineFailure as e:
                     return error(503, str(e), "engine_error")
-            answer: dict[str, Any] = {"steps": lines, "prompt_tokens": len(ids)}
-            if debug_logits:
-                assert isinstance(model, ReferenceLanguageBackend)
-                answer["logits"] = await model.logits(ids, item, grid)
-        return web.json_response(answer)
+        return web.json_response({"steps": lines, "prompt_tokens": len(ids)})
 
     app = server.app()
     app.router.add_post("/v1/generate", server.tracked("/v1/generate", generate))
@@ -214,7 +203,7 @@ class Generation:
 async def _choices(
     model: LanguageBackend,
     wanted: Generation,
-    lease: contextlib.AsyncExitStack | None,
+    lease: contextlib.AsyncExitStack,
     generated: Counter | None = None,
 ) -> AsyncGenerator[tuple[int, Step], None]:
     """The steps of `n` choices of one prompt, (choice index, step), as they come. The
@@ -252,7 +241,7 @@ async def _choices(
                 raise got
             if index in waiting_first:
                 waiting_first.discard(index)
-                if not waiting_first and lease is not None:
+                if not waiting_first:
                     await lease.aclose()
             if got is None:
                 running -= 1

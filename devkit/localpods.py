@@ -1,5 +1,5 @@
 """Run rendered pods as local processes, for pods placed on the simulated (kwok) nodes:
-`DEMO_BACKEND=sglang`, whose SGLang-on-CPU needs the tests' kernel stand-ins, and the
+`DEMO_BACKEND=sglang`, whose SGLang-on-CPU needs the kernel stand-ins (sglang_cpu), and the
 sglang end-to-end test.
 
 A pod's process is exactly its container's command, args and env as the operator

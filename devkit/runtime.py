@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -18,10 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from deepstack_runtime.config import RuntimeConfig
-from tests.support.cluster import REPO, wait_for
-from tests.support.operator import free_port
-from tests.support.sglang_on_cpu import SGLANG_CPU_ARGS, SGLANG_ENV, SGLANG_PYTHON
-from tests.support.specs import example
+from devkit.cluster import REPO, wait_for
+from devkit.sglang_on_cpu import SGLANG_CPU_ARGS, SGLANG_ENV, SGLANG_PYTHON
+from devkit.specs import example
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def runtime_config(model_dir: Path, **transfer: Any) -> RuntimeConfig:

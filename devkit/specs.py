@@ -7,7 +7,7 @@ import copy
 import functools
 from typing import Any
 
-from tests.support.crd import CRD_FILE, EXAMPLES, load
+from devkit.crd import CRD_FILE, EXAMPLES, load
 
 
 @functools.cache
@@ -37,6 +37,11 @@ def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
     if isinstance(value, list) and schema.get("type") == "array":
         return [apply_defaults(schema.get("items") or {}, v) for v in value]
     return value
+
+
+def defaulted(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` with its spec defaulted (again) from the CRD; metadata as it is."""
+    return {**obj, "spec": apply_defaults(_schema(), obj["spec"])}
 
 
 def stored(obj: dict[str, Any], namespace: str = "default") -> dict[str, Any]:

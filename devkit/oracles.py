@@ -4,7 +4,7 @@ stack must equal (test oracles, never product code)."""
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,17 @@ def monolithic_logits(model_dir: str | Path, prompt: Prompt) -> torch.Tensor:
     with torch.no_grad():
         logits: torch.Tensor = model(**kwargs).logits[0]
     return logits
+
+
+def monolithic_step_logits(
+    model_dir: str | Path, prompt: Prompt, tokens: list[int]
+) -> torch.Tensor:
+    """The undivided model's logits [len(tokens), vocab] for `tokens` generated after
+    `prompt`: row k is what token k is chosen from (the prompt and tokens[:k] before it),
+    all in one forward over the prompt and tokens[:-1]."""
+    sequence = torch.cat([prompt.input_ids, torch.tensor(tokens[:-1], dtype=torch.int64)])
+    logits = monolithic_logits(model_dir, replace(prompt, input_ids=sequence))
+    return logits[len(prompt.input_ids) - 1 :]
 
 
 def monolithic_generate(model_dir: str | Path, prompt: Prompt, max_new_tokens: int) -> list[int]:

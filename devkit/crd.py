@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.cluster import REPO, SIMULATED_PLACEMENT, Cluster, wait_for
+from devkit.cluster import REPO, SIMULATED_PLACEMENT, Cluster, wait_for
 
 CRD_FILE = REPO / "crds" / "deepstackdisaggregations.yaml"
 EXAMPLES = sorted((REPO / "crds" / "examples").glob("*.yaml"))
