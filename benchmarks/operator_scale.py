@@ -8,6 +8,13 @@ Prints one JSON object (with --json) or a line per figure:
   noop_writes             writes during a second pass over all N unchanged resources
                           (each annotated to force a reconcile): should be 0
   operator_peak_rss_bytes the operator process's peak resident memory (VmHWM)
+  reconcile_cpu_seconds_per_cr
+                          CPU time the operator's reconciling threads spent, per resource
+                          (its deepstack_operator_reconcile_cpu_seconds_total), until all
+                          were Ready and the queue was quiet
+  status_lag_p50_s, status_lag_max_s
+                          per resource, from its last pod turning Ready to its own Ready
+                          condition (both as the API server recorded them, 1 s resolution)
   baseline_seconds_to_all_ready
                           the same children (rendered by the operator's own pure renderers)
                           applied directly in the same run, no operator: from the apply to
@@ -20,9 +27,11 @@ Prints one JSON object (with --json) or a line per figure:
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,8 +46,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from deepstack_operator.desired import desired_state  # noqa: E402
 from deepstack_operator.render import render_all  # noqa: E402
-from tests.support.cluster import SIMULATED_PLACEMENT  # noqa: E402
+from devkit.cluster import SIMULATED_PLACEMENT  # noqa: E402
 
 KUBECONFIG = REPO / ".cluster" / "kubeconfig"
 
@@ -80,6 +90,34 @@ def wait(probe: Callable[[], bool], timeout: float, what: str) -> None:
 APPLIERS = 8
 
 
+def _seconds(timestamp: str) -> float:
+    return datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+def _ready_since(obj: dict[str, Any]) -> float | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready" and c.get("status") == "True":
+            return _seconds(c["lastTransitionTime"])
+    return None
+
+
+def status_lags(namespace: str) -> list[float]:
+    """Per resource: its Ready condition's time less its last pod's Ready time."""
+    pods = json.loads(kubectl("-n", namespace, "get", "pods", "-o", "json"))["items"]
+    last_pod: dict[str, float] = {}
+    for pod in pods:
+        owner = (pod["metadata"].get("labels") or {}).get("disagg.deepstack.dev/instance", "")
+        since = _ready_since(pod)
+        if owner and since is not None:
+            last_pod[owner] = max(last_pod.get(owner, 0.0), since)
+    lags = []
+    for cr in json.loads(kubectl("-n", namespace, "get", "dsd", "-o", "json"))["items"]:
+        since = _ready_since(cr)
+        if since is not None and cr["metadata"]["name"] in last_pod:
+            lags.append(max(since - last_pod[cr["metadata"]["name"]], 0.0))
+    return lags
+
+
 def baseline_seconds(example: dict[str, Any], count: int, timeout: float) -> float:
     """The children of `count` resources applied directly, with no operator: the time from
     the apply until every StatefulSet and Deployment has all its replicas ready."""
@@ -97,7 +135,7 @@ def baseline_seconds(example: dict[str, Any], count: int, timeout: float) -> flo
         for i in range(count):
             cr = json.loads(json.dumps(stored))
             cr["metadata"]["name"] = f"dsd-{i:04d}"
-            for child in render_all(cr):
+            for child in render_all(desired_state(cr)):
                 child["metadata"].pop("ownerReferences", None)  # no owner exists here
                 children.append(child)
         workloads = sum(c["kind"] in ("StatefulSet", "Deployment") for c in children)
@@ -226,6 +264,7 @@ def main() -> None:
 
         wait(all_ready, args.timeout, f"{args.count} resources Ready")
         seconds = time.monotonic() - started
+        lags = status_lags(namespace)
         # Let trailing pod/status events drain: wait until the queue is quiet.
         last = -1.0
         while True:
@@ -235,6 +274,7 @@ def main() -> None:
             last = now
             time.sleep(2)
         writes = metric_sum(metrics(), "deepstack_operator_api_writes_total")
+        cpu = metric_sum(metrics(), "deepstack_operator_reconcile_cpu_seconds_total")
         reconciles = metric_sum(metrics(), "controller_runtime_reconcile_total")
         kubectl("-n", namespace, "annotate", "dsd", "--all", f"bench/resync={uuid.uuid4().hex[:6]}")
         wait(
@@ -252,6 +292,9 @@ def main() -> None:
             "count": args.count,
             "seconds_to_all_ready": round(seconds, 2),
             "api_writes_per_cr": round(writes / args.count, 2),
+            "reconcile_cpu_seconds_per_cr": round(cpu / args.count, 4),
+            "status_lag_p50_s": statistics.median(lags),
+            "status_lag_max_s": max(lags),
             "noop_writes": int(noop_writes),
             "operator_peak_rss_bytes": peak,
         }

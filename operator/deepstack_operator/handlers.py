@@ -1,5 +1,8 @@
 """The thin kopf layer: watch events become work-queue keys; workers reconcile them.
 
+The operator's process-wide state (queue, reconciler, watch cache, ...) lives in kopf's
+`memo` under RUNTIME_MEMO, made at startup.
+
 Only `@kopf.on.event` handlers are used: they add no finalizers and write nothing to the
 resource, so kopf itself never makes a no-op reconcile write. When kopf peering pauses
 this instance (another operator with a higher priority is active), no events arrive, and
@@ -10,6 +13,7 @@ the peering gate (peering.py) until this instance is the active one again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -21,7 +25,7 @@ from aiohttp import web
 from kubernetes import client, config
 
 from deepstack_operator import names
-from deepstack_operator.kube import Kube
+from deepstack_operator.kube import Kube, WatchCache
 from deepstack_operator.metrics import OperatorMetrics, make_app
 from deepstack_operator.peering import Peering, PeeringGate
 from deepstack_operator.reconcile import Reconciler
@@ -45,6 +49,18 @@ OWNED = f"app.kubernetes.io/managed-by={names.MANAGED_BY}"
 PARKED_RECHECK_SECONDS = 2.0
 # The key under which __main__ hands kopf's identity of this instance to the handlers.
 IDENTITY_MEMO = "peering_identity"
+# The key of the operator's Runtime in kopf's memo.
+RUNTIME_MEMO = "deepstack_runtime"
+# kind of each watched child (the watch cache's key), by its kopf selector's plural.
+WATCHED_KINDS = {
+    "statefulsets": "StatefulSet",
+    "deployments": "Deployment",
+    "services": "Service",
+    "configmaps": "ConfigMap",
+    "poddisruptionbudgets": "PodDisruptionBudget",
+    "networkpolicies": "NetworkPolicy",
+    "horizontalpodautoscalers": "HorizontalPodAutoscaler",
+}
 
 
 class Runtime:
@@ -59,9 +75,14 @@ class Runtime:
         self.parked: set[Key] = set()
         self.tasks: list[asyncio.Task[None]] = []
         self.site: web.AppRunner | None = None
+        self.cache = WatchCache()
 
 
-STATE = Runtime()
+def _runtime(memo: kopf.Memo) -> Runtime | None:
+    """None after cleanup (events before startup do not come: kopf starts watching once
+    the startup handlers are done)."""
+    runtime = memo.get(RUNTIME_MEMO)
+    return runtime if isinstance(runtime, Runtime) else None
 
 
 def _api_client() -> client.ApiClient:
@@ -73,40 +94,49 @@ def _api_client() -> client.ApiClient:
         return api  # from KUBECONFIG or ~/.kube/config
 
 
-async def _process(key: Key) -> float | None:
-    assert STATE.reconciler is not None
-    assert STATE.gate is not None
-    if not await asyncio.to_thread(STATE.gate.active, key[0]):
-        STATE.parked.add(key)  # another instance acts meanwhile: no reconcile, no writes
+def _timed_reconcile(state: Runtime, key: Key) -> tuple[Any, float]:
+    """A reconcile in this worker thread, and the CPU seconds the thread spent on it."""
+    assert state.reconciler is not None
+    cpu = time.thread_time()
+    outcome = state.reconciler.reconcile(*key)
+    return outcome, time.thread_time() - cpu
+
+
+async def _process(state: Runtime, key: Key) -> float | None:
+    assert state.gate is not None
+    if not await asyncio.to_thread(state.gate.active, key[0]):
+        state.parked.add(key)  # another instance acts meanwhile: no reconcile, no writes
         return None
-    STATE.parked.discard(key)
+    state.parked.discard(key)
     started = time.monotonic()
     try:
-        outcome = await asyncio.to_thread(STATE.reconciler.reconcile, *key)
+        outcome, cpu = await asyncio.to_thread(_timed_reconcile, state, key)
     except Exception:
-        STATE.metrics.record("error", time.monotonic() - started)
+        state.metrics.record("error", time.monotonic() - started)
         log.exception("reconcile of %s/%s failed; retrying with backoff", *key)
         raise
-    STATE.metrics.set_phase(key, outcome.phase)
-    STATE.metrics.set_ready(key, outcome.ready if outcome.phase is not None else None)
-    STATE.metrics.record_writes(outcome.writes)
+    state.metrics.record_cpu(cpu)
+    state.metrics.set_phase(key, outcome.phase)
+    state.metrics.set_ready(key, outcome.ready if outcome.phase is not None else None)
+    state.metrics.record_writes(outcome.writes)
     result = "requeue_after" if outcome.requeue_after else "success"
-    STATE.metrics.record(result, time.monotonic() - started)
-    return outcome.requeue_after
+    state.metrics.record(result, time.monotonic() - started)
+    requeue: float | None = outcome.requeue_after
+    return requeue
 
 
-async def _unpark() -> None:
+async def _unpark(state: Runtime) -> None:
     """Queue the parked keys again once the gate lets this instance act on them (kopf's
     re-listing after a resume queues them too; this also covers a gate that opens a
     moment after kopf resumes)."""
-    assert STATE.queue is not None
-    assert STATE.gate is not None
+    assert state.queue is not None
+    assert state.gate is not None
     while True:
         await asyncio.sleep(PARKED_RECHECK_SECONDS)
-        for key in sorted(STATE.parked):
-            if await asyncio.to_thread(STATE.gate.active, key[0]):
-                STATE.parked.discard(key)
-                STATE.queue.add(key)
+        for key in sorted(state.parked):
+            if await asyncio.to_thread(state.gate.active, key[0]):
+                state.parked.discard(key)
+                state.queue.add(key)
 
 
 def _peering(settings: kopf.OperatorSettings, memo: kopf.Memo) -> Peering | None:
@@ -128,58 +158,81 @@ def _peering(settings: kopf.OperatorSettings, memo: kopf.Memo) -> Peering | None
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    state = Runtime()
     settings.posting.enabled = False  # we post our own, meaningful events
     settings.peering.lifetime = int(os.environ.get("DEEPSTACK_PEERING_LIFETIME", "30"))
     # Children are watched only if they carry our label (filtered by the API server).
     for selector in CHILD_KINDS:
         settings.watching.label_selectors[selector] = OWNED
-    STATE.queue = WorkQueue()
-    kube = Kube(_api_client())
-    STATE.reconciler = Reconciler(kube)
+    state.queue = WorkQueue()
+    kube = Kube(_api_client(), state.cache, frozenset(WATCHED_KINDS.values()))
+    state.reconciler = Reconciler(kube)
     peering = _peering(settings, memo)
-    STATE.gate = PeeringGate(
+    state.gate = PeeringGate(
         peering,
         lambda namespace: kube.get_peering(settings.peering.name, namespace),
-        report=STATE.metrics.set_active,
+        report=state.metrics.set_active,
     )
     workers = int(os.environ.get("DEEPSTACK_OPERATOR_WORKERS", "4"))
-    STATE.tasks = [asyncio.create_task(STATE.queue.worker(_process)) for _ in range(workers)]
+    process = functools.partial(_process, state)
+    state.tasks = [asyncio.create_task(state.queue.worker(process)) for _ in range(workers)]
     if peering is not None:
-        STATE.tasks.append(asyncio.create_task(_unpark()))
+        state.tasks.append(asyncio.create_task(_unpark(state)))
     port = int(os.environ.get("DEEPSTACK_OPERATOR_METRICS_PORT", "8080"))
-    runner = web.AppRunner(make_app(STATE.metrics), access_log=None)
+    runner = web.AppRunner(make_app(state.metrics), access_log=None)
     await runner.setup()
     await web.TCPSite(
         runner, os.environ.get("DEEPSTACK_OPERATOR_METRICS_HOST", "0.0.0.0"), port
     ).start()
-    STATE.site = runner
+    state.site = runner
+    memo[RUNTIME_MEMO] = state
     log.info("metrics and /healthz on port %d; %d workers", port, workers)
 
 
 @kopf.on.cleanup()
-async def cleanup(**_: Any) -> None:
-    for task in STATE.tasks:
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    state = memo.get(RUNTIME_MEMO)
+    if not isinstance(state, Runtime):
+        return
+    for task in state.tasks:
         task.cancel()
-    await asyncio.gather(*STATE.tasks, return_exceptions=True)
-    if STATE.queue is not None:
-        STATE.queue.shutdown()
-    if STATE.site is not None:
-        await STATE.site.cleanup()
+    await asyncio.gather(*state.tasks, return_exceptions=True)
+    if state.queue is not None:
+        state.queue.shutdown()
+    if state.site is not None:
+        await state.site.cleanup()
 
 
 @kopf.on.event(names.GROUP, names.VERSION, names.PLURAL)
-async def resource_event(namespace: str | None, name: str, **_: Any) -> None:
-    if STATE.queue is not None and namespace:
-        STATE.queue.add((namespace, name))
+async def resource_event(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    state = _runtime(memo)
+    if state is not None and state.queue is not None and namespace:
+        state.queue.add((namespace, name))
 
 
-async def _child_event(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
-    owner = labels.get(names.INSTANCE_LABEL)
-    if owner and namespace and STATE.queue is not None:
-        STATE.queue.add((namespace, owner))
+def _child_handler(kind: str) -> Any:
+    async def child_event(
+        event: Mapping[str, Any],
+        labels: Mapping[str, str],
+        namespace: str | None,
+        memo: kopf.Memo,
+        **_: Any,
+    ) -> None:
+        state = _runtime(memo)
+        if state is None:
+            return
+        obj = event.get("object")
+        if isinstance(obj, dict):
+            state.cache.seen(kind, obj, deleted=event.get("type") == "DELETED")
+        owner = labels.get(names.INSTANCE_LABEL)
+        if owner and namespace and state.queue is not None:
+            state.queue.add((namespace, owner))
+
+    child_event.__name__ = f"{kind.lower()}_event"  # kopf's handler id
+    return child_event
 
 
 for _selector in CHILD_KINDS:
     kopf.on.event(*_selector, labels={"app.kubernetes.io/managed-by": names.MANAGED_BY})(
-        _child_event
+        _child_handler(WATCHED_KINDS[_selector[-1]])
     )

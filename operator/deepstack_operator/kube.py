@@ -1,21 +1,28 @@
 """All Kubernetes API I/O of the reconciler (synchronous; the reconciler runs in threads).
 
+`KubeApi` is the seam: the reconciler sees only it (tests put a fake behind it).
+
 Writes go through server-side apply under one field manager. Before a write, a dry-run
 apply shows what the server would store; if that equals the live object, nothing is
 written, so a no-op reconcile leaves every resourceVersion as it was. The dry-run itself
 is skipped when the same manifest was already found current at the object's present
 generation (apply_if_changed).
+
+Reads of the children the operator watches come from a cache the watch events keep
+(WatchCache): a reconcile then costs no list of them, which is where the operator's time
+went at scale (one list per kind per reconcile). A kind is listed for real the first time
+a resource asks, and again every RESYNC_SECONDS, so that a watch event lost in a
+reconnection is made good.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
-import json
 import threading
+import time
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -24,6 +31,7 @@ from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError, Resourc
 
 from deepstack_operator import names
 from deepstack_operator.ownership import keep_replicas_until_handed_over
+from deepstack_runtime.config import stable_digest
 
 Manifest = dict[str, Any]
 
@@ -50,9 +58,121 @@ _VOLATILE_METADATA = (
 )
 
 
+# Whether an optional API (PodMonitor) exists is asked again this often: installing the
+# Prometheus Operator later is noticed, and a reconcile never waits on discovery.
+KIND_RECHECK_SECONDS = 60.0
+# The watch cache's lists are redone this often per resource and kind.
+RESYNC_SECONDS = 60.0
+
+
+class KubeApi(Protocol):
+    """What a reconcile reads and writes (kube.Kube; a fake in the unit tests)."""
+
+    def has_kind(self, api_version: str, kind: str) -> bool: ...
+
+    def get_cr(self, namespace: str, name: str) -> Manifest | None: ...
+
+    def list_owned(
+        self, api_version: str, kind: str, namespace: str, cr_name: str
+    ) -> list[Manifest]: ...
+
+    def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool | None: ...
+
+    def apply_if_changed(
+        self, manifest: Manifest, live: Manifest | None
+    ) -> tuple[str | None, Manifest]: ...
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None: ...
+
+    def patch_status(self, namespace: str, name: str, status: Manifest) -> None: ...
+
+    def set_pod_condition(self, namespace: str, name: str, condition: Manifest) -> None: ...
+
+    def post_event(self, cr: Manifest, event_type: str, reason: str, message: str) -> None: ...
+
+
+def _revision_number(obj: Manifest) -> int:
+    """An object's resourceVersion as a number, to keep the newer of two copies (etcd's
+    revisions are numbers; anything else counts as newest, so it always replaces)."""
+    value = str(obj.get("metadata", {}).get("resourceVersion", ""))
+    return int(value) if value.isdigit() else 1 << 62
+
+
+class WatchCache:
+    """The watched children of each resource, by (namespace, owner): as the last list or
+    watch event showed them, whichever is newer; thread-safe."""
+
+    def __init__(self, resync_seconds: float = RESYNC_SECONDS) -> None:
+        self.resync_seconds = resync_seconds
+        self._lock = threading.Lock()
+        # (kind, namespace, owner) -> {name: object}
+        self._objects: dict[tuple[str, str, str], dict[str, Manifest]] = {}
+        self._listed: dict[tuple[str, str, str], float] = {}
+        # (kind, namespace, name) -> resourceVersion at deletion (a list older than the
+        # deletion must not bring the object back)
+        self._deleted: dict[tuple[str, str, str], int] = {}
+
+    @staticmethod
+    def _owner(obj: Manifest) -> str:
+        return str((obj.get("metadata", {}).get("labels") or {}).get(names.INSTANCE_LABEL, ""))
+
+    def lookup(self, kind: str, namespace: str, owner: str) -> list[Manifest] | None:
+        """The cached children, or None when they must be listed (never, or too long ago)."""
+        key = (kind, namespace, owner)
+        with self._lock:
+            listed = self._listed.get(key)
+            if listed is None or time.monotonic() - listed > self.resync_seconds:
+                return None
+            return list(self._objects.get(key, {}).values())
+
+    def listed(self, kind: str, namespace: str, owner: str, items: list[Manifest]) -> None:
+        """A fresh list: it replaces what the cache holds, except objects a watch event
+        showed newer (created meanwhile) or deleted."""
+        key = (kind, namespace, owner)
+        with self._lock:
+            listed_at = max((_revision_number(o) for o in items), default=0)
+            held = self._objects.get(key, {})
+            fresh: dict[str, Manifest] = {}
+            for obj in items:
+                name = obj["metadata"]["name"]
+                if self._deleted.get((kind, namespace, name), -1) >= _revision_number(obj):
+                    continue
+                newer = held.get(name)
+                use_newer = newer is not None and _revision_number(newer) > _revision_number(obj)
+                fresh[name] = newer if newer is not None and use_newer else obj
+            for name, obj in held.items():
+                if name not in fresh and _revision_number(obj) > listed_at:
+                    fresh[name] = obj  # created after the list was taken
+            self._objects[key] = fresh
+            self._listed[key] = time.monotonic()
+
+    def seen(self, kind: str, obj: Manifest, deleted: bool = False) -> None:
+        """A watch event (or the answer to our own write)."""
+        meta = obj.get("metadata", {})
+        namespace, name, owner = meta.get("namespace", ""), meta.get("name", ""), self._owner(obj)
+        key = (kind, namespace, owner)
+        with self._lock:
+            held = self._objects.setdefault(key, {})
+            old = held.get(name)
+            if old is not None and _revision_number(old) > _revision_number(obj):
+                return  # an older copy than ours
+            if deleted:
+                held.pop(name, None)
+                self._deleted[(kind, namespace, name)] = _revision_number(obj)
+            else:
+                held[name] = obj
+                self._deleted.pop((kind, namespace, name), None)
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        """After our own delete."""
+        with self._lock:
+            for (k, ns, _), held in self._objects.items():
+                if k == kind and ns == namespace:
+                    held.pop(name, None)
+
+
 def _digest(manifest: Manifest) -> str:
-    data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(data).hexdigest()
+    return stable_digest(manifest)
 
 
 def _version(obj: Manifest) -> str:
@@ -84,7 +204,15 @@ def comparable(obj: Manifest) -> Manifest:
 
 
 class Kube:
-    def __init__(self, api_client: client.ApiClient) -> None:
+    """KubeApi over the Kubernetes client. `watched` are the kinds whose watch events
+    reach `cache` (handlers.py); the others are listed on every read."""
+
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        cache: WatchCache | None = None,
+        watched: frozenset[str] = frozenset(),
+    ) -> None:
         self.api_client = api_client
         self.dynamic = DynamicClient(api_client)  # type: ignore[no-untyped-call]
         self.core = client.CoreV1Api(api_client)
@@ -95,6 +223,9 @@ class Kube:
         # the two were last seen to agree (apply_if_changed).
         self._current: dict[tuple[str, str, str], tuple[str, str]] = {}
         self._lock = threading.Lock()
+        self.cache = cache
+        self.watched = watched
+        self._kinds: dict[tuple[str, str], tuple[bool, float]] = {}
 
     def resource(self, api_version: str, kind: str) -> Any:
         with self._lock:
@@ -106,11 +237,20 @@ class Kube:
             return self._resources[key]
 
     def has_kind(self, api_version: str, kind: str) -> bool:
+        """Whether the API server serves `kind` (asked again every KIND_RECHECK_SECONDS:
+        the client's discovery reloads everything on each miss)."""
+        with self._lock:
+            known = self._kinds.get((api_version, kind))
+        if known is not None and time.monotonic() - known[1] < KIND_RECHECK_SECONDS:
+            return known[0]
         try:
             self.resource(api_version, kind)
-            return True
+            found = True
         except ResourceNotFoundError:
-            return False
+            found = False
+        with self._lock:
+            self._kinds[(api_version, kind)] = (found, time.monotonic())
+        return found
 
     # --- reads ----------------------------------------------------------------------
 
@@ -137,10 +277,20 @@ class Kube:
     def list_owned(
         self, api_version: str, kind: str, namespace: str, cr_name: str
     ) -> list[Manifest]:
+        cached = kind in self.watched and self.cache is not None
+        if cached:
+            assert self.cache is not None
+            held = self.cache.lookup(kind, namespace, cr_name)
+            if held is not None:
+                return held
         objs = self.resource(api_version, kind).get(
             namespace=namespace, label_selector=names.owned_selector(cr_name)
         )
-        return [item.to_dict() for item in objs.items]
+        items: list[Manifest] = [item.to_dict() for item in objs.items]
+        if cached:
+            assert self.cache is not None
+            self.cache.listed(kind, namespace, cr_name, items)
+        return items
 
     def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool | None:
         """Existence only (for Secrets the content is fetched but never kept or logged);
@@ -189,10 +339,14 @@ class Kube:
                 return None, live
         stored = self.apply(manifest)
         self._current[key] = (digest, _version(stored))
+        if self.cache is not None and manifest["kind"] in self.watched:
+            self.cache.seen(manifest["kind"], stored)
         return ("created" if live is None else "updated"), stored
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         self._current.pop((kind, namespace, name), None)
+        if self.cache is not None:
+            self.cache.forget(kind, namespace, name)
         with contextlib.suppress(NotFoundError):
             self.resource(api_version, kind).delete(
                 name=name, namespace=namespace, body={"propagationPolicy": "Background"}

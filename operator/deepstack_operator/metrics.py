@@ -39,6 +39,11 @@ class OperatorMetrics:
             ["controller"],
             registry=self.registry,
         )
+        self.reconcile_cpu = Counter(
+            "deepstack_operator_reconcile_cpu_seconds",
+            "CPU time the reconciling threads spent in reconciles.",
+            registry=self.registry,
+        )
         self.resources = Gauge(
             "deepstack_operator_resources",
             "DeepStackDisaggregation resources by phase.",
@@ -74,6 +79,9 @@ class OperatorMetrics:
         for phase in PHASES:
             self.resources.labels(phase=phase).set(0)
         self._phases: dict[tuple[str, str], str] = {}
+
+    def record_cpu(self, seconds: float) -> None:
+        self.reconcile_cpu.inc(max(seconds, 0.0))
 
     def record(self, result: str, seconds: float) -> None:
         c = names.CONTROLLER

@@ -1,6 +1,7 @@
 """Pure derivation of a resource's status from what its children report.
 
     observe children -> RoleState per role -> derive_status(...) -> status dict
+    (assemble: the whole of it, from a reconcile's observation, plan and applies)
 
 Conditions:
   Degraded     a problem the operator found (a missing Secret/PVC/ServiceAccount, a spec
@@ -24,6 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from deepstack_operator import names, transfers
+from deepstack_operator.desired import DesiredState
+from deepstack_operator.ownership import scaled_by_another_manager
+from deepstack_operator.rollout import RolloutPlan
 from deepstack_operator.transfers import NO_TRANSFERS, TransferSummary
 
 Status = dict[str, Any]
@@ -266,3 +271,78 @@ def transitions(previous: Status, status: Status) -> list[tuple[str, str, str]]:
     elif after == "Progressing" and before == "Ready":
         events.append(("Normal", "RollingOut", "a change is rolling out"))
     return events
+
+
+def router_replicas(configured: int, deployment: dict[str, Any] | None) -> int:
+    """The router's desired count: router.replicas, or the live Deployment's once another
+    controller (the user's HPA, KEDA) scales it."""
+    if deployment is None or not scaled_by_another_manager(deployment):
+        return configured
+    return int((deployment.get("spec") or {}).get("replicas", configured))
+
+
+def assemble(
+    *,
+    cr: dict[str, Any],
+    state: DesiredState | None,
+    problems: list[Problem],
+    workloads: dict[tuple[str, str], dict[str, Any]],
+    plan: RolloutPlan | None,
+    pods: list[dict[str, Any]],
+    now: str,
+) -> Status:
+    """The status from what this reconcile saw and did. `state` None: the spec is invalid
+    (the live revision and contract stay as last reported). `workloads` holds every
+    StatefulSet and the router's Deployment, as this reconcile left them (one it just
+    changed reports the change as not yet observed, so the status says Progressing however
+    fast pods roll)."""
+    meta = cr["metadata"]
+    previous = cr.get("status") or {}
+    if state is None:
+        target, contract = previous.get("revision", ""), previous.get("contract", "")
+    else:
+        target, contract = state.revision, state.contract
+    live_sets = {name: sts for (kind, name), sts in workloads.items() if kind == "StatefulSet"}
+    roles: dict[str, RoleState] = {}
+    for role in names.ROLES:
+        sts = live_sets.get(names.workload_name(meta["name"], role, target))
+        if state is None:
+            desired = int(((cr.get("spec") or {}).get(role) or {}).get("replicas") or 0)
+        else:
+            desired = state.groups[role].replicas
+        if state is not None and role in state.scaled_by_hpa and sts is not None:
+            desired = sts.get("spec", {}).get("replicas", desired)  # the HPA decides
+        roles[role] = role_state(sts, desired)
+    url = ""
+    if state is not None and state.router.enabled:
+        deployment = workloads.get(("Deployment", names.child_name(meta["name"], names.ROUTER)))
+        roles[names.ROUTER] = role_state(
+            deployment, router_replicas(state.router.replicas, deployment)
+        )
+        url = state.router_url
+    # Pods that stay: the current revision's and those the plan keeps (not the pruned).
+    current = {names.workload_name(meta["name"], role, target) for role in names.ROLES}
+    live_contracts: dict[str, dict[str, int]] = {}
+    for name, sts in sorted(live_sets.items()):
+        if plan is not None and name not in {*plan.keep, *current}:
+            continue
+        count = (sts.get("status") or {}).get("replicas", 0)
+        labels = sts["metadata"].get("labels") or {}
+        if count:
+            by_role = live_contracts.setdefault(labels.get(names.CONTRACT_LABEL, "unknown"), {})
+            role = labels.get(names.ROLE_LABEL, "unknown")
+            by_role[role] = by_role.get(role, 0) + count
+    return derive_status(
+        generation=meta.get("generation", 0),
+        roles=roles,
+        problems=problems,
+        url=url,
+        previous=previous,
+        now=now,
+        contract=contract,
+        revision=target,
+        live_contracts=live_contracts,
+        old_revisions=plan.old_revisions if plan else None,
+        transfer=transfers.summarize(pods, target),
+        protocol=state.config.transfer.protocol if state is not None else "tcp",
+    )

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 from deepstack_operator import names
-from deepstack_operator.render.common import Manifest, cr_name, metadata, spec
+from deepstack_operator.desired import DesiredState
+from deepstack_operator.render.common import Manifest, metadata
 
 
-def render_pod_monitor(cr: Manifest) -> list[Manifest]:
-    if not spec(cr).get("monitoring", {}).get("podMonitor", True):
+def render_pod_monitor(state: DesiredState) -> list[Manifest]:
+    if not state.pod_monitor:
         return []
-    name = cr_name(cr)
     return [
         {
             "apiVersion": "monitoring.coreos.com/v1",
             "kind": "PodMonitor",
-            "metadata": metadata(cr, f"{name}-runtime"),
+            "metadata": metadata(state, f"{state.name}-runtime"),
             "spec": {
                 "selector": {
                     "matchLabels": {
                         "app.kubernetes.io/managed-by": names.MANAGED_BY,
-                        names.INSTANCE_LABEL: name,
+                        names.INSTANCE_LABEL: state.name,
                     }
                 },
                 "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"}],

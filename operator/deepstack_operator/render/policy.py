@@ -5,54 +5,51 @@ from __future__ import annotations
 from typing import Any
 
 from deepstack_operator import names
-from deepstack_operator.render.common import Manifest, cr_name, metadata, scaled_by_hpa, spec
-from deepstack_operator.render.config import revision
-from deepstack_runtime.config import RuntimeConfig
+from deepstack_operator.desired import DesiredState
+from deepstack_operator.render.common import Manifest, metadata
 
 
-def render_disruption_budgets(cr: Manifest) -> list[Manifest]:
+def render_disruption_budgets(state: DesiredState) -> list[Manifest]:
     """One per pod group, and one for the router when it has more than one pod (a
     budget on a single pod would block node drains)."""
-    max_unavailable = spec(cr).get("rollout", {}).get("maxUnavailable", 1)
-    budgets = {role: max_unavailable for role in names.ROLES}
-    router = spec(cr).get("router", {})
-    if router.get("enabled", True) and router.get("replicas", 1) > 1:
+    budgets = {role: state.max_unavailable for role in names.ROLES}
+    if state.router.enabled and state.router.replicas > 1:
         budgets[names.ROUTER] = 1
     return [
         {
             "apiVersion": "policy/v1",
             "kind": "PodDisruptionBudget",
-            "metadata": metadata(cr, names.child_name(cr_name(cr), role), role),
+            "metadata": metadata(state, names.child_name(state.name, role), role),
             "spec": {
                 "maxUnavailable": unavailable,
-                "selector": {"matchLabels": names.selector_labels(cr_name(cr), role)},
+                "selector": {"matchLabels": names.selector_labels(state.name, role)},
             },
         }
         for role, unavailable in budgets.items()
     ]
 
 
-def render_autoscalers(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
+def render_autoscalers(state: DesiredState) -> list[Manifest]:
     """One per autoscaled group, sizing the current revision's StatefulSet."""
-    autoscaling = spec(cr).get("autoscaling") or {}
     out = []
-    for role in sorted(scaled_by_hpa(cr)):
-        bounds = autoscaling[role]
-        name = names.child_name(cr_name(cr), role)
-        target = names.workload_name(cr_name(cr), role, revision(cr, config))
+    for role in sorted(state.scaled_by_hpa):
+        bounds = state.groups[role].scaling
+        assert bounds is not None
+        name = names.child_name(state.name, role)
+        target = names.workload_name(state.name, role, state.revision)
         out.append(
             {
                 "apiVersion": "autoscaling/v2",
                 "kind": "HorizontalPodAutoscaler",
-                "metadata": metadata(cr, name, role),
+                "metadata": metadata(state, name, role),
                 "spec": {
                     "scaleTargetRef": {
                         "apiVersion": "apps/v1",
                         "kind": "StatefulSet",
                         "name": target,
                     },
-                    "minReplicas": bounds.get("minReplicas", 1),
-                    "maxReplicas": bounds["maxReplicas"],
+                    "minReplicas": bounds.min_replicas,
+                    "maxReplicas": bounds.max_replicas,
                     "metrics": [
                         {
                             "type": "Resource",
@@ -60,9 +57,7 @@ def render_autoscalers(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
                                 "name": "cpu",
                                 "target": {
                                     "type": "Utilization",
-                                    "averageUtilization": bounds.get(
-                                        "targetCPUUtilizationPercentage", 80
-                                    ),
+                                    "averageUtilization": bounds.target_cpu_percent,
                                 },
                             },
                         }
@@ -73,7 +68,7 @@ def render_autoscalers(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
     return out
 
 
-def render_network_policy(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
+def render_network_policy(state: DesiredState) -> list[Manifest]:
     """Ingress to runtime pods: the HTTP API only from the router; encode <-> language
     traffic only between the two groups, on the ports it takes: language pods reach the
     encode bootstrap port, and each group reaches the other's Mooncake ports (encode pods
@@ -81,9 +76,9 @@ def render_network_policy(cr: Manifest, config: RuntimeConfig) -> list[Manifest]
     the encode side's Mooncake for its segment when the handshake lacks it); metrics
     from anywhere (Prometheus). Egress is left open: DNS and the model store vary by
     cluster."""
-    if not spec(cr).get("networkPolicy", {}).get("enabled", True):
+    if not state.network_policy:
         return []
-    name = cr_name(cr)
+    name, config = state.name, state.config
     t = config.transfer
 
     def pods(role: str) -> dict[str, Any]:
@@ -115,7 +110,7 @@ def render_network_policy(cr: Manifest, config: RuntimeConfig) -> list[Manifest]
         {
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
-            "metadata": metadata(cr, f"{names.network_policy_name(name)}-{role}", role),
+            "metadata": metadata(state, f"{names.network_policy_name(name)}-{role}", role),
             "spec": {**policy, "policyTypes": ["Ingress"]},
         }
         for role, policy in zip(names.ROLES, policies, strict=True)

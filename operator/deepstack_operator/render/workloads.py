@@ -5,16 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from deepstack_operator import names
-from deepstack_operator.render.common import (
-    Manifest,
-    content_hash,
-    cr_name,
-    metadata,
-    scaled_by_hpa,
-    spec,
+from deepstack_operator.desired import DesiredState, PodSettings
+from deepstack_operator.render.common import Manifest, metadata, revision_labels
+from deepstack_runtime.config import (
+    API_KEYS_FILE,
+    CONFIG_DIR,
+    CONFIG_FILE,
+    ROUTER_LIMIT_TABLE,
+    RuntimeConfig,
 )
-from deepstack_operator.render.config import revision
-from deepstack_runtime.config import API_KEYS_FILE, CONFIG_DIR, CONFIG_FILE, RuntimeConfig
 
 CONFIG_VOLUME = "runtime-config"
 MODEL_VOLUME = "model"
@@ -60,39 +59,31 @@ def _env(role: str, config: RuntimeConfig, extra: list[dict[str, Any]]) -> list[
     return env + [e for e in extra if e["name"] not in ours]
 
 
-def _api_keys(cr: Manifest, role: str) -> dict[str, Any] | None:
+def _api_keys(state: DesiredState, role: str) -> dict[str, Any] | None:
     """The router's router.apiKeySecret (none: no authentication)."""
-    secret: dict[str, Any] | None = spec(cr).get("router", {}).get("apiKeySecret")
+    secret = state.router.api_key_secret
     return secret if role == names.ROUTER and secret else None
 
 
 PROBE_TIMEOUT_SECONDS = 5
-# router.limits -> the router's flags (deepstack_runtime.cli); unset: the router's defaults.
-ROUTER_LIMIT_FLAGS = {
-    "maxImages": "--max-images",
-    "maxImagePixels": "--max-image-pixels",
-    "maxVideoSeconds": "--max-video-seconds",
-    "maxVideoFrames": "--max-video-frames",
-    "maxVisualTokens": "--max-visual-tokens",
-    "maxPromptTokens": "--max-prompt-tokens",
-    "maxInflight": "--max-inflight",
-}
+# router.limits key -> its row of the one table of the router's limits (its flag,
+# deepstack_runtime.cli's, and its default); unset or at its default: no flag, the router's
+# own default (the same; the API server fills the CRD's in).
+ROUTER_LIMIT_FLAGS = {limit.crd_key: limit for limit in ROUTER_LIMIT_TABLE if limit.crd_key}
 
 
-def _args(cr: Manifest, role: str) -> list[str]:
-    """The runtime's arguments: the router's limits and image URL allowlist; the
+def _args(state: DesiredState, role: str) -> list[str]:
+    """The runtime's arguments: the router's limits and media URL allowlist; the
     language group's extraArgs (SGLang's)."""
-    role_spec = spec(cr).get(role, {})
     if role != names.ROUTER:
-        return list(role_spec.get("extraArgs", []))
-    limits = role_spec.get("limits", {})
-    args = [a for key, flag in ROUTER_LIMIT_FLAGS.items() if key in limits
-            for a in (flag, str(limits[key]))]  # fmt: skip
-    # mediaUrlDomains, and imageUrlDomains (its older name): merged, in order, once each.
-    domains = [*role_spec.get("mediaUrlDomains", []), *role_spec.get("imageUrlDomains", [])]
-    for domain in dict.fromkeys(domains):
+        return list(state.groups[role].pods.extra_args)
+    limits = state.router.limits
+    args = [a for key, limit in ROUTER_LIMIT_FLAGS.items()
+            if limits.get(key, limit.default) != limit.default
+            for a in (limit.flag, str(limits[key]))]  # fmt: skip
+    for domain in state.router.media_url_domains:
         args += ["--image-url-domain", domain]
-    if _api_keys(cr, role) is not None:
+    if _api_keys(state, role) is not None:
         args += ["--api-keys-file", API_KEYS_FILE]
     return args
 
@@ -118,9 +109,9 @@ def _security(protocol: str, transfers: bool) -> tuple[dict[str, Any], dict[str,
     return pod, container
 
 
-def _resources(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, Any]:
-    given = spec(cr).get(role, {}).get("resources", {})
-    resources = {k: dict(v) for k, v in given.items() if v}
+def _resources(state: DesiredState, role: str) -> dict[str, Any]:
+    config = state.config
+    resources = {k: dict(v) for k, v in _pod_settings(state, role).resources.items()}
     if role not in names.ROLES:
         return resources  # the router: no GPU, no RDMA
     tp = (
@@ -133,17 +124,14 @@ def _resources(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, Any]
         limits = resources.setdefault("limits", {})
         limits.setdefault("nvidia.com/gpu", tp)
     if config.transfer.protocol == "rdma":
-        rdma = spec(cr)["transfer"].get("rdmaResourceName", "rdma/hca_shared_devices_a")
+        rdma = state.rdma_resource_name
         resources.setdefault("limits", {}).setdefault(rdma, 1)
         resources.setdefault("requests", {}).setdefault(rdma, 1)
     return resources
 
 
-def _volumes(
-    cr: Manifest, config: RuntimeConfig, role: str
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    model = spec(cr)["model"]
-    config_map = names.config_map_name(cr_name(cr), revision(cr, config))
+def _volumes(state: DesiredState, role: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    config_map = names.config_map_name(state.name, state.revision)
     volumes: list[dict[str, Any]] = [
         {"name": CONFIG_VOLUME, "configMap": {"name": config_map}},
         {"name": "tmp", "emptyDir": {}},
@@ -154,12 +142,12 @@ def _volumes(
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "shm", "mountPath": "/dev/shm"},
     ]
-    keys = _api_keys(cr, role)
+    keys = _api_keys(state, role)
     if keys is not None:
         # A file, not a variable: the kubelet swaps in a changed Secret, which the router
         # reads again (a rotated key takes effect without a restart).
         directory, file = API_KEYS_FILE.rsplit("/", 1)
-        item = {"key": keys.get("key", "api-keys"), "path": file}
+        item = {"key": keys["key"], "path": file}
         volumes.append(
             {
                 "name": "api-keys",
@@ -167,7 +155,7 @@ def _volumes(
             }
         )
         mounts.append({"name": "api-keys", "mountPath": directory, "readOnly": True})
-    volume = model.get("volume")
+    volume = state.model.volume
     if volume:
         # Read-only unless a claim asks otherwise (a runtime that writes a cache next to
         # the weights), and then only for the pods that run the model: the router only
@@ -175,7 +163,7 @@ def _volumes(
         read_only = True
         if "persistentVolumeClaim" in volume:
             pvc = volume["persistentVolumeClaim"]
-            read_only = pvc.get("readOnly", True) or role not in names.ROLES
+            read_only = pvc["readOnly"] or role not in names.ROLES
             source: dict[str, Any] = {
                 "persistentVolumeClaim": {"claimName": pvc["claimName"], "readOnly": read_only}
             }
@@ -185,21 +173,24 @@ def _volumes(
         mounts.append(
             {
                 "name": MODEL_VOLUME,
-                "mountPath": model.get("mountPath", "/models"),
+                "mountPath": state.model.mount_path,
                 "readOnly": read_only,
             }
         )
     return volumes, mounts
 
 
-def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, Any]:
-    s = spec(cr)
-    role_spec = s.get(role, {})
-    runtime = s["runtime"]
+def _pod_settings(state: DesiredState, role: str) -> PodSettings:
+    return state.router.pods if role == names.ROUTER else state.groups[role].pods
+
+
+def _pod_template(state: DesiredState, role: str) -> dict[str, Any]:
+    config = state.config
+    settings = _pod_settings(state, role)
     pod_security, container_security = _security(
         config.transfer.protocol, transfers=role in names.ROLES
     )
-    volumes, mounts = _volumes(cr, config, role)
+    volumes, mounts = _volumes(state, role)
     probe_http = {"path": "/health", "port": "http"}
 
     def probe(http_get: dict[str, Any]) -> dict[str, Any]:
@@ -209,16 +200,16 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
     ready_http = {"path": "/ready" if role == names.ROUTER else "/health", "port": "http"}
     container: dict[str, Any] = {
         "name": "runtime",
-        "image": runtime["image"],
-        "imagePullPolicy": runtime.get("imagePullPolicy", "IfNotPresent"),
+        "image": state.image,
+        "imagePullPolicy": state.image_pull_policy,
         # All of the pod's addresses: its IP for peers and probes, loopback for
         # `kubectl port-forward`. (The runtime's own default is loopback only.)
         "command": [
             *("deepstack-runtime", role, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"),
             *("--host", "0.0.0.0"),
         ],
-        "args": _args(cr, role),
-        "env": _env(role, config, role_spec.get("env", [])),
+        "args": _args(state, role),
+        "env": _env(role, config, list(settings.env)),
         "ports": _ports(config, role),
         # Loading weights can take minutes: the startup probe covers it, then the
         # liveness probe restarts a hung server and readiness gates traffic.
@@ -227,7 +218,7 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
         "startupProbe": {**probe(probe_http), "periodSeconds": 5, "failureThreshold": 360},
         "readinessProbe": {**probe(ready_http), "periodSeconds": 5, "failureThreshold": 2},
         "livenessProbe": {**probe(probe_http), "periodSeconds": 10, "failureThreshold": 6},
-        "resources": _resources(cr, role, config),
+        "resources": _resources(state, role),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}},
         "securityContext": container_security,
         "volumeMounts": mounts,
@@ -243,37 +234,35 @@ def _pod_template(cr: Manifest, role: str, config: RuntimeConfig) -> dict[str, A
     }
     if role == "language":
         pod_spec["readinessGates"] = [{"conditionType": names.TRANSFER_READY_GATE}]
-    if runtime.get("serviceAccountName"):
-        pod_spec["serviceAccountName"] = runtime["serviceAccountName"]
-    if runtime.get("imagePullSecrets"):
-        pod_spec["imagePullSecrets"] = [{"name": x["name"]} for x in runtime["imagePullSecrets"]]
-    for key in ("nodeSelector", "tolerations", "affinity"):
-        if role_spec.get(key):
-            pod_spec[key] = role_spec[key]
+    if state.service_account:
+        pod_spec["serviceAccountName"] = state.service_account
+    if state.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in state.image_pull_secrets]
+    pod_spec.update(settings.placement)
     return {
         "metadata": {
-            "labels": {**names.common_labels(cr_name(cr), role), **revision_labels(cr, config)},
+            "labels": {**names.common_labels(state.name, role), **revision_labels(state)},
             # A changed runtime configuration rolls the pods.
-            "annotations": {names.CONFIG_HASH_ANNOTATION: content_hash(config.to_json())},
+            "annotations": {names.CONFIG_HASH_ANNOTATION: state.config_hash},
         },
         "spec": pod_spec,
     }
 
 
-def render_role_services(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
+def render_role_services(state: DesiredState) -> list[Manifest]:
     out = []
     for role in names.ROLES:
         out.append(
             {
                 "apiVersion": "v1",
                 "kind": "Service",
-                "metadata": metadata(cr, names.child_name(cr_name(cr), role), role),
+                "metadata": metadata(state, names.child_name(state.name, role), role),
                 "spec": {
                     "clusterIP": "None",  # headless: one DNS record per ready pod
-                    "selector": names.selector_labels(cr_name(cr), role),
+                    "selector": names.selector_labels(state.name, role),
                     "ports": [
                         {"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]}
-                        for p in _ports(config, role)
+                        for p in _ports(state.config, role)
                     ],
                 },
             }
@@ -281,52 +270,38 @@ def render_role_services(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
     return out
 
 
-def revision_labels(cr: Manifest, config: RuntimeConfig) -> dict[str, str]:
-    return {
-        names.CONTRACT_LABEL: config.contract_hash(),
-        names.REVISION_LABEL: revision(cr, config),
-    }
-
-
-def default_replicas(cr: Manifest) -> dict[str, int | None]:
-    """Replicas per pod group as the spec gives them; None where an autoscaler decides."""
-    s = spec(cr)
-    by_hpa = scaled_by_hpa(cr)
-    return {
-        role: None if role in by_hpa else s.get(role, {}).get("replicas", 1) for role in names.ROLES
-    }
-
-
 def render_role_statefulsets(
-    cr: Manifest, config: RuntimeConfig, replicas: dict[str, int | None] | None = None
+    state: DesiredState, replicas: dict[str, int | None] | None = None
 ) -> list[Manifest]:
     """The current revision's StatefulSet of each group (deepstack_operator.rollout);
     `replicas` (default: the spec's) as the rollout plan sizes them, None: the HPA's."""
-    s = spec(cr)
-    replicas = replicas or default_replicas(cr)
-    max_unavailable = s.get("rollout", {}).get("maxUnavailable", 1)
-    labels = revision_labels(cr, config)
+    if replicas is None:
+        replicas = {
+            role: None if role in state.scaled_by_hpa else count
+            for role, count in state.spec_replicas.items()
+        }
+    labels = revision_labels(state)
     out = []
     for role in names.ROLES:
         sts_spec: dict[str, Any] = {
-            "serviceName": names.child_name(cr_name(cr), role),
+            "serviceName": names.child_name(state.name, role),
             "podManagementPolicy": "Parallel",
             "selector": {
                 "matchLabels": {
-                    **names.selector_labels(cr_name(cr), role),
+                    **names.selector_labels(state.name, role),
                     names.REVISION_LABEL: labels[names.REVISION_LABEL],
                 }
             },
             "updateStrategy": {
                 "type": "RollingUpdate",
-                "rollingUpdate": {"maxUnavailable": max_unavailable},
+                "rollingUpdate": {"maxUnavailable": state.max_unavailable},
             },
-            "template": _pod_template(cr, role, config),
+            "template": _pod_template(state, role),
         }
         # With an autoscaler the HPA owns the replica count; do not fight it.
         if replicas.get(role) is not None:
             sts_spec["replicas"] = replicas[role]
-        meta = metadata(cr, names.workload_name(cr_name(cr), role, revision(cr, config)), role)
+        meta = metadata(state, names.workload_name(state.name, role, state.revision), role)
         meta["labels"].update(labels)
         out.append(
             {
@@ -339,33 +314,33 @@ def render_role_statefulsets(
     return out
 
 
-def render_router(cr: Manifest, config: RuntimeConfig) -> list[Manifest]:
-    router = spec(cr).get("router", {})
-    if not router.get("enabled", True):
+def render_router(state: DesiredState) -> list[Manifest]:
+    router = state.router
+    if not router.enabled:
         return []
-    name = names.child_name(cr_name(cr), names.ROUTER)
+    name = names.child_name(state.name, names.ROUTER)
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": metadata(cr, name, names.ROUTER),
+        "metadata": metadata(state, name, names.ROUTER),
         "spec": {
-            "replicas": router.get("replicas", 1),
-            "selector": {"matchLabels": names.selector_labels(cr_name(cr), names.ROUTER)},
+            "replicas": router.replicas,
+            "selector": {"matchLabels": names.selector_labels(state.name, names.ROUTER)},
             "strategy": {
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
             },
-            "template": _pod_template(cr, names.ROUTER, config),
+            "template": _pod_template(state, names.ROUTER),
         },
     }
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": metadata(cr, name, names.ROUTER),
+        "metadata": metadata(state, name, names.ROUTER),
         "spec": {
             "type": "ClusterIP",
-            "selector": names.selector_labels(cr_name(cr), names.ROUTER),
-            "ports": [{"name": "http", "port": router.get("port", 8000), "targetPort": "http"}],
+            "selector": names.selector_labels(state.name, names.ROUTER),
+            "ports": [{"name": "http", "port": router.port, "targetPort": "http"}],
         },
     }
     return [deployment, service]

@@ -14,7 +14,7 @@ from deepstack_operator.ownership import (
     scaled_by_another_manager,
     yield_replicas_to_other_managers,
 )
-from deepstack_operator.reconcile import router_replicas
+from deepstack_operator.status import router_replicas
 
 HPA = "kube-controller-manager"
 KEDA = "keda-operator"
@@ -109,4 +109,4 @@ def test_scaled_by_another_manager() -> None:
     ],
 )
 def test_router_desired_count(stored: dict[str, Any] | None, desired: int) -> None:
-    assert router_replicas({"replicas": 2}, stored) == desired
+    assert router_replicas(2, stored) == desired

@@ -149,20 +149,18 @@ def test_a_paused_instance_parks_queued_keys_and_acts_on_them_once_active(
     clock = Clock()
     peering = Peering(name="dsd", identity=US, priority=100, clusterwide=False)
     metrics = OperatorMetrics()
-    monkeypatch.setattr(handlers.STATE, "metrics", metrics)
-    monkeypatch.setattr(handlers.STATE, "reconciler", NoReconcile())
-    monkeypatch.setattr(
-        handlers.STATE, "gate", PeeringGate(peering, lambda _: obj, clock=clock, now=lambda: NOW)
-    )
-    monkeypatch.setattr(handlers.STATE, "parked", set())
+    state = handlers.Runtime()
+    state.metrics = metrics
+    state.reconciler = NoReconcile()  # type: ignore[assignment]
+    state.gate = PeeringGate(peering, lambda _: obj, clock=clock, now=lambda: NOW)
     monkeypatch.setattr(handlers, "PARKED_RECHECK_SECONDS", 0.01)
 
     async def scenario() -> None:
         queue = WorkQueue()
-        monkeypatch.setattr(handlers.STATE, "queue", queue)
-        assert await handlers._process(("ns", "x")) is None
-        assert handlers.STATE.parked == {("ns", "x")}
-        unpark = asyncio.create_task(handlers._unpark())
+        state.queue = queue
+        assert await handlers._process(state, ("ns", "x")) is None
+        assert state.parked == {("ns", "x")}
+        unpark = asyncio.create_task(handlers._unpark(state))
         try:
             await asyncio.sleep(0.05)
             assert len(queue) == 0  # still paused: nothing queued
@@ -171,7 +169,7 @@ def test_a_paused_instance_parks_queued_keys_and_acts_on_them_once_active(
             async with asyncio.timeout(5):
                 while len(queue) == 0:
                     await asyncio.sleep(0.01)
-            assert handlers.STATE.parked == set()
+            assert state.parked == set()
         finally:
             unpark.cancel()
 
@@ -182,7 +180,7 @@ def test_a_paused_instance_parks_queued_keys_and_acts_on_them_once_active(
 def reconciles_counted(metrics: Any) -> float:
     from prometheus_client.exposition import generate_latest
 
-    from tests.support.metrics import sample
+    from devkit.metrics import sample
 
     text = generate_latest(metrics.registry).decode()
     return sum(

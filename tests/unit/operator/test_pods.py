@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from deepstack_operator.reconcile import _controlled_pods, _router_contracts
+from deepstack_operator.decide import router_contracts as _router_contracts
+from deepstack_operator.observe import controlled_pods
 
 CR = {"metadata": {"name": "demo", "namespace": "ns"}}
 LIVE: dict[tuple[str, str], dict[str, Any]] = {
@@ -34,7 +35,7 @@ def test_only_pods_of_our_workloads() -> None:
         pod("router", "ReplicaSet", "other-router-1"),
         {"metadata": {"name": "bare", "labels": {"disagg.deepstack.dev/role": "language"}}},
     ]
-    assert _controlled_pods(ours + strangers, CR, LIVE) == ours
+    assert controlled_pods(ours + strangers, CR["metadata"]["name"], LIVE) == ours
 
 
 def test_an_evicted_router_pod_holds_no_rollout() -> None:

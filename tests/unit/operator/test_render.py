@@ -9,12 +9,26 @@ import pytest
 from syrupy.assertion import SnapshotAssertion
 
 from deepstack_operator import names
+from deepstack_operator.desired import desired_state
 from deepstack_operator.render import Capabilities, render_all
 from deepstack_runtime.config import ConfigError, RuntimeConfig
-from tests.support.crd import EXAMPLES
-from tests.support.specs import example
+from devkit.crd import EXAMPLES
+from devkit.specs import defaulted, example
 
 STEMS = [p.stem for p in EXAMPLES]
+
+
+NO_EXTRAS = Capabilities()
+
+
+def render(
+    cr: dict[str, Any],
+    capabilities: Capabilities = NO_EXTRAS,
+    replicas: dict[str, int | None] | None = None,
+) -> list[dict[str, Any]]:
+    """The children of a stored object (its spec defaulted again after a test's edit, as
+    the API server would), through its desired state."""
+    return render_all(desired_state(defaulted(cr)), capabilities, replicas)
 
 
 def by_kind(children: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -45,13 +59,13 @@ def container(sts: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("stem", STEMS)
 def test_snapshot(stem: str, snapshot: SnapshotAssertion) -> None:
-    assert render_all(example(stem), Capabilities(pod_monitor=True)) == snapshot
+    assert render(example(stem), Capabilities(pod_monitor=True)) == snapshot
 
 
 @pytest.mark.parametrize("stem", STEMS)
 def test_every_child_is_owned_labelled_and_namespaced(stem: str) -> None:
     cr = example(stem)
-    for child in render_all(cr, Capabilities(pod_monitor=True)):
+    for child in render(cr, Capabilities(pod_monitor=True)):
         meta = child["metadata"]
         assert meta["namespace"] == "default"
         (owner,) = meta["ownerReferences"]
@@ -63,7 +77,7 @@ def test_every_child_is_owned_labelled_and_namespaced(stem: str) -> None:
 
 
 def test_minimal_example_children() -> None:
-    children = render_all(example("minimal-cpu"))
+    children = render(example("minimal-cpu"))
     kinds = sorted(c["kind"] for c in children)
     assert kinds == sorted(
         ["ConfigMap"]
@@ -102,7 +116,7 @@ def test_minimal_example_children() -> None:
 
 
 def test_tcp_pods_meet_the_restricted_pod_security_level() -> None:
-    for sts in by_kind(render_all(example("minimal-cpu")), "StatefulSet"):
+    for sts in by_kind(render(example("minimal-cpu")), "StatefulSet"):
         pod = sts["spec"]["template"]["spec"]
         c = container(sts)
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -114,7 +128,7 @@ def test_tcp_pods_meet_the_restricted_pod_security_level() -> None:
 
 
 def test_rdma_pods_get_devices_ipc_lock_and_gpus() -> None:
-    children = render_all(example("qwen3-vl-moe-rdma"))
+    children = render(example("qwen3-vl-moe-rdma"))
     language = group(children, "language")
     c = container(language)
     assert c["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
@@ -128,7 +142,7 @@ def test_rdma_pods_get_devices_ipc_lock_and_gpus() -> None:
 
 
 def test_the_router_pins_no_memory_and_no_pod_gets_an_api_token() -> None:
-    children = render_all(example("qwen3-vl-moe-rdma"))
+    children = render(example("qwen3-vl-moe-rdma"))
     router = one(children, "Deployment", "qwen3-vl-moe-router")
     assert container(router)["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     for workload in [*by_kind(children, "StatefulSet"), router]:
@@ -142,7 +156,7 @@ def test_router_resources_scheduling_and_disruption_budget() -> None:
         nodeSelector={"pool": "cpu"},
         tolerations=[{"key": "dedicated", "operator": "Exists"}],
     )
-    children = render_all(cr)
+    children = render(cr)
     router = one(children, "Deployment", "tiny-qwen3-vl-moe-router")
     pod = router["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}}
@@ -151,13 +165,13 @@ def test_router_resources_scheduling_and_disruption_budget() -> None:
     budgets = {b["metadata"]["name"] for b in by_kind(children, "PodDisruptionBudget")}
     assert "tiny-qwen3-vl-moe-router" not in budgets  # one pod: a budget would block drains
     cr["spec"]["router"]["replicas"] = 2
-    budget = one(render_all(cr), "PodDisruptionBudget", "tiny-qwen3-vl-moe-router")
+    budget = one(render(cr), "PodDisruptionBudget", "tiny-qwen3-vl-moe-router")
     assert budget["spec"]["maxUnavailable"] == 1
     assert budget["spec"]["selector"]["matchLabels"] == router["spec"]["selector"]["matchLabels"]
 
 
 def test_autoscaled_roles_get_an_hpa_and_no_replica_count() -> None:
-    children = render_all(example("qwen3-vl-moe-rdma"))
+    children = render(example("qwen3-vl-moe-rdma"))
     hpas = {h["metadata"]["name"]: h["spec"] for h in by_kind(children, "HorizontalPodAutoscaler")}
     assert hpas["qwen3-vl-moe-encode"]["maxReplicas"] == 8
     assert hpas["qwen3-vl-moe-language"]["scaleTargetRef"]["kind"] == "StatefulSet"
@@ -172,7 +186,7 @@ def test_router_and_network_policy_can_be_turned_off() -> None:
     cr = example("minimal-cpu")
     cr["spec"]["router"]["enabled"] = False
     cr["spec"]["networkPolicy"]["enabled"] = False
-    children = render_all(cr)
+    children = render(cr)
     assert by_kind(children, "Deployment") == []
     assert by_kind(children, "NetworkPolicy") == []
     assert "tiny-qwen3-vl-moe-router" not in {c["metadata"]["name"] for c in children}
@@ -186,7 +200,7 @@ def test_the_groups_reach_each_others_mooncake_ports_and_nothing_else() -> None:
     cr = example("qwen3-vl-moe-rdma")
     cr["spec"]["transfer"]["mooncakePorts"] = {"min": 16000, "max": 16001}
     policies = {p["metadata"]["labels"]["disagg.deepstack.dev/role"]: p["spec"]
-                for p in by_kind(render_all(cr), "NetworkPolicy")}  # fmt: skip
+                for p in by_kind(render(cr), "NetworkPolicy")}  # fmt: skip
     mooncake = {"protocol": "TCP", "port": 16000, "endPort": 16001}
 
     def admitted(role: str, peer: str) -> list[dict[str, Any]]:
@@ -202,8 +216,8 @@ def test_the_groups_reach_each_others_mooncake_ports_and_nothing_else() -> None:
 
 def test_pod_monitor_only_where_its_crd_exists() -> None:
     cr = example("minimal-cpu")
-    assert by_kind(render_all(cr, Capabilities(pod_monitor=False)), "PodMonitor") == []
-    (pm,) = by_kind(render_all(cr, Capabilities(pod_monitor=True)), "PodMonitor")
+    assert by_kind(render(cr, Capabilities(pod_monitor=False)), "PodMonitor") == []
+    (pm,) = by_kind(render(cr, Capabilities(pod_monitor=True)), "PodMonitor")
     assert pm["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics"}]
 
 
@@ -213,7 +227,7 @@ def test_user_env_cannot_override_the_runtime_own_variables() -> None:
         {"name": "POD_IP", "value": "1.2.3.4"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
     ]
-    c = container(group(render_all(cr), "encode"))
+    c = container(group(render(cr), "encode"))
     values = [e for e in c["env"] if e["name"] == "POD_IP"]
     assert len(values) == 1
     assert "valueFrom" in values[0]
@@ -228,15 +242,15 @@ def test_config_change_changes_the_pod_template() -> None:
     key = "disagg.deepstack.dev/config-hash"
 
     def hash_of(cr: dict[str, Any]) -> str:
-        sts = group(render_all(cr), "language")
+        sts = group(render(cr), "language")
         value: str = sts["spec"]["template"]["metadata"]["annotations"][key]
         return value
 
     assert hash_of(a) != hash_of(b)
     # Not a contract change: the same revision, rolled in place.
     assert (
-        group(render_all(a), "language")["metadata"]["name"]
-        == (group(render_all(b), "language")["metadata"]["name"])
+        group(render(a), "language")["metadata"]["name"]
+        == (group(render(b), "language")["metadata"]["name"])
     )
 
 
@@ -258,7 +272,7 @@ def test_a_contract_or_image_change_makes_a_new_revision(
     a = example("minimal-cpu")
     b = copy.deepcopy(a)
     b["spec"][field[0]][field[1]] = value
-    before, after = render_all(a), render_all(b)
+    before, after = render(a), render(b)
     for role in ("encode", "language"):
         old, new = group(before, role), group(after, role)
         assert old["metadata"]["name"] != new["metadata"]["name"]
@@ -284,11 +298,11 @@ def test_a_spec_the_runtime_rejects_is_a_config_error() -> None:
     cr = example("minimal-cpu")
     cr["spec"]["model"]["path"] = "/models/../etc"
     with pytest.raises(ConfigError, match=r"without '\.\.'"):
-        render_all(cr)
+        render(cr)
 
 
 def test_only_language_pods_wait_for_a_verified_transfer() -> None:
-    children = render_all(example("minimal-cpu"))
+    children = render(example("minimal-cpu"))
     gates = {
         role: group(children, role)["spec"]["template"]["spec"].get("readinessGates")
         for role in ("encode", "language")
@@ -308,7 +322,7 @@ def test_load_autoscaling_renders_no_hpa_and_keeps_the_replica_count() -> None:
         "policy": "Load",
         "encode": {"minReplicas": 1, "maxReplicas": 4},
     }
-    children = render_all(cr)
+    children = render(cr)
     assert by_kind(children, "HorizontalPodAutoscaler") == []
     assert group(children, "encode")["spec"]["replicas"] == 1
 
@@ -318,7 +332,7 @@ def test_router_api_keys_are_a_file_mounted_from_the_secret() -> None:
     a variable; on the router alone."""
     cr = example("minimal-cpu")
     cr["spec"]["router"]["apiKeySecret"] = {"name": "router-keys", "key": "keys"}
-    children = render_all(cr)
+    children = render(cr)
     deployment = one(children, "Deployment", "tiny-qwen3-vl-moe-router")
     router = container(deployment)
     assert router["args"][-2:] == ["--api-keys-file", "/etc/deepstack-api-keys/keys"]
@@ -345,7 +359,7 @@ def test_a_model_claim_is_mounted_as_its_read_only_says(
     and language pods (true, the default: read-only); the router only reads."""
     cr = example("qwen3-vl-moe-rdma")
     cr["spec"]["model"]["volume"]["persistentVolumeClaim"]["readOnly"] = read_only
-    children = render_all(cr)
+    children = render(cr)
     router = one(children, "Deployment", "qwen3-vl-moe-router")
     mounted = {}
     for workload in [*by_kind(children, "StatefulSet"), router]:
@@ -362,7 +376,7 @@ def test_a_model_claim_is_mounted_as_its_read_only_says(
 def test_a_model_host_path_is_always_mounted_read_only() -> None:
     cr = example("minimal-cpu")
     cr["spec"]["model"]["volume"] = {"hostPath": {"path": "/srv/models"}}
-    for sts in by_kind(render_all(cr), "StatefulSet"):
+    for sts in by_kind(render(cr), "StatefulSet"):
         (mount,) = [m for m in container(sts)["volumeMounts"] if m["name"] == "model"]
         assert mount["readOnly"] is True
 
@@ -374,7 +388,7 @@ def test_router_media_hosts_and_video_limits_become_its_flags() -> None:
     cr["spec"]["router"]["mediaUrlDomains"] = ["media.example.com", "10.0.0.0/8"]
     cr["spec"]["router"]["imageUrlDomains"] = ["10.0.0.0/8", "images.example.com"]
     cr["spec"]["router"]["limits"] = {"maxVideoSeconds": 30, "maxVideoFrames": 64}
-    args = container(one(render_all(cr), "Deployment", "tiny-qwen3-vl-moe-router"))["args"]
+    args = container(one(render(cr), "Deployment", "tiny-qwen3-vl-moe-router"))["args"]
     assert args == [
         "--max-video-seconds", "30", "--max-video-frames", "64",
         "--image-url-domain", "media.example.com",

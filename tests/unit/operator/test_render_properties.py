@@ -8,13 +8,27 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from deepstack_operator.desired import desired_state
 from deepstack_operator.render import Capabilities, render_all
-from tests.support.specs import stored
+from devkit.specs import defaulted, stored
 
 names_ = st.from_regex(r"[a-z][a-z0-9-]{0,20}[a-z0-9]", fullmatch=True)
 paths = st.from_regex(r"/models/[A-Za-z0-9._-]{1,30}", fullmatch=True).filter(
     lambda p: ".." not in p.split("/")
 )
+
+
+NO_EXTRAS = Capabilities()
+
+
+def render(
+    cr: dict[str, Any],
+    capabilities: Capabilities = NO_EXTRAS,
+    replicas: dict[str, int | None] | None = None,
+) -> list[dict[str, Any]]:
+    """The children of a stored object (its spec defaulted again after a test's edit, as
+    the API server would), through its desired state."""
+    return render_all(desired_state(defaulted(cr)), capabilities, replicas)
 
 
 @st.composite
@@ -84,8 +98,8 @@ def test_any_valid_spec_renders_deterministically(
     spec: dict[str, Any], name: str, monitor: bool
 ) -> None:
     cr = stored({"metadata": {"name": name}, "spec": spec})
-    first = render_all(cr, Capabilities(pod_monitor=monitor))
-    second = render_all(copy.deepcopy(cr), Capabilities(pod_monitor=monitor))
+    first = render(cr, Capabilities(pod_monitor=monitor))
+    second = render(copy.deepcopy(cr), Capabilities(pod_monitor=monitor))
     assert first == second
     names_seen = [(c["kind"], c["metadata"]["name"]) for c in first]
     assert len(names_seen) == len(set(names_seen))  # no two children collide
