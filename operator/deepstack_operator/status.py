@@ -310,8 +310,9 @@ def assemble(
             desired = int(((cr.get("spec") or {}).get(role) or {}).get("replicas") or 0)
         else:
             desired = state.groups[role].replicas
-        if state is not None and role in state.scaled_by_hpa and sts is not None:
-            desired = sts.get("spec", {}).get("replicas", desired)  # the HPA decides
+        if state is not None and state.groups[role].scaling is not None and sts is not None:
+            # An autoscaler decides (the HPA, or the operator's own Load policy).
+            desired = sts.get("spec", {}).get("replicas", desired)
         roles[role] = role_state(sts, desired)
     url = ""
     if state is not None and state.router.enabled:

@@ -15,7 +15,12 @@ from deepstack_operator import names
 from deepstack_operator.desired import desired_state
 from deepstack_operator.render import render_all
 from devkit.specs import defaulted, example
-from tests.support.fake_kube import FakeKube, reconcile_until_stable, reconciler
+from tests.support.fake_kube import (
+    VERIFIED_METRICS,
+    FakeKube,
+    reconcile_until_stable,
+    reconciler,
+)
 
 NS, NAME = "default", "tiny-qwen3-vl-moe"
 
@@ -116,6 +121,33 @@ def test_hpa_hand_over_keeps_the_count_and_renders_an_autoscaler() -> None:
     (language,) = [s for n, s in kube.workloads().items() if "-language-" in n]
     assert language["spec"]["replicas"] == 3
     assert status(kube)["language"]["summary"] == "3/3"
+
+
+def test_load_scaling_grows_both_groups_and_reports_them_ready() -> None:
+    """autoscaling.policy Load: the pods' requests in flight size the groups, and the
+    status counts the scaled size as desired (not the spec's replicas)."""
+    kube, rec, cr = start()
+    reconcile_until_stable(kube, rec, NS, NAME)
+    cr = copy.deepcopy(cr)
+    cr["spec"]["autoscaling"] = {
+        "policy": "Load",
+        "encode": {"minReplicas": 1, "maxReplicas": 2, "targetRequestsPerPod": 1},
+        "language": {"minReplicas": 1, "maxReplicas": 2, "targetRequestsPerPod": 64},
+        "ratio": {"min": 0.5, "max": 1},
+    }
+    kube.put_cr(example_defaults(cr))
+    busy = VERIFIED_METRICS + "deepstack_requests_inflight 4.0\n"
+    rec.scraper = lambda pod: busy
+    for _ in range(6):
+        rec.reconcile(NS, NAME)
+        kube.settle()
+    assert {n.split("-")[-2]: s["spec"]["replicas"] for n, s in kube.workloads().items()} == {
+        "encode": 2,
+        "language": 2,
+    }
+    assert status(kube)["phase"] == "Ready"
+    assert status(kube)["encode"]["summary"] == "2/2"
+    assert any(e[1] == "ScaledOnLoad" for e in kube.events)
 
 
 def test_a_contract_change_mid_rollout_ends_on_the_latest_revision_alone() -> None:
