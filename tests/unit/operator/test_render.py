@@ -9,26 +9,13 @@ import pytest
 from syrupy.assertion import SnapshotAssertion
 
 from deepstack_operator import names
-from deepstack_operator.desired import desired_state
-from deepstack_operator.render import Capabilities, render_all
+from deepstack_operator.render import Capabilities
 from deepstack_runtime.config import ConfigError, RuntimeConfig
 from devkit.crd import EXAMPLES
-from devkit.specs import defaulted, example
+from devkit.specs import example
+from tests.support.render import render
 
 STEMS = [p.stem for p in EXAMPLES]
-
-
-NO_EXTRAS = Capabilities()
-
-
-def render(
-    cr: dict[str, Any],
-    capabilities: Capabilities = NO_EXTRAS,
-    replicas: dict[str, int | None] | None = None,
-) -> list[dict[str, Any]]:
-    """The children of a stored object (its spec defaulted again after a test's edit, as
-    the API server would), through its desired state."""
-    return render_all(desired_state(defaulted(cr)), capabilities, replicas)
 
 
 def by_kind(children: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

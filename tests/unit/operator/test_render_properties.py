@@ -8,27 +8,14 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepstack_operator.desired import desired_state
-from deepstack_operator.render import Capabilities, render_all
-from devkit.specs import defaulted, stored
+from deepstack_operator.render import Capabilities
+from devkit.specs import stored
+from tests.support.render import render
 
 names_ = st.from_regex(r"[a-z][a-z0-9-]{0,20}[a-z0-9]", fullmatch=True)
 paths = st.from_regex(r"/models/[A-Za-z0-9._-]{1,30}", fullmatch=True).filter(
     lambda p: ".." not in p.split("/")
 )
-
-
-NO_EXTRAS = Capabilities()
-
-
-def render(
-    cr: dict[str, Any],
-    capabilities: Capabilities = NO_EXTRAS,
-    replicas: dict[str, int | None] | None = None,
-) -> list[dict[str, Any]]:
-    """The children of a stored object (its spec defaulted again after a test's edit, as
-    the API server would), through its desired state."""
-    return render_all(desired_state(defaulted(cr)), capabilities, replicas)
 
 
 @st.composite
