@@ -22,8 +22,8 @@ from deepstack_operator.status import Problem, transitions
 class Acted:
     writes: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
-    # Children as this reconcile left them, by (kind, name): live ones, with what it
-    # applied in their place.
+    # Children as this reconcile left them, by (kind, name): the live ones (start from
+    # the observation's), with what it applied in their place and without what it pruned.
     children: dict[tuple[str, str], Manifest] = field(default_factory=dict)
 
 

@@ -28,7 +28,7 @@ from deepstack_operator import names
 from deepstack_operator.kube import Kube, WatchCache
 from deepstack_operator.metrics import OperatorMetrics, make_app
 from deepstack_operator.peering import Peering, PeeringGate
-from deepstack_operator.reconcile import Reconciler
+from deepstack_operator.reconcile import Outcome, Reconciler
 from deepstack_operator.workqueue import Key, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _api_client() -> client.ApiClient:
         return api  # from KUBECONFIG or ~/.kube/config
 
 
-def _timed_reconcile(state: Runtime, key: Key) -> tuple[Any, float]:
+def _timed_reconcile(state: Runtime, key: Key) -> tuple[Outcome, float]:
     """A reconcile in this worker thread, and the CPU seconds the thread spent on it."""
     assert state.reconciler is not None
     cpu = time.thread_time()

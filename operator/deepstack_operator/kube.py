@@ -171,10 +171,6 @@ class WatchCache:
                     held.pop(name, None)
 
 
-def _digest(manifest: Manifest) -> str:
-    return stable_digest(manifest)
-
-
 def _version(obj: Manifest) -> str:
     """Changes with every change of the spec (of anything, for kinds without a
     generation), and when the object is recreated."""
@@ -327,7 +323,7 @@ class Kube:
         meta = manifest["metadata"]
         manifest = keep_replicas_until_handed_over(manifest, live)
         key = (manifest["kind"], meta["namespace"], meta["name"])
-        digest = _digest(manifest)
+        digest = stable_digest(manifest)
         if live is not None:
             if self._current.get(key) == (digest, _version(live)) and _metadata_holds(
                 manifest, live

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +99,10 @@ def pods_to_scrape(state: DesiredState | None, pods: list[Manifest]) -> list[Man
 
 
 def observe(
-    kube: KubeApi, cr: Manifest, state: DesiredState | None, scraper: Any = scrape
+    kube: KubeApi,
+    cr: Manifest,
+    state: DesiredState | None,
+    scraper: Callable[[Manifest], str | None] = scrape,
 ) -> Observation:
     meta = cr["metadata"]
     namespace, name = meta["namespace"], meta["name"]

@@ -94,23 +94,21 @@ class Reconciler:
                 now=now,
                 monotonic_now=self.monotonic(),
             )
-        acted = act.Acted()
+        acted = act.Acted(children=dict(obs.children))
         act.open_gates(self.kube, obs, decision, acted)
         if decision.scaled is not None:
             self.kube.post_event(cr, "Normal", "ScaledOnLoad", decision.scaled)
         act.apply_children(self.kube, obs, decision, acted)
-        if state is not None:
-            act.prune(self.kube, obs, decision, acted)
+        act.prune(self.kube, obs, decision, acted)  # nothing while the spec is invalid
         if state is not None and state.scaled_by_load:
             self._scale_history[key] = decision.scale_history
         else:
             self._scale_history.pop(key, None)
 
         workloads = {
-            k: v
-            for k, v in {**obs.children, **acted.children}.items()
-            if k[0] in ("StatefulSet", "Deployment")
-            and (k[0], k[1]) not in {(kind, n) for _, kind, n in decision.prune}
+            key: obj
+            for key, obj in acted.children.items()
+            if key[0] in ("StatefulSet", "Deployment")
         }
         status = assemble(
             cr=cr,

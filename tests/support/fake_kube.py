@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,15 +217,6 @@ class FakeKube:
 def _intent(obj: Manifest) -> Manifest:
     meta = {k: v for k, v in obj["metadata"].items() if k in ("labels", "annotations", "name")}
     return {"metadata": meta, "spec": obj.get("spec"), "data": obj.get("data")}
-
-
-def scraper_for(kube: FakeKube) -> Callable[[Manifest], str | None]:
-    """Every language pod's server reports a verified transfer over tcp."""
-
-    def scrape(pod: Manifest) -> str | None:
-        return VERIFIED_METRICS
-
-    return scrape
 
 
 def reconciler(kube: KubeApi, clock: list[float] | None = None) -> Reconciler:

@@ -63,8 +63,7 @@ def test_a_paired_rollout_step_by_step() -> None:
     kube, rec, cr = start()
     reconcile_until_stable(kube, rec, NS, NAME)
     old = status(kube)["revision"]
-    cr = copy.deepcopy(cr)
-    cr["spec"]["runtime"]["image"] = "deepstack-runtime:next"
+    cr = changed(cr, ("image", "next"))
     kube.put_cr(cr)
 
     first = rec.reconcile(NS, NAME)  # the new pair beside the old one; nothing deleted
@@ -91,8 +90,7 @@ def test_a_new_revision_that_never_turns_ready_keeps_the_old_one() -> None:
     kube, rec, cr = start()
     reconcile_until_stable(kube, rec, NS, NAME)
     old = status(kube)["revision"]
-    cr = copy.deepcopy(cr)
-    cr["spec"]["runtime"]["image"] = "deepstack-runtime:broken"
+    cr = changed(cr, ("image", "broken"))
     kube.put_cr(cr)
     rec.scraper = lambda pod: ""  # the new language pods never verify a transfer
     for _ in range(5):
@@ -153,8 +151,7 @@ def test_load_scaling_grows_both_groups_and_reports_them_ready() -> None:
 def test_a_contract_change_mid_rollout_ends_on_the_latest_revision_alone() -> None:
     kube, rec, cr = start()
     reconcile_until_stable(kube, rec, NS, NAME)
-    cr = copy.deepcopy(cr)
-    cr["spec"]["runtime"]["image"] = "deepstack-runtime:next"
+    cr = changed(cr, ("image", "next"))
     kube.put_cr(cr)
     rec.reconcile(NS, NAME)  # a rollout starts
     cr["spec"]["deepstack"]["dtype"] = "float16"  # a new contract before it ends
