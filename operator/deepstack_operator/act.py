@@ -14,7 +14,10 @@ from deepstack_operator import names
 from deepstack_operator.decide import Decision
 from deepstack_operator.kube import KubeApi, Manifest
 from deepstack_operator.observe import Observation
-from deepstack_operator.ownership import yield_replicas_to_other_managers
+from deepstack_operator.ownership import (
+    keep_replicas_until_handed_over,
+    yield_replicas_to_other_managers,
+)
 from deepstack_operator.status import Problem, transitions
 
 
@@ -65,6 +68,8 @@ def apply_children(kube: KubeApi, obs: Observation, decision: Decision, acted: A
         if key == ("Deployment", router_name):
             # router.replicas holds until the user's own autoscaler takes over.
             child = yield_replicas_to_other_managers(child, live)
+        # A count handed to an autoscaler is not dropped before the autoscaler has it.
+        child = keep_replicas_until_handed_over(child, live)
         try:
             change, stored = kube.apply_if_changed(child, live)
         except (DynamicApiError, ApiException) as e:

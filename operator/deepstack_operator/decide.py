@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from deepstack_operator import names, transfers
 from deepstack_operator.desired import DesiredState
 from deepstack_operator.kube import OWNED_KINDS, Manifest
-from deepstack_operator.observe import Observation, is_ready
+from deepstack_operator.observe import Observation, serving
 from deepstack_operator.render import render_all
 from deepstack_operator.rollout import LiveGroup, RolloutPlan, plan_rollout
 from deepstack_operator.scaling import (
@@ -26,6 +26,9 @@ from deepstack_operator.scaling import (
     requests_inflight,
 )
 from deepstack_operator.status import role_state, router_replicas
+
+_API_VERSIONS = {kind: api_version for api_version, kind in OWNED_KINDS}
+_PRUNE_ORDER = {kind: i for i, (_, kind) in enumerate(OWNED_KINDS)}
 
 
 @dataclass
@@ -112,7 +115,7 @@ def scale_on_load(
     unread: set[str] = set()
     for pod in obs.pods:
         role = (pod["metadata"].get("labels") or {}).get(names.ROLE_LABEL, "")
-        if role not in load or not is_ready(pod) or not (pod.get("status") or {}).get("podIP"):
+        if role not in load or not serving(pod):
             continue
         text = obs.metrics.get(pod["metadata"]["name"])
         if text is None:
@@ -162,12 +165,11 @@ def prune(
         if kind == "StatefulSet" and name in plan.keep:
             wanted.add((kind, name))
             wanted.update(("ConfigMap", config_map) for config_map in config_maps(kept))
-    api_versions = {kind: api_version for api_version, kind in OWNED_KINDS}
-    order = {kind: i for i, (_, kind) in enumerate(OWNED_KINDS)}
     gone = sorted(
-        (key for key in obs.children if key not in wanted), key=lambda k: (order[k[0]], k[1])
+        (key for key in obs.children if key not in wanted),
+        key=lambda k: (_PRUNE_ORDER[k[0]], k[1]),
     )
-    return [(api_versions[kind], kind, name) for kind, name in gone]
+    return [(_API_VERSIONS[kind], kind, name) for kind, name in gone]
 
 
 def decide(

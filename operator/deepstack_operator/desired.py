@@ -57,13 +57,19 @@ class GroupSpec:
 
 
 @dataclass(frozen=True)
+class SecretKey:
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
 class RouterSpec:
     enabled: bool
     replicas: int
     port: int
     limits: Manifest  # router.limits as given (the router's own defaults fill the rest)
     media_url_domains: tuple[str, ...]  # mediaUrlDomains then imageUrlDomains, each once
-    api_key_secret: Manifest | None
+    api_key_secret: SecretKey | None
     pods: PodSettings
 
 
@@ -78,7 +84,9 @@ class Autoscaling:
 @dataclass(frozen=True)
 class ModelMount:
     mount_path: str
-    volume: Manifest | None  # model.volume as given (a PVC or a hostPath)
+    claim: str = ""  # model.volume.persistentVolumeClaim.claimName
+    claim_read_only: bool = True
+    host_path: str = ""  # model.volume.hostPath.path
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,6 @@ class DesiredState:
     name: str
     namespace: str
     uid: str
-    generation: int
     config: RuntimeConfig
     revision: str  # what encode and language pods must share (rollout.py)
     contract: str  # the embedding contract's hash
@@ -139,12 +146,6 @@ class DesiredState:
         encode = self.groups["encode"]
         return encode.scaling is None and encode.replicas == 0
 
-    @property
-    def router_url(self) -> str:
-        if not self.router.enabled:
-            return ""
-        return f"http://{self.name}-router.{self.namespace}.svc:{self.router.port}"
-
 
 def _pods(given: Manifest, with_args: bool) -> PodSettings:
     return PodSettings(
@@ -163,6 +164,17 @@ def _scaling(given: Manifest | None) -> GroupScaling | None:
         max_replicas=int(given["maxReplicas"]),
         target_cpu_percent=int(given["targetCPUUtilizationPercentage"]),
         target_requests_per_pod=float(given["targetRequestsPerPod"]),
+    )
+
+
+def _model_mount(model: Manifest) -> ModelMount:
+    volume = model.get("volume") or {}
+    claim = volume.get("persistentVolumeClaim") or {}
+    return ModelMount(
+        mount_path=str(model["mountPath"]),
+        claim=str(claim.get("claimName", "")),
+        claim_read_only=bool(claim["readOnly"]) if claim else True,
+        host_path=str((volume.get("hostPath") or {}).get("path", "")),
     )
 
 
@@ -224,7 +236,11 @@ def _read(cr: Manifest) -> DesiredState:
         port=int(router["port"]),
         limits=dict(router.get("limits") or {}),
         media_url_domains=tuple(dict.fromkeys(domains)),
-        api_key_secret=router.get("apiKeySecret") or None,
+        api_key_secret=(
+            SecretKey(str(keys["name"]), str(keys["key"]))
+            if (keys := router.get("apiKeySecret"))
+            else None
+        ),
         pods=_pods(router, with_args=False),
     )
     groups = {
@@ -239,7 +255,6 @@ def _read(cr: Manifest) -> DesiredState:
         name=name,
         namespace=namespace,
         uid=str(meta["uid"]),
-        generation=int(meta.get("generation", 0)),
         config=config,
         revision=stable_digest({"contract": config.contract(), "image": image})[:REVISION_LENGTH],
         contract=config.contract_hash(),
@@ -248,7 +263,7 @@ def _read(cr: Manifest) -> DesiredState:
         image_pull_policy=str(runtime["imagePullPolicy"]),
         service_account=str(runtime.get("serviceAccountName") or ""),
         image_pull_secrets=tuple(s["name"] for s in runtime.get("imagePullSecrets") or []),
-        model=ModelMount(mount_path=str(model["mountPath"]), volume=model.get("volume")),
+        model=_model_mount(model),
         groups=groups,
         router=router_spec,
         autoscaling=Autoscaling(

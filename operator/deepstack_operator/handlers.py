@@ -34,16 +34,17 @@ from deepstack_operator.workqueue import Key, WorkQueue
 log = logging.getLogger(__name__)
 
 # Children whose changes (drift, deletion, pods becoming ready) trigger a reconcile of
-# their owner, as kopf selectors: (group, version, plural), or (version, plural) for core.
-CHILD_KINDS: tuple[tuple[str, str] | tuple[str, str, str], ...] = (
-    ("apps", "v1", "statefulsets"),
-    ("apps", "v1", "deployments"),
-    ("v1", "services"),
-    ("v1", "configmaps"),
-    ("policy", "v1", "poddisruptionbudgets"),
-    ("networking.k8s.io", "v1", "networkpolicies"),
-    ("autoscaling", "v2", "horizontalpodautoscalers"),
-)
+# their owner and reach the watch cache: kind -> kopf selector, (group, version, plural),
+# or (version, plural) for core.
+CHILD_KINDS: dict[str, tuple[str, str] | tuple[str, str, str]] = {
+    "StatefulSet": ("apps", "v1", "statefulsets"),
+    "Deployment": ("apps", "v1", "deployments"),
+    "Service": ("v1", "services"),
+    "ConfigMap": ("v1", "configmaps"),
+    "PodDisruptionBudget": ("policy", "v1", "poddisruptionbudgets"),
+    "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
+    "HorizontalPodAutoscaler": ("autoscaling", "v2", "horizontalpodautoscalers"),
+}
 OWNED = f"app.kubernetes.io/managed-by={names.MANAGED_BY}"
 # While paused, parked keys are offered to the peering gate again this often.
 PARKED_RECHECK_SECONDS = 2.0
@@ -51,16 +52,6 @@ PARKED_RECHECK_SECONDS = 2.0
 IDENTITY_MEMO = "peering_identity"
 # The key of the operator's Runtime in kopf's memo.
 RUNTIME_MEMO = "deepstack_runtime"
-# kind of each watched child (the watch cache's key), by its kopf selector's plural.
-WATCHED_KINDS = {
-    "statefulsets": "StatefulSet",
-    "deployments": "Deployment",
-    "services": "Service",
-    "configmaps": "ConfigMap",
-    "poddisruptionbudgets": "PodDisruptionBudget",
-    "networkpolicies": "NetworkPolicy",
-    "horizontalpodautoscalers": "HorizontalPodAutoscaler",
-}
 
 
 class Runtime:
@@ -121,8 +112,7 @@ async def _process(state: Runtime, key: Key) -> float | None:
     state.metrics.record_writes(outcome.writes)
     result = "requeue_after" if outcome.requeue_after else "success"
     state.metrics.record(result, time.monotonic() - started)
-    requeue: float | None = outcome.requeue_after
-    return requeue
+    return outcome.requeue_after
 
 
 async def _unpark(state: Runtime) -> None:
@@ -162,10 +152,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.enabled = False  # we post our own, meaningful events
     settings.peering.lifetime = int(os.environ.get("DEEPSTACK_PEERING_LIFETIME", "30"))
     # Children are watched only if they carry our label (filtered by the API server).
-    for selector in CHILD_KINDS:
+    for selector in CHILD_KINDS.values():
         settings.watching.label_selectors[selector] = OWNED
     state.queue = WorkQueue()
-    kube = Kube(_api_client(), state.cache, frozenset(WATCHED_KINDS.values()))
+    kube = Kube(_api_client(), state.cache, frozenset(CHILD_KINDS))
     state.reconciler = Reconciler(kube)
     peering = _peering(settings, memo)
     state.gate = PeeringGate(
@@ -191,8 +181,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    state = memo.get(RUNTIME_MEMO)
-    if not isinstance(state, Runtime):
+    state = _runtime(memo)
+    memo.pop(RUNTIME_MEMO, None)
+    if state is None:
         return
     for task in state.tasks:
         task.cancel()
@@ -232,7 +223,7 @@ def _child_handler(kind: str) -> Any:
     return child_event
 
 
-for _selector in CHILD_KINDS:
+for _kind, _selector in CHILD_KINDS.items():
     kopf.on.event(*_selector, labels={"app.kubernetes.io/managed-by": names.MANAGED_BY})(
-        _child_handler(WATCHED_KINDS[_selector[-1]])
+        _child_handler(_kind)
     )

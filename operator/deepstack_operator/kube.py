@@ -30,7 +30,6 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError, ResourceNotFoundError
 
 from deepstack_operator import names
-from deepstack_operator.ownership import keep_replicas_until_handed_over
 from deepstack_runtime.config import stable_digest
 
 Manifest = dict[str, Any]
@@ -91,11 +90,14 @@ class KubeApi(Protocol):
     def post_event(self, cr: Manifest, event_type: str, reason: str, message: str) -> None: ...
 
 
+def revision_number(value: object) -> int:
+    """A resourceVersion as a number, to keep the newer of two copies (etcd's revisions
+    are numbers; anything else counts as newest, so it always replaces)."""
+    return int(str(value)) if str(value).isdigit() else 1 << 62
+
+
 def _revision_number(obj: Manifest) -> int:
-    """An object's resourceVersion as a number, to keep the newer of two copies (etcd's
-    revisions are numbers; anything else counts as newest, so it always replaces)."""
-    value = str(obj.get("metadata", {}).get("resourceVersion", ""))
-    return int(value) if value.isdigit() else 1 << 62
+    return revision_number(obj.get("metadata", {}).get("resourceVersion", ""))
 
 
 class WatchCache:
@@ -125,12 +127,15 @@ class WatchCache:
                 return None
             return list(self._objects.get(key, {}).values())
 
-    def listed(self, kind: str, namespace: str, owner: str, items: list[Manifest]) -> None:
-        """A fresh list: it replaces what the cache holds, except objects a watch event
-        showed newer (created meanwhile) or deleted."""
+    def listed(
+        self, kind: str, namespace: str, owner: str, items: list[Manifest], version: int
+    ) -> None:
+        """A fresh list, taken at resourceVersion `version`: it replaces what the cache
+        holds, except objects a watch event showed newer (created meanwhile) or deleted
+        since. Deletions the list already shows need no tombstone any more."""
         key = (kind, namespace, owner)
         with self._lock:
-            listed_at = max((_revision_number(o) for o in items), default=0)
+            listed_at = version
             held = self._objects.get(key, {})
             fresh: dict[str, Manifest] = {}
             for obj in items:
@@ -145,6 +150,13 @@ class WatchCache:
                     fresh[name] = obj  # created after the list was taken
             self._objects[key] = fresh
             self._listed[key] = time.monotonic()
+            names_here = {o["metadata"]["name"] for o in items}
+            for gone in [
+                k
+                for k, at in self._deleted.items()
+                if k[:2] == (kind, namespace) and at <= listed_at and k[2] not in names_here
+            ]:
+                del self._deleted[gone]
 
     def seen(self, kind: str, obj: Manifest, deleted: bool = False) -> None:
         """A watch event (or the answer to our own write)."""
@@ -285,7 +297,8 @@ class Kube:
         items: list[Manifest] = [item.to_dict() for item in objs.items]
         if cached:
             assert self.cache is not None
-            self.cache.listed(kind, namespace, cr_name, items)
+            version = revision_number(objs.metadata.resourceVersion)
+            self.cache.listed(kind, namespace, cr_name, items, version)
         return items
 
     def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool | None:
@@ -321,7 +334,6 @@ class Kube:
         generation (resourceVersion for kinds without one) and the metadata we set is
         still there: most reconciles follow a status change of a child, not a change."""
         meta = manifest["metadata"]
-        manifest = keep_replicas_until_handed_over(manifest, live)
         key = (manifest["kind"], meta["namespace"], meta["name"])
         digest = stable_digest(manifest)
         if live is not None:

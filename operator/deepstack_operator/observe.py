@@ -73,10 +73,12 @@ def scrape(pod: Manifest) -> str | None:
     return str(body.decode(errors="replace"))
 
 
-def is_ready(pod: Manifest) -> bool:
-    return any(
+def serving(pod: Manifest) -> bool:
+    """Ready, with an address: its /metrics can be read and its load counts."""
+    status = pod.get("status") or {}
+    return bool(status.get("podIP")) and any(
         c.get("type") == "Ready" and c.get("status") == "True"
-        for c in (pod.get("status") or {}).get("conditions") or []
+        for c in status.get("conditions") or []
     )
 
 
@@ -89,10 +91,7 @@ def pods_to_scrape(state: DesiredState | None, pods: list[Manifest]) -> list[Man
     for pod in pods:
         role = (pod["metadata"].get("labels") or {}).get(names.ROLE_LABEL, "")
         if (transfers.can_check(pod) and not state.no_encoders) or (
-            state.scaled_by_load
-            and role in names.ROLES
-            and is_ready(pod)
-            and (pod.get("status") or {}).get("podIP")
+            state.scaled_by_load and role in names.ROLES and serving(pod)
         ):
             wanted.append(pod)
     return wanted

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deepstack_operator import act, names
-from deepstack_operator.decide import Decision, decide
+from deepstack_operator.decide import Decision, decide, open_gates
 from deepstack_operator.desired import DesiredState, desired_state
 from deepstack_operator.kube import KubeApi, Manifest
 from deepstack_operator.observe import observe, scrape
@@ -65,21 +65,26 @@ class Reconciler:
         self.monotonic = monotonic
         # autoscaling.policy Load: each resource's recent recommendations (scaling.py).
         self._scale_history: dict[tuple[str, str], list[Recommendation]] = {}
+        # Each resource's last valid desired state: while its spec is invalid, what
+        # exists still follows it (gates open, the status reports the live pods).
+        self._last_valid: dict[tuple[str, str], DesiredState] = {}
 
     def reconcile(self, namespace: str, name: str) -> Outcome:
         key = (namespace, name)
         cr = self.kube.get_cr(namespace, name)
         if cr is None or cr["metadata"].get("deletionTimestamp"):
             self._scale_history.pop(key, None)
+            self._last_valid.pop(key, None)
             return Outcome(phase=None)  # children go with it: they carry ownerReferences
         problems: list[Problem] = []
-        state: DesiredState | None
+        state: DesiredState | None = None
         try:
-            state = desired_state(cr)
+            state = self._last_valid[key] = desired_state(cr)
         except ConfigError as e:
             problems.append(Problem("InvalidSpec", str(e)))
-            state = None  # leave what exists alone until the spec is fixed
-        obs = observe(self.kube, cr, state, self.scraper)
+        # An invalid spec is not applied: what exists stays as the last valid one made it.
+        known = state or self._last_valid.get(key)
+        obs = observe(self.kube, cr, known, self.scraper)
         problems[:0] = [
             Problem(f"Missing{kind}", f"{kind} {ref!r} does not exist in namespace {namespace}")
             for kind, ref in obs.missing
@@ -94,6 +99,8 @@ class Reconciler:
                 now=now,
                 monotonic_now=self.monotonic(),
             )
+        elif known is not None:
+            decision.gates, decision.awaiting_check = open_gates(obs, known, now)
         acted = act.Acted(children=dict(obs.children))
         act.open_gates(self.kube, obs, decision, acted)
         if decision.scaled is not None:
@@ -105,16 +112,12 @@ class Reconciler:
         else:
             self._scale_history.pop(key, None)
 
-        workloads = {
-            key: obj
-            for key, obj in acted.children.items()
-            if key[0] in ("StatefulSet", "Deployment")
-        }
+        problems += acted.problems
         status = assemble(
             cr=cr,
-            state=state,
-            problems=problems + acted.problems,
-            workloads=workloads,
+            state=known,
+            problems=problems,
+            children=acted.children,
             plan=decision.plan,
             pods=obs.pods,
             now=now,
@@ -127,7 +130,7 @@ class Reconciler:
             for role in (*names.ROLES, names.ROUTER)
             if role in status
         }
-        if problems or acted.problems:
+        if problems:
             outcome.requeue_after = RECHECK_MISSING_SECONDS
         elif (decision.plan is not None and decision.plan.in_progress) or (decision.awaiting_check):
             outcome.requeue_after = RECHECK_PODS_SECONDS

@@ -273,6 +273,13 @@ def transitions(previous: Status, status: Status) -> list[tuple[str, str, str]]:
     return events
 
 
+def _protocol(previous: Status) -> str:
+    """The transfer protocol a status was last reported for (RDMA only shows as a TCP
+    fallback)."""
+    fallback = _condition_of(previous, "TransferReady").get("reason") == "TCPFallback"
+    return "rdma" if fallback else "tcp"
+
+
 def router_replicas(configured: int, deployment: dict[str, Any] | None) -> int:
     """The router's desired count: router.replicas, or the live Deployment's once another
     controller (the user's HPA, KEDA) scales it."""
@@ -286,14 +293,15 @@ def assemble(
     cr: dict[str, Any],
     state: DesiredState | None,
     problems: list[Problem],
-    workloads: dict[tuple[str, str], dict[str, Any]],
+    children: dict[tuple[str, str], dict[str, Any]],
     plan: RolloutPlan | None,
     pods: list[dict[str, Any]],
     now: str,
 ) -> Status:
-    """The status from what this reconcile saw and did. `state` None: the spec is invalid
-    (the live revision and contract stay as last reported). `workloads` holds every
-    StatefulSet and the router's Deployment, as this reconcile left them (one it just
+    """The status from what this reconcile saw and did. `state` None: the spec is invalid and
+    no valid one is known since the operator started (the live revision, contract, router
+    and URL stay as last reported). `children` holds every
+    child as this reconcile left them (one it just
     changed reports the change as not yet observed, so the status says Progressing however
     fast pods roll)."""
     meta = cr["metadata"]
@@ -302,25 +310,31 @@ def assemble(
         target, contract = previous.get("revision", ""), previous.get("contract", "")
     else:
         target, contract = state.revision, state.contract
-    live_sets = {name: sts for (kind, name), sts in workloads.items() if kind == "StatefulSet"}
+    live_sets = {name: sts for (kind, name), sts in children.items() if kind == "StatefulSet"}
     roles: dict[str, RoleState] = {}
     for role in names.ROLES:
         sts = live_sets.get(names.workload_name(meta["name"], role, target))
-        if state is None:
-            desired = int(((cr.get("spec") or {}).get(role) or {}).get("replicas") or 0)
+        live_count = int((sts or {}).get("spec", {}).get("replicas", 0))
+        if state is None or (state.groups[role].scaling is not None and sts is not None):
+            # An autoscaler decides (the HPA, or the operator's own Load policy); with no
+            # valid spec known, what is live is what was asked for.
+            desired = live_count
         else:
             desired = state.groups[role].replicas
-        if state is not None and state.groups[role].scaling is not None and sts is not None:
-            # An autoscaler decides (the HPA, or the operator's own Load policy).
-            desired = sts.get("spec", {}).get("replicas", desired)
         roles[role] = role_state(sts, desired)
-    url = ""
+    deployment = children.get(("Deployment", names.child_name(meta["name"], names.ROUTER)))
     if state is not None and state.router.enabled:
-        deployment = workloads.get(("Deployment", names.child_name(meta["name"], names.ROUTER)))
         roles[names.ROUTER] = role_state(
             deployment, router_replicas(state.router.replicas, deployment)
         )
-        url = state.router_url
+        url = state.config.endpoints.router_url
+    elif state is None and "router" in previous:  # as last reported, with its live pods
+        roles[names.ROUTER] = role_state(
+            deployment, int((deployment or {}).get("spec", {}).get("replicas", 0))
+        )
+        url = str(previous.get("url", ""))
+    else:
+        url = ""
     # Pods that stay: the current revision's and those the plan keeps (not the pruned).
     current = {names.workload_name(meta["name"], role, target) for role in names.ROLES}
     live_contracts: dict[str, dict[str, int]] = {}
@@ -345,5 +359,5 @@ def assemble(
         live_contracts=live_contracts,
         old_revisions=plan.old_revisions if plan else None,
         transfer=transfers.summarize(pods, target),
-        protocol=state.config.transfer.protocol if state is not None else "tcp",
+        protocol=state.config.transfer.protocol if state is not None else _protocol(previous),
     )

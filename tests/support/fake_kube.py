@@ -68,12 +68,17 @@ class FakeKube:
             raise ApiException(status=status, reason="Conflict" if status == 409 else "Fail")
         held = self.objects.get(key)
         wanted = copy.deepcopy(manifest)
-        if (
-            held is not None
-            and "replicas" not in wanted.get("spec", {})
-            and "replicas" in held.get("spec", {})
-        ):
-            wanted["spec"]["replicas"] = held["spec"]["replicas"]  # the HPA's count
+        # Server-side apply of spec.replicas: applied, it is ours alone; left out, it goes
+        # (back to the default of 1) if it was ours alone, else another manager keeps it.
+        others = [m for m in _replica_managers(held) if m != names.FIELD_MANAGER]
+        if "replicas" in wanted.get("spec", {}):
+            managers = [names.FIELD_MANAGER]
+        elif others:
+            wanted["spec"]["replicas"] = held["spec"]["replicas"]  # type: ignore[index]
+            managers = others
+        else:
+            managers = []
+        wanted["metadata"]["managedFields"] = _managed(managers)
         if held is not None and _intent(held) == _intent(wanted):
             return None, copy.deepcopy(held)
         stored = wanted
@@ -137,6 +142,14 @@ class FakeKube:
         if held is not None:
             obj["status"] = held.get("status", {})
         self.objects[key] = obj
+
+    def scale(self, name: str, replicas: int, manager: str = "kube-controller-manager") -> None:
+        """Another controller (the HPA) writes a workload's spec.replicas."""
+        (workload,) = [o for k, o in self.objects.items() if k[2] == name]
+        workload["spec"]["replicas"] = replicas
+        managers = [*dict.fromkeys([*_replica_managers(workload), manager])]
+        workload["metadata"]["managedFields"] = _managed(managers)
+        workload["metadata"]["generation"] += 1
 
     def workloads(self, kind: str = "StatefulSet") -> dict[str, Manifest]:
         return {name: obj for (k, _, name), obj in self.objects.items() if k == kind}
@@ -214,8 +227,20 @@ class FakeKube:
         }
 
 
+def _managed(managers: list[str]) -> list[Manifest]:
+    return [{"manager": m, "fieldsV1": {"f:spec": {"f:replicas": {}}}} for m in managers]
+
+
+def _replica_managers(obj: Manifest | None) -> list[str]:
+    return [
+        str(entry["manager"])
+        for entry in (obj or {}).get("metadata", {}).get("managedFields") or []
+    ]
+
+
 def _intent(obj: Manifest) -> Manifest:
-    meta = {k: v for k, v in obj["metadata"].items() if k in ("labels", "annotations", "name")}
+    keep = ("labels", "annotations", "name", "managedFields")
+    meta = {k: v for k, v in obj["metadata"].items() if k in keep}
     return {"metadata": meta, "spec": obj.get("spec"), "data": obj.get("data")}
 
 

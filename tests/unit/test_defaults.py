@@ -27,8 +27,9 @@ from deepstack_runtime.config import (
     stable_digest,
 )
 from deepstack_runtime.servers.instances import Pool
-from deepstack_runtime.servers.router import ROUTER_LIMITS, RouterOptions
+from deepstack_runtime.servers.router import RouterOptions
 from deepstack_runtime.transfer.settings import TransferSettings
+from devkit.specs import apply_defaults
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILES = [
@@ -98,19 +99,6 @@ def leaves(schema: Schema, prefix: str = "") -> set[str]:
     for key, node in schema.get("properties", {}).items():
         path = f"{prefix}{key}"
         out |= leaves(node, f"{path}.") if node.get("properties") else {path}
-    return out
-
-
-def apply_defaults(schema: Schema, value: Any) -> Any:
-    """Structural defaulting as the API server does it (for spec.transfer)."""
-    if not isinstance(value, dict):
-        return value
-    out = dict(value)
-    for key, prop in schema.get("properties", {}).items():
-        if key not in out and "default" in prop:
-            out[key] = prop["default"]
-        if key in out:
-            out[key] = apply_defaults(prop, out[key])
     return out
 
 
@@ -189,7 +177,6 @@ def test_router_options_defaults_are_the_table() -> None:
     fields = {f.name: f.default for f in dataclasses.fields(RouterOptions)}
     for limit in ROUTER_LIMIT_TABLE:
         assert fields[limit.option] == limit.default, limit.option
-    assert tuple(limit.option for limit in ROUTER_LIMIT_TABLE) == ROUTER_LIMITS
 
 
 def test_router_flags_are_the_table() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from deepstack_operator import names
-from deepstack_operator.desired import DesiredState, PodSettings
+from deepstack_operator.desired import DesiredState, PodSettings, SecretKey
 from deepstack_operator.render.common import Manifest, metadata, revision_labels
 from deepstack_runtime.config import (
     API_KEYS_FILE,
@@ -59,7 +59,7 @@ def _env(role: str, config: RuntimeConfig, extra: list[dict[str, Any]]) -> list[
     return env + [e for e in extra if e["name"] not in ours]
 
 
-def _api_keys(state: DesiredState, role: str) -> dict[str, Any] | None:
+def _api_keys(state: DesiredState, role: str) -> SecretKey | None:
     """The router's router.apiKeySecret (none: no authentication)."""
     secret = state.router.api_key_secret
     return secret if role == names.ROUTER and secret else None
@@ -147,28 +147,27 @@ def _volumes(state: DesiredState, role: str) -> tuple[list[dict[str, Any]], list
         # A file, not a variable: the kubelet swaps in a changed Secret, which the router
         # reads again (a rotated key takes effect without a restart).
         directory, file = API_KEYS_FILE.rsplit("/", 1)
-        item = {"key": keys["key"], "path": file}
+        item = {"key": keys.key, "path": file}
         volumes.append(
             {
                 "name": "api-keys",
-                "secret": {"secretName": keys["name"], "items": [item], "defaultMode": 0o440},
+                "secret": {"secretName": keys.name, "items": [item], "defaultMode": 0o440},
             }
         )
         mounts.append({"name": "api-keys", "mountPath": directory, "readOnly": True})
-    volume = state.model.volume
-    if volume:
+    model = state.model
+    if model.claim or model.host_path:
         # Read-only unless a claim asks otherwise (a runtime that writes a cache next to
         # the weights), and then only for the pods that run the model: the router only
         # reads the processor's settings. A hostPath is always read-only.
         read_only = True
-        if "persistentVolumeClaim" in volume:
-            pvc = volume["persistentVolumeClaim"]
-            read_only = pvc["readOnly"] or role not in names.ROLES
+        if model.claim:
+            read_only = model.claim_read_only or role not in names.ROLES
             source: dict[str, Any] = {
-                "persistentVolumeClaim": {"claimName": pvc["claimName"], "readOnly": read_only}
+                "persistentVolumeClaim": {"claimName": model.claim, "readOnly": read_only}
             }
         else:
-            source = {"hostPath": {"path": volume["hostPath"]["path"], "type": "Directory"}}
+            source = {"hostPath": {"path": model.host_path, "type": "Directory"}}
         volumes.append({"name": MODEL_VOLUME, **source})
         mounts.append(
             {

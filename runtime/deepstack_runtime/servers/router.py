@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import Counter
 
-from deepstack_runtime.config import ROUTER_LIMIT_DEFAULTS, ROUTER_LIMIT_TABLE, RuntimeConfig
+from deepstack_runtime.config import ROUTER_LIMIT_DEFAULTS, RuntimeConfig
 from deepstack_runtime.routing import conversation_key
 from deepstack_runtime.servers.auth import ApiKeys
 from deepstack_runtime.servers.chat import parse_chat_request
@@ -45,10 +45,6 @@ log = logging.getLogger(__name__)
 # A request whose leg fails before any byte reached the client is tried again this many
 # times, on other instances.
 RETRIES = 1
-
-
-# The RouterOptions a router's flags (and the resource's router.limits) may set.
-ROUTER_LIMITS = tuple(limit.option for limit in ROUTER_LIMIT_TABLE)
 
 
 @dataclass(frozen=True)

@@ -108,13 +108,13 @@ def test_hpa_hand_over_keeps_the_count_and_renders_an_autoscaler() -> None:
     kube.put_cr(cr)
     reconcile_until_stable(kube, rec, NS, NAME)
     cr["spec"]["autoscaling"] = {"language": {"minReplicas": 1, "maxReplicas": 4}}
-    kube.put_cr(example_defaults(cr))
+    kube.put_cr(defaulted(cr))
     reconcile_until_stable(kube, rec, NS, NAME)
     (hpa,) = kube.workloads("HorizontalPodAutoscaler").values()
     assert hpa["spec"]["maxReplicas"] == 4
     (language,) = [s for n, s in kube.workloads().items() if "-language-" in n]
     assert language["spec"]["replicas"] == 2  # not dropped to 1 when the HPA took over
-    language["spec"]["replicas"] = 3  # the HPA scales it
+    kube.scale(language["metadata"]["name"], 3)  # the HPA scales it
     reconcile_until_stable(kube, rec, NS, NAME)
     (language,) = [s for n, s in kube.workloads().items() if "-language-" in n]
     assert language["spec"]["replicas"] == 3
@@ -133,7 +133,7 @@ def test_load_scaling_grows_both_groups_and_reports_them_ready() -> None:
         "language": {"minReplicas": 1, "maxReplicas": 2, "targetRequestsPerPod": 64},
         "ratio": {"min": 0.5, "max": 1},
     }
-    kube.put_cr(example_defaults(cr))
+    kube.put_cr(defaulted(cr))
     busy = VERIFIED_METRICS + "deepstack_requests_inflight 4.0\n"
     rec.scraper = lambda pod: busy
     for _ in range(6):
@@ -212,13 +212,19 @@ def test_an_invalid_spec_leaves_what_exists() -> None:
     cr = copy.deepcopy(cr)
     cr["spec"]["transfer"]["defaultAllocationTokens"] = 17  # not a multiple of blockTokens
     kube.put_cr(cr)
+    reported = status(kube)
     rec.reconcile(NS, NAME)
     assert condition(kube, "Degraded")["reason"] == "InvalidSpec"
-    assert kube.workloads().keys() == before.keys()
-
-
-def example_defaults(cr: dict[str, Any]) -> dict[str, Any]:
-    return defaulted(cr)
+    assert kube.workloads() == before
+    for kept in ("url", "router", "revision", "contract", "encode", "language"):
+        assert status(kube)[kept] == reported[kept]
+    # A language pod that restarts meanwhile still has its transfer gate opened.
+    (pod,) = [n for n in kube.pods() if "-language-" in n]
+    del kube.objects[("Pod", NS, pod)]
+    kube.settle()
+    rec.reconcile(NS, NAME)
+    kube.settle()
+    assert kube.pods()[pod]["status"]["conditions"][-1] == {"type": "Ready", "status": "True"}
 
 
 CHANGES = st.sampled_from(
@@ -255,7 +261,7 @@ def changed(cr: dict[str, Any], change: tuple[str, Any]) -> dict[str, Any]:
         spec["autoscaling"] = {"language": {"minReplicas": 1, "maxReplicas": 3}}
     else:
         spec.pop("autoscaling", None)
-    return example_defaults(cr)
+    return defaulted(cr)
 
 
 @settings(max_examples=25, deadline=None)
