@@ -9,12 +9,13 @@ BIN := $(VENV)/bin
 # Reinstall when the dependency list changes.
 VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: help venv sglang-env tools images cluster cluster-down lint test demo demo-down bench
+.PHONY: help venv sglang-env tools images gpu-image cluster cluster-down lint test demo demo-down bench
 
 help:
 	@echo "make demo          build the images, install the chart on the local cluster's real node,"
 	@echo "                   serve the tiny model, ask it"
-	@echo "                   (DEMO_BACKEND=sglang: SGLang's engine in the language pod, on CPU)"
+	@echo "                   (DEMO_BACKEND=sglang: SGLang's engine in the language pod, on CPU,"
+	@echo "                   from the sglang backend's CPU test image)"
 	@echo "make demo-down     stop it all"
 	@echo "make test          lint, type-check and run every test (starts what it needs)"
 	@echo "make cluster       start the local cluster: control plane, kwok nodes, one real node"
@@ -39,9 +40,16 @@ sglang-env: venv
 tools:
 	hack/build-control-plane.sh >/dev/null
 
-# The operator and runtime images, for the real node (cached by content).
+# The operator, runtime and sglang test images, for the real node (cached by content);
+# the GPU runtime image is built and checked when what it is built from changed
+# (hack/gpu-image.checked records the last check).
 images: venv
 	hack/images.sh build >/dev/null
+	hack/images.sh gpu-check --if-changed
+
+# Build the GPU runtime image and check it (no GPU needed), whatever the record says.
+gpu-image:
+	hack/images.sh gpu-check
 
 cluster: tools
 	hack/system-deps.sh
@@ -62,7 +70,7 @@ test: tools venv sglang-env lint images
 	$(BIN)/pytest
 
 DEMO_BACKEND ?= reference
-demo: tools venv cluster $(if $(filter sglang,$(DEMO_BACKEND)),sglang-env)
+demo: tools venv cluster
 	DEMO_BACKEND=$(DEMO_BACKEND) $(BIN)/python hack/demo.py up
 
 demo-down:

@@ -31,7 +31,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -249,20 +248,17 @@ def leaked_blocks(namespace: str | None, timeout: float = 60) -> int | None:
 def demo() -> Iterator[tuple[str, str]]:
     """The demo's stack in a namespace of its own: (router URL, namespace)."""
     namespace = f"bench-{uuid.uuid4().hex[:6]}"
-    with tempfile.TemporaryDirectory() as state:
-        env = {**os.environ, "DEMO_STATE": state, "DEMO_NAMESPACE": namespace}
-        script = [sys.executable, str(REPO / "hack" / "demo.py")]
-        try:
-            up = subprocess.run(
-                [*script, "up"], env=env, capture_output=True, text=True, check=True
-            )
-            (url,) = re.findall(r"^ROUTER_URL=(.*)$", up.stdout, re.M)
-            yield url, namespace
-        finally:
-            subprocess.run([*script, "down"], env=env, capture_output=True)
-            subprocess.run(
-                [*KUBECTL, "delete", "namespace", namespace, "--wait=false"], capture_output=True
-            )
+    env = {**os.environ, "DEMO_NAMESPACE": namespace}
+    script = [sys.executable, str(REPO / "hack" / "demo.py")]
+    try:
+        up = subprocess.run([*script, "up"], env=env, capture_output=True, text=True, check=True)
+        (url,) = re.findall(r"^ROUTER_URL=(.*)$", up.stdout, re.M)
+        yield url, namespace
+    finally:
+        subprocess.run([*script, "down"], env=env, capture_output=True)
+        subprocess.run(
+            [*KUBECTL, "delete", "namespace", namespace, "--wait=false"], capture_output=True
+        )
 
 
 def cpu_seconds() -> float:

@@ -11,20 +11,17 @@
 
     [DEMO_BACKEND=reference|sglang] python hack/demo.py up | down
 
-DEMO_BACKEND=sglang serves with SGLang's engine on this CPU, which needs the kernel
-stand-ins (devkit/sglang_cpu) that no image ships: its pods are placed on the
-simulated nodes and run as local processes from the templates the operator rendered.
+DEMO_BACKEND=sglang serves with SGLang's engine on this CPU: every pod runs the sglang
+backend's CPU test image (the runtime image plus SGLang and the kernel stand-ins of
+devkit/sglang_cpu, which no shipped image holds), with the engine settings a CPU needs.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import dataclasses
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -36,14 +33,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # devkit: the SGLang-on-CPU settings and local pods
-from devkit.cluster import SIMULATED_PLACEMENT  # noqa: E402
-from devkit.localpods import local_pod, start  # noqa: E402
-from devkit.sglang_on_cpu import SGLANG_CPU_ARGS, SGLANG_ENV  # noqa: E402
+sys.path.insert(0, str(REPO))  # devkit: the SGLang-on-CPU settings
+from devkit.sglang_on_cpu import SGLANG_CPU_ARGS  # noqa: E402
 
-# The end-to-end test runs its own copy beside a developer's: state, namespace and ports
-# can be moved.
-STATE = Path(os.environ.get("DEMO_STATE", REPO / ".cluster" / "demo"))
+# The end-to-end test runs its own copy beside a developer's, in another namespace.
 KUBECONFIG = REPO / ".cluster" / "kubeconfig"
 MODEL_DIR = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -55,8 +48,6 @@ MODEL_DIR = (
 BACKEND = os.environ.get("DEMO_BACKEND", "reference")
 RELEASE, SYSTEM, NAME = "deepstack-disagg", "deepstack-system", "tiny-qwen3-vl-moe"
 NAMESPACE = os.environ.get("DEMO_NAMESPACE", "default")
-BASE = int(os.environ.get("DEMO_PORT_BASE", "18000"))  # local processes (sglang) only
-LOCAL_PORTS = {"router": BASE, "encode": BASE + 1, "language": BASE + 2}
 
 
 def tool(name: str) -> str:
@@ -96,13 +87,15 @@ def healthy(url: str) -> bool:
 
 
 def images() -> tuple[str, str]:
-    """The operator and runtime images built from this tree, given to the node."""
+    """The operator image and the pods' image (the runtime, or the sglang backend's CPU
+    test image) built from this tree, given to the node."""
     built = subprocess.run(
         [str(REPO / "hack" / "images.sh"), "build"], check=True, capture_output=True, text=True
     ).stdout.split()
-    operator, runtime = built[-2:]
-    subprocess.run([str(REPO / "hack" / "node.sh"), "load", operator, runtime], check=True)
-    return operator, runtime
+    operator, runtime, sglang_test = built[-3:]
+    pods_image = sglang_test if BACKEND == "sglang" else runtime
+    subprocess.run([str(REPO / "hack" / "node.sh"), "load", operator, pods_image], check=True)
+    return operator, pods_image
 
 
 def install_chart(operator_image: str) -> None:
@@ -122,34 +115,26 @@ def resource(runtime_image: str) -> dict[str, Any]:
         (REPO / "crds" / "examples" / "minimal-cpu.yaml").read_text()
     )
     spec = cr["spec"]
-    if BACKEND == "reference":
-        # Real pods: the image built here, the checkpoint mounted from the node.
-        spec["runtime"] |= {"image": runtime_image, "imagePullPolicy": "Never"}
-        spec["model"] |= {
-            "path": f"/models/{MODEL_DIR.name}",
-            "volume": {"hostPath": {"path": str(MODEL_DIR.parent)}},
-        }
-    elif BACKEND == "sglang":
-        spec["model"]["path"] = str(MODEL_DIR)  # where the local processes find it
-        spec["runtime"]["backend"] = "sglang"
+    if BACKEND not in ("reference", "sglang"):
+        sys.exit(f"DEMO_BACKEND must be reference or sglang, not {BACKEND!r}")
+    # Real pods: the image built here, the checkpoint mounted from the node.
+    spec["runtime"] |= {"image": runtime_image, "imagePullPolicy": "Never", "backend": BACKEND}
+    spec["model"] |= {
+        "path": f"/models/{MODEL_DIR.name}",
+        "volume": {"hostPath": {"path": str(MODEL_DIR.parent)}},
+    }
+    if BACKEND == "sglang":
         no_gpu = {"limits": {"nvidia.com/gpu": 0}}  # SGLang on this CPU
-        spec["encode"] = {**spec["encode"], "resources": no_gpu, **SIMULATED_PLACEMENT}
+        spec["encode"] = {**spec["encode"], "resources": no_gpu}
         spec["language"] = {
             **spec["language"],
             "resources": no_gpu,
             "extraArgs": list(SGLANG_CPU_ARGS),
-            "env": [{"name": k, "value": v} for k, v in SGLANG_ENV.items()],
-            **SIMULATED_PLACEMENT,
         }
-        spec["router"] = {**spec.get("router", {}), **SIMULATED_PLACEMENT}
-    else:
-        sys.exit(f"DEMO_BACKEND must be reference or sglang, not {BACKEND!r}")
     return cr
 
 
 def router_url() -> str:
-    if BACKEND == "sglang":
-        return f"http://127.0.0.1:{LOCAL_PORTS['router']}"
     service = get_json("-n", NAMESPACE, "get", "service", f"{NAME}-router")
     return f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
 
@@ -161,8 +146,6 @@ def revision() -> str:
 
 def metrics_urls() -> list[str]:
     """The encode and language pods' /metrics."""
-    if BACKEND == "sglang":
-        return [f"http://127.0.0.1:{LOCAL_PORTS[r]}/metrics" for r in ("encode", "language")]
     config = json.loads(
         get_json("-n", NAMESPACE, "get", "configmap", f"{NAME}-runtime-{revision()}")["data"][
             "config.json"
@@ -174,44 +157,6 @@ def metrics_urls() -> list[str]:
         for p in pods["items"]
         if p["metadata"]["labels"].get("app.kubernetes.io/component") in ("encode", "language")
     ]
-
-
-def start_local_pods() -> None:
-    """DEMO_BACKEND=sglang: the pods as local processes (SGLang's own virtualenv)."""
-    current = revision()
-    config_map = get_json("-n", NAMESPACE, "get", "configmap", f"{NAME}-runtime-{current}")
-    config_file = STATE / "etc-deepstack" / "config.json"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(config_map["data"]["config.json"])
-    instances = STATE / "instances.json"
-    instances.write_text(json.dumps({
-        "encode": [f"http://127.0.0.1:{LOCAL_PORTS['encode']}"],
-        "language": [f"http://127.0.0.1:{LOCAL_PORTS['language']}"],
-    }))  # fmt: skip
-    local = ["--host", "127.0.0.1", "--advertise-host", "127.0.0.1", "--metrics-port", "0"]
-    plans = {
-        "encode": ("statefulset", f"{NAME}-encode-{current}", f"{NAME}-encode-0",
-                   [*local, "--port", str(LOCAL_PORTS["encode"]),
-                    "--bootstrap-port", str(BASE + 998)]),
-        "language": ("statefulset", f"{NAME}-language-{current}", f"{NAME}-language-0",
-                     [*local, "--port", str(LOCAL_PORTS["language"])]),
-        "router": ("deployment", f"{NAME}-router", f"{NAME}-router-local",
-                   [*local, "--port", str(LOCAL_PORTS["router"]),
-                    "--instances-file", str(instances)]),
-    }  # fmt: skip
-    for role, (kind, workload, pod_name, overrides) in plans.items():
-        template = get_json("-n", NAMESPACE, "get", kind, workload)["spec"]["template"]
-        pod = local_pod(template, pod_name=pod_name, namespace=NAMESPACE, pod_ip="127.0.0.1",
-                        config_file=str(config_file), overrides=overrides)  # fmt: skip
-        if role == "language":
-            sglang_cli = str(REPO / ".venv-sglang" / "bin" / "deepstack-runtime")
-            pod = dataclasses.replace(pod, argv=[sglang_cli, *pod.argv[1:]])
-        process = start(pod, STATE / f"{role}.log", detach=True)
-        (STATE / f"{role}.pid").write_text(str(process.pid))
-        print(f"started {pod_name}: {' '.join(pod.argv)}")
-    for role in plans:
-        url = f"http://127.0.0.1:{LOCAL_PORTS[role]}"
-        wait(lambda u=url: healthy(u), 300, f"the {role} server")
 
 
 def ask(url: str) -> dict[str, Any]:
@@ -265,7 +210,6 @@ def transfer_summary() -> str:
 
 
 def up() -> None:
-    STATE.mkdir(parents=True, exist_ok=True)
     operator_image, runtime_image = images()
     if not (MODEL_DIR / "config.json").exists():
         from deepstack_runtime.models.tiny import make_tiny_model
@@ -286,8 +230,6 @@ def up() -> None:
         return str((obj.get("status") or {}).get("phase", ""))
 
     wait(lambda: phase() == "Ready", 600, f"{NAME} to be Ready")
-    if BACKEND == "sglang":
-        start_local_pods()
     url = router_url()
 
     def router_sees_both() -> bool:
@@ -313,10 +255,6 @@ def up() -> None:
 
 
 def down() -> None:
-    for pid_file in sorted(STATE.glob("*.pid")):  # DEMO_BACKEND=sglang's processes
-        with contextlib.suppress(OSError, ValueError):  # already gone
-            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-        pid_file.unlink()
     if KUBECONFIG.exists():
         subprocess.run(
             [tool("kubectl"), "--kubeconfig", str(KUBECONFIG), "-n", NAMESPACE, "delete", "dsd",

@@ -2,9 +2,10 @@
 NVIDIA GPU; SGLang itself cannot be installed there):
 
 1. the vision tower on CUDA in bfloat16 against the same tower on CPU in float32;
-2. one item with resumption between two processes over Mooncake (tcp), the buffers in
-   device memory when the CUDA build of Mooncake is installed, in host memory otherwise;
-   the received item must equal what was sent, bit for bit.
+2. one item with resumption between two processes over Mooncake (tcp), with the GPU
+   image's Mooncake build (its CUDA 13 build, `.cache/gpu-wheels`): the buffers must be
+   registered in device memory, and the received item must equal what was sent, bit for
+   bit.
 Prints one JSON line per check; exits non-zero when a check fails.
 `--device cpu` runs the same checks without a GPU (to try the script itself).
 """
@@ -23,6 +24,16 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+def mooncake_build() -> str:
+    """The installed distribution that ships the `mooncake` module."""
+    import importlib.metadata
+
+    for dist in importlib.metadata.distributions():
+        if any(str(f).startswith("mooncake/") for f in dist.files or ()):
+            return f"{dist.metadata['Name']}=={dist.version}"
+    return "none"
 
 
 def main(device_name: str) -> int:
@@ -79,9 +90,11 @@ def main(device_name: str) -> int:
             for n in ("embeddings", "deepstack", "fill_ids", "positions")
         )
     resumptions = "deepstack_transfer_resumptions_total 1.0" in state["metrics"]
-    ok &= passed and resumptions
+    on_device = device.startswith("cuda") or device_name == "cpu"
+    ok &= passed and resumptions and on_device
     print(json.dumps({"check": "transfer_with_resumption", "buffers": device, "tokens": tokens,
-                      "bit_exact": passed, "resumed": resumptions}))  # fmt: skip
+                      "mooncake": mooncake_build(), "bit_exact": passed,
+                      "resumed": resumptions}))  # fmt: skip
     return 0 if ok else 1
 
 

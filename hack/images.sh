@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# The local cluster's images, built without a Docker daemon or a registry:
-#   - a base made from Debian packages (mmdebstrap; Python, PyTorch and the RDMA libraries
-#     from Debian, so that no CUDA wheel is downloaded), passed to the Dockerfile as its
-#     PYTHON_IMAGE and CUDA_IMAGE build arguments (whose defaults stay the public images);
-#   - both targets of the project's Dockerfile, built by buildah (chroot isolation);
+# The images, built without a Docker daemon or a registry:
+#   - bases made from Debian packages (mmdebstrap), passed to the Dockerfile as its
+#     PYTHON_IMAGE and RUNTIME_IMAGE build arguments (whose defaults stay the public images);
+#   - the project's Dockerfile, built by buildah (chroot isolation): the operator; the CPU
+#     runtime the local node runs (RUNTIME_EXTRAS=runtime,cpu, on Debian 13 with its
+#     PyTorch); the GPU runtime as it is shipped (runtime,sglang, on Debian 12);
+#   - the sglang backend's CPU test image (devkit/sglang-cpu-test.Containerfile): the CPU
+#     runtime plus SGLang and its test-only kernel stand-ins;
 #   - the node's sandbox ("pause") image: Debian's static busybox, sleeping.
-# Cached by content: the base by its package list, the project's images by the files they
-# are built from, so that an unchanged tree builds nothing. Storage lives in the user's
-# cache directory; images reach the node's containerd as archives.
+# Cached by content: a base by its package list, the others by the files they are built
+# from, so that an unchanged tree builds nothing. Storage lives in the user's cache
+# directory; images reach the node's containerd as archives.
 #   hack/images.sh tag                  the content tag of the project's images
-#   hack/images.sh build                build what is missing; print the two image names
+#   hack/images.sh build                build what is missing; print the operator, runtime
+#                                       and sglang test image names
+#   hack/images.sh gpu                  build the GPU runtime image; print its name
+#   hack/images.sh gpu-check [--if-changed]
+#                                       build the GPU runtime image, check it inside (no GPU
+#                                       needed) and write the record hack/gpu-image.checked;
+#                                       --if-changed: only when the record is not of the
+#                                       GPU image's current inputs
+#   hack/images.sh gpu-inputs           the digest of what the GPU image's contents follow from
 #   hack/images.sh pause                print the path of the pause image's archive
 #   hack/images.sh archive IMAGE        print the path of IMAGE's archive (built if missing)
 set -euo pipefail
@@ -17,30 +28,35 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/deepstack-disagg/images"
 buildah=(buildah --root "$cache/storage" --runroot "$cache/run" --storage-driver overlay)
 export TMPDIR="$cache/tmp"  # buildah's temporary files and RUN cache mounts (pip's cache)
+record="$root/hack/gpu-image.checked"
 
+# Debian packages of the bases: Python for the wheel and operator stages; for the CPU
+# runtime, PyTorch and the RDMA libraries too. The Dockerfile installs into a virtualenv
+# that sees the system's packages. `passwd` for the Dockerfile's useradd. The GPU runtime
+# gets Debian 12's Python 3.11 (SGLang's dependencies have no 3.13 build of everything)
+# and its CUDA libraries as wheels.
 BASE_SUITE=trixie
-# Debian packages of the two bases: Python for the wheel and operator stages; for the
-# runtime, PyTorch (CPU) and the RDMA libraries too. The Dockerfile installs into a
-# virtualenv that sees the system's packages, so Debian's torch satisfies `torch>=2.4`
-# and no CUDA wheel is downloaded. `passwd` for the Dockerfile's useradd.
+GPU_SUITE=bookworm
 PYTHON_PACKAGES=python3,python3-venv,ca-certificates,passwd
 RUNTIME_PACKAGES=$PYTHON_PACKAGES,python3-torch,libibverbs1,librdmacm1,libnuma1,ibverbs-providers,libcurl4t64
+CPU_EXTRAS=runtime,cpu
+GPU_EXTRAS=runtime,sglang
 
 log() { printf '[images] %s\n' "$*" >&2; }
 
 exists() { "${buildah[@]}" inspect --type image "$1" >/dev/null 2>&1; }
 
-base() { # what packages
+base() { # name suite packages
   local key name ctr rootfs
-  key="$(printf '%s\n' "$BASE_SUITE" "$2" | sha256sum | cut -c1-12)"
+  key="$(printf '%s\n' "$2" "$3" | sha256sum | cut -c1-12)"
   name="localhost/deepstack-base-$1:$key"
   if ! exists "$name"; then
-    log "making $name from Debian $BASE_SUITE packages"
+    log "making $name from Debian $2 packages"
     rootfs="$cache/base-$key.tar"
-    mmdebstrap --quiet --variant=minbase --include="$2" \
+    mmdebstrap --quiet --variant=minbase --include="$3" \
       --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
       --dpkgopt='path-exclude=/usr/share/locale/*' --format=tar \
-      "$BASE_SUITE" "$rootfs.tmp" >&2
+      "$2" "$rootfs.tmp" >&2
     ctr="$("${buildah[@]}" from scratch)"
     "${buildah[@]}" add "$ctr" "$rootfs.tmp" / >&2
     "${buildah[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
@@ -55,40 +71,119 @@ base() { # what packages
 # leaves it), hashed by content: an edit, staged or not, makes a new tag.
 tag() {
   (cd "$root" && find Dockerfile .dockerignore pyproject.toml README.md hack/images.sh operator runtime \
-    -type f -not -path '*/__pycache__/*' -not -path '*.egg-info/*' -print0 |
+    "$@" -type f -not -path '*/__pycache__/*' -not -path '*.egg-info/*' -print0 |
     LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-12)
+}
+sglang_test_tag() { tag devkit/sglang-cpu-test.Containerfile devkit/sglang-cpu-requirements.txt devkit/sglang_cpu; }
+
+dockerfile() { # image target|"" runtime-base extras [file]
+  local host_ca=/etc/ssl/certs/ca-certificates.crt started=$SECONDS target=()
+  [[ -n "$2" ]] && target=(--target "$2")
+  log "building $1"
+  # The build trusts what this machine trusts (a proxy's CA, for example).
+  (cd "$root" && "${buildah[@]}" build --quiet --isolation chroot --layers \
+    --volume "$host_ca:/etc/ssl/certs/ca-certificates.crt:ro" \
+    "${target[@]}" --tag "$1" \
+    --build-arg "PYTHON_IMAGE=$(base python "$BASE_SUITE" "$PYTHON_PACKAGES")" \
+    --build-arg "RUNTIME_IMAGE=$3" --build-arg "RUNTIME_EXTRAS=$4" \
+    --file "${5:-Dockerfile}" . >/dev/null)
+  log "built $1 in $((SECONDS - started)) s"
 }
 
 build() {
-  local t target name host_ca=/etc/ssl/certs/ca-certificates.crt python_base runtime_base
+  local t operator runtime runtime_base sglang_test
   t="$(tag)"
-  for target in operator runtime; do
-    name="localhost/deepstack-$target:$t"
-    if exists "$name"; then echo "$name"; continue; fi
-    python_base="$(base python "$PYTHON_PACKAGES")"
-    runtime_base="$(base runtime "$RUNTIME_PACKAGES")"
-    log "building $name"
-    # The build trusts what this machine trusts (a proxy's CA, for example).
-    (cd "$root" && "${buildah[@]}" build --quiet --isolation chroot --layers \
-      --volume "$host_ca:/etc/ssl/certs/ca-certificates.crt:ro" \
-      --target "$target" --tag "$name" \
-      --build-arg "PYTHON_IMAGE=$python_base" --build-arg "CUDA_IMAGE=$runtime_base" \
-      --build-arg "RUNTIME_EXTRAS=runtime,cpu" \
-      --file Dockerfile . >&2)
-    echo "$name"
-  done
-  prune "$t"
+  operator="localhost/deepstack-operator:$t"
+  runtime="localhost/deepstack-runtime:$t"
+  sglang_test="localhost/deepstack-sglang-cpu-test:$(sglang_test_tag)"
+  runtime_base="$(base runtime "$BASE_SUITE" "$RUNTIME_PACKAGES")"
+  exists "$operator" || dockerfile "$operator" operator "$runtime_base" "$CPU_EXTRAS"
+  exists "$runtime" || dockerfile "$runtime" runtime "$runtime_base" "$CPU_EXTRAS"
+  exists "$sglang_test" ||
+    dockerfile "$sglang_test" "" "$runtime" "" devkit/sglang-cpu-test.Containerfile
+  printf '%s\n' "$operator" "$runtime" "$sglang_test"
+  prune "$operator" "$runtime" "$sglang_test"
 }
 
-# Only the newest build is kept: older tags, their dangling layers and archives go.
-prune() { # tag to keep
+gpu() {
+  local name
+  name="localhost/deepstack-runtime-gpu:$(tag)"
+  if ! exists "$name"; then
+    dockerfile "$name" runtime "$(base gpu "$GPU_SUITE" "$PYTHON_PACKAGES")" "$GPU_EXTRAS"
+    prune_older "$name"
+  fi
+  echo "$name"
+}
+
+# What the GPU image's contents follow from, beside the project's own Python code (which
+# the CPU images run in every test): the Dockerfile, the dependencies it installs and the
+# base it starts from.
+gpu_inputs() {
+  {
+    cat "$root/Dockerfile"
+    printf '%s\n' "$GPU_SUITE" "$PYTHON_PACKAGES" "$GPU_EXTRAS"
+    python3 -c 'import sys, tomllib, json
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+extras = {e: project["optional-dependencies"][e] for e in sys.argv[2].split(",")}
+print(json.dumps([project["dependencies"], extras], sort_keys=True))' "$root/pyproject.toml" "$GPU_EXTRAS"
+    cat "$root/hack/gpu_image_check.py"
+  } | sha256sum | cut -c1-12
+}
+
+# The driver's libcuda.so.1 comes from the host; without a GPU the check loads this
+# stand-in instead: each `cu*` function that a library of the image (ROOTFS) imports from
+# it, answering CUDA_ERROR_NO_DEVICE (100).
+driver_stand_in() { # rootfs dir
+  find "$1/opt/deepstack" -name '*.so*' -type f -print0 |
+    xargs -0 -r sh -c 'for f; do
+      readelf -d "$f" 2>/dev/null | grep -q "Shared library: \[libcuda\.so\.1\]" &&
+        nm -D --undefined-only "$f"; done; true' sh |
+    awk '{ sub(/@.*/, "", $NF); if ($NF ~ /^cu/) print "int " $NF "(void) { return 100; }" }' |
+    sort -u >"$2/stand-in.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$2/libcuda.so.1" "$2/stand-in.c"
+  chmod -R a+rX "$2"  # the image's user reads it
+  log "driver stand-in: $(wc -l <"$2/stand-in.c") functions"
+}
+
+gpu_check() {
+  local inputs name ctr stand_in started=$SECONDS
+  inputs="$(gpu_inputs)"
+  if [[ "${1:-}" == --if-changed ]] && grep -qx "inputs $inputs" "$record" 2>/dev/null; then
+    log "the GPU image's inputs are those of its record ($inputs): not rebuilt"
+    return
+  fi
+  name="$(gpu)"
+  ctr="$("${buildah[@]}" from --quiet "$name")"
+  stand_in="$(mktemp -d)"
+  trap '"${buildah[@]}" rm "$ctr" >/dev/null; rm -rf "$stand_in"' EXIT
+  driver_stand_in "$("${buildah[@]}" mount "$ctr")" "$stand_in"
+  {
+    echo "# Written by \`hack/images.sh gpu-check\`: the GPU runtime image, built here from the"
+    echo "# inputs below and checked inside by hack/gpu_image_check.py. \`make test\` rebuilds and"
+    echo "# rechecks it whenever these inputs change (hack/images.sh gpu-inputs)."
+    echo "inputs $inputs"
+    echo "size $("${buildah[@]}" images --format '{{.Size}}' "$name")"
+    "${buildah[@]}" run --volume "$root/hack/gpu_image_check.py:/tmp/gpu_image_check.py:ro" \
+      --volume "$stand_in:/opt/driver-stand-in:ro" "$ctr" -- python3 /tmp/gpu_image_check.py
+  } >"$record.tmp"
+  mv "$record.tmp" "$record"
+  log "checked $name in $((SECONDS - started)) s: $record"
+}
+
+# Only the newest build of each is kept: older tags, their dangling layers and archives go.
+prune() { # images to keep
   local image
-  for image in $("${buildah[@]}" images --format '{{.Name}}:{{.Tag}}' --filter reference='localhost/deepstack-operator' --filter reference='localhost/deepstack-runtime' 2>/dev/null); do
-    [[ "$image" == *":$1" ]] || "${buildah[@]}" rmi "$image" >/dev/null 2>&1 || true
-  done
+  for image in "$@"; do prune_older "$image"; done
   "${buildah[@]}" rmi --prune >/dev/null 2>&1 || true
-  find "$cache/archives" -name 'localhost_deepstack-*.tar' ! -name "*_$1.tar" \
-    ! -name 'localhost_deepstack-pause_*' -delete 2>/dev/null || true
+}
+
+prune_older() { # image: the other tags of its name go, with their archives
+  local other archive
+  for other in $("${buildah[@]}" images --format '{{.Name}}:{{.Tag}}' --filter reference="${1%:*}" 2>/dev/null); do
+    [[ "$other" == "$1" ]] || "${buildah[@]}" rmi "$other" >/dev/null 2>&1 || true
+  done
+  archive="$(printf '%s' "$1" | tr '/:' '__')"
+  find "$cache/archives" -name "${archive%_*}_*.tar" ! -name "$archive.tar" -delete 2>/dev/null || true
 }
 
 archive() { # image
@@ -117,7 +212,10 @@ mkdir -p "$cache" "$TMPDIR"
 case "${1:-}" in
   tag) tag ;;
   build) build ;;
+  gpu) gpu ;;
+  gpu-check) gpu_check "${2:-}" ;;
+  gpu-inputs) gpu_inputs ;;
   pause) pause ;;
   archive) exists "$2" || build >/dev/null; archive "$2" ;;
-  *) echo "usage: $0 tag|build|pause|archive IMAGE" >&2; exit 2 ;;
+  *) echo "usage: $0 tag|build|gpu|gpu-check [--if-changed]|gpu-inputs|pause|archive IMAGE" >&2; exit 2 ;;
 esac

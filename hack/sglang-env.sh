@@ -9,7 +9,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv-sglang"
-stamp="$venv/.installed-sglang-0.5.23-v3"
+requirements="$root/devkit/sglang-cpu-requirements.txt"
+stamp="$venv/.installed-sglang-0.5.23-$(sha1sum "$requirements" | cut -c1-12)"
 [[ -f "$stamp" ]] && exit 0
 rm -rf "$venv"
 python3 -m venv "$venv"
@@ -27,10 +28,8 @@ torch_version="$("$venv/bin/python" -c 'import torch; print(torch.__version__.sp
 # Pinning torch to the one .venv has (and pip sees through the .pth) makes pip pick
 # the torchvision built for it instead of installing a second torch.
 pip_install torchvision "torch==$torch_version"
-# What SGLang's engine, scheduler, detokenizer and Qwen3-VL processor import (torch,
-# transformers, numpy, pillow, pydantic, aiohttp ... come from .venv).
-pip_install psutil orjson pybase64 starlette msgspec pyzmq ipython fastapi uvicorn \
-  dill apache-tvm-ffi sentencepiece compressed-tensors gguf openai partial-json-parser \
-  uvloop setproctitle einops xgrammar soundfile python-multipart "torch==$torch_version"
+# What SGLang imports on the serving path (torch, transformers, numpy, pillow, pydantic,
+# aiohttp ... come from .venv).
+pip_install -r "$requirements" "torch==$torch_version"
 pip_install --no-deps -e "$root"
 touch "$stamp"

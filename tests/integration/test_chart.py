@@ -16,7 +16,7 @@ import yaml
 
 from devkit.cluster import REPO, SIMULATED_PLACEMENT, Cluster, wait_for
 from devkit.crd import install_crd, minimal
-from devkit.localpods import token_kubeconfig
+from tests.support.kubeconfig import token_kubeconfig
 from tests.support.operator import OperatorProcess, condition, get_json, wait_for_status
 
 CHART = REPO / "charts" / "deepstack-disagg"

@@ -1,5 +1,4 @@
-"""`hack/demo.py` (what `make demo` runs) beside a developer's demo: its own state, namespace
-and ports."""
+"""`hack/demo.py` (what `make demo` runs) beside a developer's demo: its own namespace."""
 
 from __future__ import annotations
 
@@ -10,24 +9,17 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from devkit.cluster import REPO, Cluster
-from tests.support.operator import free_port_block
 
 
 @contextmanager
-def demo_up(cluster: Cluster, state: Path, backend: str) -> Iterator[dict[str, Any]]:
+def demo_up(cluster: Cluster, backend: str) -> Iterator[dict[str, Any]]:
     """Run the demo up; yield its printed output and values; run it down."""
-    # With DEMO_BACKEND=sglang, hack/demo.py's local processes use base+0..2 (router,
-    # encode, language) and +998 (bootstrap).
-    base = free_port_block((0, 1, 2, 998))
     env = {
         **os.environ,
-        "DEMO_STATE": str(state),
         "DEMO_NAMESPACE": f"e2e-{uuid.uuid4().hex[:6]}",
-        "DEMO_PORT_BASE": str(base),
         "DEMO_BACKEND": backend,
     }
     script = [sys.executable, str(REPO / "hack" / "demo.py")]
@@ -44,9 +36,7 @@ def demo_up(cluster: Cluster, state: Path, backend: str) -> Iterator[dict[str, A
         values = dict(re.findall(r"^(ROUTER_URL|MODEL_DIR|KUBECONFIG)=(.*)$", result.stdout, re.M))
         yield {
             "output": result.stdout,
-            "state": state,
             "namespace": env["DEMO_NAMESPACE"],
-            "base": base,
             **values,
         }
     finally:

@@ -5,11 +5,12 @@ operator and the runtime, nothing else."""
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 
 from devkit.cluster import REPO
 
-MOONCAKE = re.compile(r"^mooncake-transfer-engine(-non-cuda)?\b")
+MOONCAKE = re.compile(r"^mooncake-transfer-engine(-non-cuda|-cuda13)?\b")
 
 
 def mooncake_builds(extras: list[str]) -> list[str]:
@@ -28,13 +29,43 @@ def runtime_extras_default() -> list[str]:
 
 
 def test_the_runtime_image_installs_only_the_cuda_build() -> None:
-    assert mooncake_builds(runtime_extras_default()) == ["mooncake-transfer-engine"]
+    assert mooncake_builds(runtime_extras_default()) == ["mooncake-transfer-engine-cuda13"]
 
 
-def test_the_local_runtime_image_installs_only_the_host_memory_build() -> None:
+def test_the_runtime_knows_every_cuda_build_it_may_be_installed_with() -> None:
+    """A CUDA build the runtime did not know would put its buffers in host memory."""
+    from deepstack_runtime.transfer.mooncake import CUDA_DISTRIBUTIONS
+
+    cuda_builds = mooncake_builds(["sglang"])
+    assert set(cuda_builds) <= set(CUDA_DISTRIBUTIONS)
+
+
+def images_sh_extras(variable: str) -> list[str]:
     script = (REPO / "hack" / "images.sh").read_text()
-    extras = re.search(r"RUNTIME_EXTRAS=([a-z,]+)", script).group(1).split(",")  # type: ignore[union-attr]
-    assert mooncake_builds(extras) == ["mooncake-transfer-engine-non-cuda"]
+    return re.search(rf"^{variable}=([a-z,]+)$", script, re.M).group(1).split(",")  # type: ignore[union-attr]
+
+
+def test_the_local_cpu_runtime_image_installs_only_the_host_memory_build() -> None:
+    assert mooncake_builds(images_sh_extras("CPU_EXTRAS")) == ["mooncake-transfer-engine-non-cuda"]
+
+
+def test_the_gpu_image_built_here_is_the_shipped_default() -> None:
+    assert images_sh_extras("GPU_EXTRAS") == runtime_extras_default()
+
+
+def test_the_gpu_image_check_on_record_is_of_its_current_inputs_and_passed() -> None:
+    """`make test` rebuilds and rechecks the GPU image (hack/images.sh gpu-check) whenever
+    what it is built from differs from its record, so after it the record must be of the
+    current inputs, with every check inside the image passed."""
+    record = (REPO / "hack" / "gpu-image.checked").read_text().splitlines()
+    inputs = subprocess.run(
+        [str(REPO / "hack" / "images.sh"), "gpu-inputs"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert f"inputs {inputs}" in record
+    checks = [line.split(maxsplit=3) for line in record if line.startswith("check ")]
+    names = {c[1] for c in checks}
+    assert {"pip-check", "mooncake-build", "sglang-engine-import", "cli-help"} <= names, names
+    assert [c for c in checks if c[2] != "ok"] == []
 
 
 def test_the_development_install_has_only_the_host_memory_build() -> None:

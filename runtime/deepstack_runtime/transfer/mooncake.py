@@ -25,8 +25,9 @@ from deepstack_runtime.errors import FailureReason, TransferError
 from deepstack_runtime.transfer.base import Transport, UnsettledWrite
 from deepstack_runtime.transfer.plan import WriteEntry
 
-# The PyPI builds of Mooncake: the CUDA one registers GPU memory, the other host memory only.
-CUDA_DISTRIBUTION = "mooncake-transfer-engine"
+# The PyPI builds of Mooncake that register GPU memory (the CUDA 12 and CUDA 13 builds);
+# `mooncake-transfer-engine-non-cuda` registers host memory only.
+CUDA_DISTRIBUTIONS = ("mooncake-transfer-engine", "mooncake-transfer-engine-cuda13")
 # The CR's `rdmaDevices: [auto]`: every device Mooncake finds, which an empty device
 # filter means to Mooncake (a device named "auto" would match none).
 AUTO_DEVICES = "auto"
@@ -47,11 +48,13 @@ def buffer_device() -> str:
 
     if not torch.cuda.is_available():
         return "cpu"
-    try:
-        importlib.metadata.distribution(CUDA_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return "cpu"
-    return f"cuda:{torch.cuda.current_device()}"
+    for distribution in CUDA_DISTRIBUTIONS:
+        try:
+            importlib.metadata.distribution(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
 
 
 def device_filter(devices: str) -> str:
