@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check of the sglang backend's encode side (see hack/gpu_check.py), for a machine
-# with one NVIDIA GPU, torch and transformers (it reaches no registry: Mooncake and the
-# other wheels it lacks travel in .cache/gpu-wheels, made here with
-#   pip download --no-deps -d .cache/gpu-wheels mooncake-transfer-engine-cuda13==0.3.13.post1
-# and the Debian libibverbs1/librdmacm1/libnuma1 .deb files beside them). Under 5 minutes.
+# with one NVIDIA GPU, a CUDA 13 torch and transformers. It reaches no registry: the GPU
+# image's Mooncake build (trimmed to its transfer engine) and the Debian RDMA and NUMA
+# libraries travel in .cache/gpu-wheels, made here with `python hack/gpu_wheels.py`
+# (about 24 MiB). Under 5 minutes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 wheels=.cache/gpu-wheels
