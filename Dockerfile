@@ -37,8 +37,8 @@ USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["deepstack-operator"]
 
-# ---- runtime: SGLang with its CUDA wheels, the CUDA build of Mooncake (the only one: both
-# builds ship the same module) with the RDMA user-space libraries ------------------------
+# ---- runtime: SGLang with its CUDA wheels, the CUDA 13 build of Mooncake (the only one:
+# every build ships the same module) with the RDMA user-space libraries -----------------
 FROM ${RUNTIME_IMAGE} AS runtime
 # runtime,sglang: GPU pods; runtime,cpu: the reference backend on CPU (no CUDA).
 ARG RUNTIME_EXTRAS=runtime,sglang
@@ -57,8 +57,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && pip check \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin deepstack
 # Caches under $HOME (torch's compiler, Triton, FlashInfer): in a pod the root filesystem
-# is read-only and /tmp an emptyDir.
-ENV HOME=/tmp
+# is read-only and /tmp an emptyDir. What a CUDA base image would set for the NVIDIA
+# container toolkit: the driver's compute libraries, where some installers mount them.
+ENV HOME=/tmp NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib64
 USER 10001:10001
 EXPOSE 8000 9090
 ENTRYPOINT ["deepstack-runtime"]

@@ -21,6 +21,7 @@ help:
 	@echo "make cluster       start the local cluster: control plane, kwok nodes, one real node"
 	@echo "make cluster-down  stop it"
 	@echo "make bench         run the benchmarks (JSON lines)"
+	@echo "make gpu-image     build the GPU runtime image and check it inside (no GPU needed)"
 
 venv: $(VENV_STAMP)
 
@@ -32,7 +33,8 @@ $(VENV_STAMP): pyproject.toml hack/system-deps.sh
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# SGLang 0.5.23 on CPU (without its GPU dependencies) for the sglang backend's tests and demo.
+# SGLang 0.5.23 on CPU (without its GPU dependencies) for the sglang backend's tests and
+# benchmarks (SGLang's own single server, language servers run as processes).
 sglang-env: venv
 	hack/sglang-env.sh
 
@@ -48,7 +50,7 @@ images: venv
 	hack/images.sh gpu-check --if-changed
 
 # Build the GPU runtime image and check it (no GPU needed), whatever the record says.
-gpu-image:
+gpu-image: venv
 	hack/images.sh gpu-check
 
 cluster: tools
@@ -63,7 +65,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/hadolint Dockerfile
+	$(BIN)/hadolint Dockerfile devkit/sglang-cpu-test.Containerfile
 
 # tools first: its Go caches are deleted before the virtualenvs need the disk.
 test: tools venv sglang-env lint images

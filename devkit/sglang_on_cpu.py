@@ -1,7 +1,8 @@
-"""How SGLang runs on these CPUs, for the tests and `make demo DEMO_BACKEND=sglang`: its
-virtualenv (hack/sglang-env.sh), the stand-in for its kernel package
-(devkit/sglang_cpu, first on PYTHONPATH), and the engine settings a CPU needs
-(float32 to compare with transformers exactly)."""
+"""How SGLang runs on these CPUs: the engine settings a CPU needs (float32 to compare with
+transformers exactly), also passed to the demo's language pods (`make demo
+DEMO_BACKEND=sglang`, whose CPU test image has the kernel stand-ins built in); and for
+processes on this machine (tests, benchmarks), its virtualenv (hack/sglang-env.sh) and
+the stand-in for its kernel package (devkit/sglang_cpu, first on PYTHONPATH)."""
 
 from __future__ import annotations
 

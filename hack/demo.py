@@ -1,7 +1,8 @@
 """`make demo`: from `helm install` to an answer, on the local cluster's real node.
 
-1. build the operator and runtime images from the Dockerfile (hack/images.sh, cached by
-   content) and give them to the node's containerd;
+1. build the images (hack/images.sh, cached by content) and give the operator's and the
+   pods' (the runtime, or with DEMO_BACKEND=sglang the sglang CPU test image) to the
+   node's containerd;
 2. write the tiny Qwen3-VL-MoE checkpoint (once); the pods mount it from the node;
 3. `helm install` the chart: the operator runs in-cluster, as the chart's ServiceAccount;
 4. `kubectl apply` the minimal example and wait until it is Ready: the encode, language

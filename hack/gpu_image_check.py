@@ -13,6 +13,7 @@ that loads is the image's own.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import subprocess
@@ -66,7 +67,16 @@ def run_python(code: str) -> str:
     return command(sys.executable, "-c", code, env=env).strip()
 
 
+def frozen() -> str:
+    """What exactly is installed, as a digest of `pip freeze`: two checks of one record
+    differ in it if the resolution did."""
+    lines = command(f"{VENV_BIN}/pip", "freeze", "--all").splitlines()
+    digest = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()[:12]
+    return f"{len(lines)} distributions, pip freeze sha256 {digest}"
+
+
 check("versions", versions)
+check("installed", frozen)
 check("pip-check", lambda: command(f"{VENV_BIN}/pip", "check").strip())
 check("mooncake-build", mooncake_build)
 # The order the runtime imports them in: torch (and its CUDA libraries) first.
@@ -96,7 +106,7 @@ check(
     lambda: run_python(
         "import deepstack_runtime.backends.sglang, deepstack_runtime.servers.language\n"
         "from deepstack_runtime.transfer.mooncake import buffer_device\n"
-        "print('buffers without a GPU:', buffer_device())"
+        "print('imported; buffers without a GPU:', buffer_device())"
     ),
 )
 check("cli-help", lambda: command(f"{VENV_BIN}/deepstack-runtime", "language", "--help")[:60])

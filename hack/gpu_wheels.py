@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--python", default="3.11")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    for old in OUT.iterdir():  # another build of Mooncake would replace this one's module
+        old.unlink()
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",

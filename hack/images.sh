@@ -77,14 +77,15 @@ tag() {
 sglang_test_tag() { tag devkit/sglang-cpu-test.Containerfile devkit/sglang-cpu-requirements.txt devkit/sglang_cpu; }
 
 dockerfile() { # image target|"" runtime-base extras [file]
-  local host_ca=/etc/ssl/certs/ca-certificates.crt started=$SECONDS target=()
+  local host_ca=/etc/ssl/certs/ca-certificates.crt started=$SECONDS target=() python_base
   [[ -n "$2" ]] && target=(--target "$2")
+  python_base="$(base python "$BASE_SUITE" "$PYTHON_PACKAGES")"
   log "building $1"
   # The build trusts what this machine trusts (a proxy's CA, for example).
   (cd "$root" && "${buildah[@]}" build --quiet --isolation chroot --layers \
     --volume "$host_ca:/etc/ssl/certs/ca-certificates.crt:ro" \
     "${target[@]}" --tag "$1" \
-    --build-arg "PYTHON_IMAGE=$(base python "$BASE_SUITE" "$PYTHON_PACKAGES")" \
+    --build-arg "PYTHON_IMAGE=$python_base" \
     --build-arg "RUNTIME_IMAGE=$3" --build-arg "RUNTIME_EXTRAS=$4" \
     --file "${5:-Dockerfile}" . >/dev/null)
   log "built $1 in $((SECONDS - started)) s"
@@ -102,14 +103,15 @@ build() {
   exists "$sglang_test" ||
     dockerfile "$sglang_test" "" "$runtime" "" devkit/sglang-cpu-test.Containerfile
   printf '%s\n' "$operator" "$runtime" "$sglang_test"
-  prune "$operator" "$runtime" "$sglang_test"
+  prune "$sglang_test" "$runtime" "$operator"  # an image before the one it is built on
 }
 
 gpu() {
-  local name
+  local name gpu_base
   name="localhost/deepstack-runtime-gpu:$(tag)"
   if ! exists "$name"; then
-    dockerfile "$name" runtime "$(base gpu "$GPU_SUITE" "$PYTHON_PACKAGES")" "$GPU_EXTRAS"
+    gpu_base="$(base gpu "$GPU_SUITE" "$PYTHON_PACKAGES")"
+    dockerfile "$name" runtime "$gpu_base" "$GPU_EXTRAS"
     prune_older "$name"
   fi
   echo "$name"
@@ -131,32 +133,41 @@ print(json.dumps([project["dependencies"], extras], sort_keys=True))' "$root/pyp
 }
 
 # The driver's libcuda.so.1 comes from the host; without a GPU the check loads this
-# stand-in instead: each `cu*` function that a library of the image (ROOTFS) imports from
-# it, answering CUDA_ERROR_NO_DEVICE (100).
+# stand-in instead: each driver API function (`cuXxx`, unversioned: a versioned name is
+# another library's) that a library of the image (ROOTFS) linking libcuda.so.1 imports,
+# answering CUDA_ERROR_NO_DEVICE (100).
 driver_stand_in() { # rootfs dir
   find "$1/opt/deepstack" -name '*.so*' -type f -print0 |
     xargs -0 -r sh -c 'for f; do
       readelf -d "$f" 2>/dev/null | grep -q "Shared library: \[libcuda\.so\.1\]" &&
         nm -D --undefined-only "$f"; done; true' sh |
-    awk '{ sub(/@.*/, "", $NF); if ($NF ~ /^cu/) print "int " $NF "(void) { return 100; }" }' |
+    awk '$NF ~ /^cu[A-Z][A-Za-z0-9_]*$/ { print "int " $NF "(void) { return 100; }" }' |
     sort -u >"$2/stand-in.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$2/libcuda.so.1" "$2/stand-in.c"
   chmod -R a+rX "$2"  # the image's user reads it
   log "driver stand-in: $(wc -l <"$2/stand-in.c") functions"
 }
 
+# Globals, for the EXIT trap: the check's working container and stand-in directory.
+check_ctr="" check_stand_in=""
+cleanup_check() {
+  [[ -z "$check_ctr" ]] || "${buildah[@]}" rm "$check_ctr" >/dev/null
+  [[ -z "$check_stand_in" ]] || rm -rf "$check_stand_in"
+}
+
 gpu_check() {
-  local inputs name ctr stand_in started=$SECONDS
+  local inputs name started=$SECONDS
   inputs="$(gpu_inputs)"
   if [[ "${1:-}" == --if-changed ]] && grep -qx "inputs $inputs" "$record" 2>/dev/null; then
     log "the GPU image's inputs are those of its record ($inputs): not rebuilt"
     return
   fi
   name="$(gpu)"
-  ctr="$("${buildah[@]}" from --quiet "$name")"
-  stand_in="$(mktemp -d)"
-  trap '"${buildah[@]}" rm "$ctr" >/dev/null; rm -rf "$stand_in"' EXIT
-  driver_stand_in "$("${buildah[@]}" mount "$ctr")" "$stand_in"
+  trap cleanup_check EXIT
+  check_ctr="$("${buildah[@]}" from --quiet "$name")"
+  check_stand_in="$(mktemp -d)"
+  driver_stand_in "$("${buildah[@]}" mount "$check_ctr")" "$check_stand_in"
+  # The lines go to the terminal too: a failed check shows there, and no record is written.
   {
     echo "# Written by \`hack/images.sh gpu-check\`: the GPU runtime image, built here from the"
     echo "# inputs below and checked inside by hack/gpu_image_check.py. \`make test\` rebuilds and"
@@ -164,8 +175,9 @@ gpu_check() {
     echo "inputs $inputs"
     echo "size $("${buildah[@]}" images --format '{{.Size}}' "$name")"
     "${buildah[@]}" run --volume "$root/hack/gpu_image_check.py:/tmp/gpu_image_check.py:ro" \
-      --volume "$stand_in:/opt/driver-stand-in:ro" "$ctr" -- python3 /tmp/gpu_image_check.py
-  } >"$record.tmp"
+      --volume "$check_stand_in:/opt/driver-stand-in:ro" "$check_ctr" -- \
+      python3 /tmp/gpu_image_check.py
+  } | tee "$record.tmp" >&2
   mv "$record.tmp" "$record"
   log "checked $name in $((SECONDS - started)) s: $record"
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A virtualenv that runs SGLang 0.5.23 on CPU for the sglang backend's tests and demo:
+# A virtualenv that runs SGLang 0.5.23 on CPU for the sglang backend's tests and benchmarks:
 # SGLang's Python code without its GPU dependencies, what it imports on the serving path,
 # and this project (editable, no dependencies). It is kept apart from .venv (SGLang's
 # pins are not the runtime's) but reads torch, transformers and the rest from .venv

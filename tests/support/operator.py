@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,20 +15,6 @@ from typing import Any
 from devkit.cluster import REPO, Cluster, wait_for
 from devkit.metrics import sample
 from devkit.runtime import free_port
-
-
-def free_port_block(offsets: tuple[int, ...], low: int = 20000, high: int = 30000) -> int:
-    """A base port such that base + each offset is free. Below the kernel's ephemeral
-    range (32768+), so outgoing connections cannot take one of them meanwhile."""
-    for base in random.sample(range(low, high - max(offsets)), 200):
-        try:
-            for offset in offsets:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + offset))
-        except OSError:
-            continue
-        return base
-    raise AssertionError(f"no free block of ports {offsets} in [{low}, {high})")
 
 
 class OperatorProcess:
