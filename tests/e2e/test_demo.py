@@ -36,6 +36,7 @@ from tests.support.e2e import (
     ready,
     restart_count,
     router_counts,
+    scale_language,
     served,
     set_replicas,
     wait_until,
@@ -151,21 +152,8 @@ def test_scaling_the_language_group_loses_no_request(
     namespace = demo["namespace"]
     (encode,) = pods(cluster, namespace, "encode")
     with Traffic(demo["ROUTER_URL"]) as traffic:
-        cluster.kubectl(
-            "-n", namespace, "patch", "dsd", NAME, "--type=merge",
-            "-p", '{"spec":{"language":{"replicas":2}}}',
-        )  # fmt: skip
-        generation = get_json(cluster, "-n", namespace, "get", "dsd", NAME)["metadata"][
-            "generation"
-        ]
-        status = wait_for_status(
-            cluster, namespace, NAME, timeout=300, phase="Ready", observedGeneration=generation
-        )
+        status = scale_language(cluster, namespace, demo["ROUTER_URL"], 2, timeout=300)
         assert status["language"]["readyReplicas"] == 2
-        wait_until(
-            lambda: router_counts(demo["ROUTER_URL"]).get("language") == 2,
-            "the router to find the new language pod",
-        )
         new = pods(cluster, namespace, "language")[1]
         assert new["metadata"]["name"] == f"{group_name(cluster, namespace, NAME, 'language')}-1"
         wait_until(lambda: served(new) >= 2, "the new language pod to serve requests")

@@ -34,12 +34,12 @@ from tests.support.e2e import (
     ready,
     restart_count,
     router_counts,
+    scale_language,
     served,
-    set_replicas,
     wait_until,
 )
 from tests.support.node import NODE_NAME, container_pid
-from tests.support.operator import condition, dsd, get_json, group_name, wait_for_status
+from tests.support.operator import condition, dsd, get_json, group_name
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +138,8 @@ def test_scaling_the_sglang_language_group_loses_no_request(
     namespace = demo["namespace"]
     with Traffic(demo["ROUTER_URL"]) as traffic:
         wait_until(lambda: traffic.results, "the first request of the traffic")
-        set_replicas(cluster, namespace, "language", 2)
-        generation = dsd(cluster, namespace, NAME)["metadata"]["generation"]
-        status = wait_for_status(
-            cluster, namespace, NAME, timeout=400, phase="Ready", observedGeneration=generation
-        )
+        status = scale_language(cluster, namespace, demo["ROUTER_URL"], 2)
         assert status["language"]["readyReplicas"] == 2
-        wait_until(
-            lambda: router_counts(demo["ROUTER_URL"]).get("language") == 2,
-            "the router to find the new language pod",
-        )
         new = pods(cluster, namespace, "language")[1]
         wait_until(lambda: served(new) >= 2, "the new language pod to serve requests")
     assert len(traffic.results) >= 3
@@ -161,15 +153,7 @@ def test_killing_an_sglang_language_pod_fails_only_requests_in_flight(
     the engine starts again, the other pod serves meanwhile, and only requests in flight on
     the killed one fail, each with a reason."""
     namespace = demo["namespace"]
-    set_replicas(cluster, namespace, "language", 2)
-    generation = dsd(cluster, namespace, NAME)["metadata"]["generation"]
-    wait_for_status(
-        cluster, namespace, NAME, timeout=400, phase="Ready", observedGeneration=generation
-    )
-    wait_until(
-        lambda: router_counts(demo["ROUTER_URL"]).get("language") == 2,
-        "the router to use both language pods",
-    )
+    scale_language(cluster, namespace, demo["ROUTER_URL"], 2)
     victim = pods(cluster, namespace, "language")[0]
     name = victim["metadata"]["name"]
     restarts = restart_count(victim)

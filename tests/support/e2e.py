@@ -13,7 +13,7 @@ from typing import Any
 from devkit.cluster import Cluster, wait_for
 from devkit.metrics import sample_or_zero
 from devkit.runtime import data_url, get, png, post
-from tests.support.operator import get_json
+from tests.support.operator import get_json, wait_for_status
 
 NAME = "tiny-qwen3-vl-moe"
 IMAGE = png(64, 48, (20, 160, 220))
@@ -130,3 +130,20 @@ def set_replicas(cluster: Cluster, namespace: str, role: str, replicas: int) -> 
         "-n", namespace, "patch", "dsd", NAME, "--type=merge",
         "-p", json.dumps({"spec": {role: {"replicas": replicas}}}),
     )  # fmt: skip
+
+
+def scale_language(
+    cluster: Cluster, namespace: str, router_url: str, replicas: int, timeout: float = 400
+) -> dict[str, Any]:
+    """Set the language group's replicas, wait until the resource is Ready at that
+    generation and the router uses that many language pods; its status then."""
+    set_replicas(cluster, namespace, "language", replicas)
+    generation = get_json(cluster, "-n", namespace, "get", "dsd", NAME)["metadata"]["generation"]
+    status: dict[str, Any] = wait_for_status(
+        cluster, namespace, NAME, timeout=timeout, phase="Ready", observedGeneration=generation
+    )
+    wait_until(
+        lambda: router_counts(router_url).get("language") == replicas,
+        f"the router to use {replicas} language pods",
+    )
+    return status
